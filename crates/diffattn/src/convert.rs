@@ -1,0 +1,686 @@
+//! Llama -> differential attention, format A (`llama-differential`, the axolotl plugin's
+//! format; SPEC §3-4).
+//!
+//! The conversion is a plan (every output tensor's name, dtype, shape and recipe, validated
+//! against config.json before anything is written) executed by a streaming writer that makes
+//! one tensor at a time. Random draws come from ChaCha8 streams keyed by (seed, layer,
+//! tensor), so the bytes do not depend on the order tensors are produced in.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde_json::{json, Value};
+
+use crate::axolotl::{self, AxolotlConfig, DtypeChoice};
+use crate::checkpoint::Checkpoint;
+use crate::config::{lambda_init, write_json, AttentionDims, ModelConfig};
+use crate::dtype::{self, DType};
+use crate::error::{Error, IoContext, Result};
+use crate::output::{write_safetensors, PlannedTensor, StagedDir, TensorProducer};
+
+/// Tokenizer files copied from the source when present.
+pub const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+/// Default `--seed` when neither the flag nor the YAML `seed` is given.
+pub const DEFAULT_SEED: u64 = 42;
+
+/// Std of fresh lambda vectors (paper; transformers' `lambda_std_dev` default).
+pub const LAMBDA_STD: f32 = 0.1;
+
+/// How the H source heads become differential heads (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Keep the H heads as positive components, add H negative query heads and Hkv negative
+    /// key heads (`q_proj` and `k_proj` double their rows).
+    DoubleHeads,
+    /// First half of the heads positive, second half negative; values of width 2d.
+    SplitHeads,
+}
+
+/// Initialisation of what the source model does not have (SPEC §3 table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// Negative q/k rows ~ N(0, initializer_range), lambda vectors ~ N(0, 0.1).
+    Random,
+    /// Negative q/k rows, lambda vectors and lambda_init all zero (the plugin's `--zero-init`).
+    Zero,
+    /// Negative q/k rows copy the positive rows; lambda vectors ~ N(0, 0.1).
+    Mirror,
+}
+
+/// What to convert and how.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub layout: Layout,
+    pub init: Init,
+    pub sublayer_norm: bool,
+    pub seed: u64,
+    pub dtype: DtypeChoice,
+    pub max_shard_bytes: u64,
+    pub overwrite: bool,
+}
+
+impl ConvertOptions {
+    /// Rejects the flag combinations SPEC §3 forbids.
+    pub fn validate(&self) -> Result<()> {
+        match (self.layout, self.init) {
+            (Layout::SplitHeads, Init::Zero) => Err(Error::InvalidOptions(
+                "--zero-init cannot be combined with --split-heads: split heads reuse the \
+                 source heads as negative components, there are no new rows to zero"
+                    .into(),
+            )),
+            (Layout::SplitHeads, Init::Mirror) => Err(Error::InvalidOptions(
+                "--mirror-weights has no meaning with --split-heads: split heads create no \
+                 new rows to mirror"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Builds options from the flags, rejecting `--zero-init` with `--mirror-weights`.
+pub fn init_from_flags(zero_init: bool, mirror_weights: bool) -> Result<Init> {
+    match (zero_init, mirror_weights) {
+        (true, true) => Err(Error::InvalidOptions(
+            "--zero-init and --mirror-weights are mutually exclusive".into(),
+        )),
+        (true, false) => Ok(Init::Zero),
+        (false, true) => Ok(Init::Mirror),
+        (false, false) => Ok(Init::Random),
+    }
+}
+
+/// Rows appended below the source rows in the double-heads layout.
+#[derive(Debug, Clone)]
+enum NegRows {
+    Zeros,
+    Mirror,
+    Normal { std: f32, stream: u64 },
+}
+
+#[derive(Debug, Clone)]
+enum Recipe {
+    /// The source tensor, re-encoded in the output dtype.
+    Copy(String),
+    /// `[source; negative rows]` along dim 0 (double-heads q/k weights and biases).
+    AppendRows { src: String, neg: NegRows },
+    /// Split heads `o_proj`: column block (j, first half) <- old block j, (j, second half)
+    /// <- old block j + H/2 (SPEC §3).
+    PermuteOProj {
+        src: String,
+        heads: usize,
+        head_dim: usize,
+    },
+    /// A small new tensor whose f32 values are fixed at plan time.
+    Values(Vec<f32>),
+}
+
+/// The resolved inputs of a conversion.
+pub struct Source {
+    pub config: ModelConfig,
+    pub checkpoint: Checkpoint,
+    /// Directory holding config.json.
+    pub config_dir: PathBuf,
+    /// Directory holding the weights.
+    pub model_dir: PathBuf,
+    /// Directory the tokenizer files are copied from.
+    pub tokenizer_dir: PathBuf,
+}
+
+impl Source {
+    /// Resolves `base_model`, `base_model_config` and `tokenizer_config` of an axolotl config
+    /// and opens the checkpoint.
+    pub fn from_axolotl(cfg: &AxolotlConfig) -> Result<Self> {
+        let model_dir = crate::hub::resolve_model(&cfg.base_model, true, "base_model", &cfg.path)?;
+        let config_file = match &cfg.base_model_config {
+            Some(c) if c.ends_with(".json") && Path::new(c).is_file() => PathBuf::from(c),
+            Some(c) => crate::hub::resolve_model(c, false, "base_model_config", &cfg.path)?
+                .join("config.json"),
+            None => model_dir.join("config.json"),
+        };
+        let tokenizer_dir = match &cfg.tokenizer_config {
+            Some(t) => crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.path)?,
+            None => model_dir.clone(),
+        };
+        Self::open(&model_dir, &config_file, &tokenizer_dir)
+    }
+
+    /// Opens a local model directory with its own config and tokenizer.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::open(dir, &dir.join("config.json"), dir)
+    }
+
+    fn open(model_dir: &Path, config_file: &Path, tokenizer_dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_file(config_file)?;
+        let checkpoint = Checkpoint::open(model_dir)?;
+        Ok(Self {
+            config,
+            checkpoint,
+            config_dir: config_file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            model_dir: model_dir.to_path_buf(),
+            tokenizer_dir: tokenizer_dir.to_path_buf(),
+        })
+    }
+}
+
+/// The full conversion plan, printed before writing.
+pub struct Plan {
+    pub dims: AttentionDims,
+    pub options: ConvertOptions,
+    pub out_dtype: DType,
+    /// Width of the value vector a differential head reads: d (double) or 2d (split).
+    pub value_head_dim: usize,
+    /// Differential heads per layer: H (double) or H/2 (split).
+    pub diff_heads: usize,
+    pub params_before: u64,
+    pub params_after: u64,
+    /// K and V bytes cached per token over all layers, in the output dtype.
+    pub kv_bytes_per_token_before: u64,
+    pub kv_bytes_per_token_after: u64,
+    tensors: Vec<(PlannedTensor, Recipe)>,
+}
+
+impl Plan {
+    /// Output tensors (name, dtype, shape), sorted by name.
+    pub fn tensors(&self) -> impl Iterator<Item = &PlannedTensor> {
+        self.tensors.iter().map(|(t, _)| t)
+    }
+
+    /// A human-readable summary.
+    pub fn summary(&self) -> String {
+        let d = &self.dims;
+        let layout = match self.options.layout {
+            Layout::DoubleHeads => "double heads",
+            Layout::SplitHeads => "split heads",
+        };
+        let init = match self.options.init {
+            Init::Random => "random (negative q/k ~ N(0, initializer_range), lambda ~ N(0, 0.1))",
+            Init::Zero => "zero-init (negative q/k = 0, lambda = 0, lambda_init = 0)",
+            Init::Mirror => "mirror-weights (negative q/k = positive q/k, lambda ~ N(0, 0.1))",
+        };
+        format!(
+            "layout: {layout}\ninit: {init}\nsublayer_norm: {}\nseed: {}\n\
+             H = {}, Hkv = {}, d = {}, layers = {}, hidden = {}\n\
+             differential heads per layer: {}, value head dim: {}\n\
+             dtype: {}\nparameters: {} -> {} ({:+})\n\
+             KV-cache bytes per token: {} -> {}",
+            self.options.sublayer_norm,
+            self.options.seed,
+            d.num_attention_heads,
+            d.num_key_value_heads,
+            d.head_dim,
+            d.num_hidden_layers,
+            d.hidden_size,
+            self.diff_heads,
+            self.value_head_dim,
+            self.out_dtype,
+            self.params_before,
+            self.params_after,
+            self.params_after as i64 - self.params_before as i64,
+            self.kv_bytes_per_token_before,
+            self.kv_bytes_per_token_after,
+        )
+    }
+}
+
+fn attn_prefix(layer: usize) -> String {
+    format!("model.layers.{layer}.self_attn.")
+}
+
+fn normal_values(std: f32, seed: u64, stream: u64, n: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    let dist = Normal::new(0.0f32, std).expect("std is finite and non-negative");
+    (0..n).map(|_| dist.sample(&mut rng)).collect()
+}
+
+/// Stream ids: 16 per layer, fixed per tensor kind.
+fn stream(layer: usize, kind: u64) -> u64 {
+    layer as u64 * 16 + kind
+}
+
+/// Validates the source against its config and builds the plan.
+pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
+    options.validate()?;
+    let dims = src.config.dims()?;
+    let ck = &src.checkpoint;
+    let (h, hkv, d, dm) = (
+        dims.num_attention_heads,
+        dims.num_key_value_heads,
+        dims.head_dim,
+        dims.hidden_size,
+    );
+    if options.layout == Layout::SplitHeads && (h % 2 != 0 || hkv % 2 != 0) {
+        return Err(Error::OddHeads {
+            num_attention_heads: h,
+            num_key_value_heads: hkv,
+        });
+    }
+    for name in ck.names() {
+        if name.contains(".lambda_") || name.ends_with("subln.weight") {
+            return Err(Error::Safetensors {
+                path: ck.file_of(name).unwrap_or(&ck.dir).to_path_buf(),
+                msg: format!("tensor `{name}` shows this checkpoint is already differential"),
+            });
+        }
+    }
+    let vocab = src.config.typed.vocab_size;
+    let embed = ck.require_shape("model.embed_tokens.weight", &[vocab, dm])?;
+    if ck.info("lm_head.weight").is_some() {
+        ck.require_shape("lm_head.weight", &[vocab, dm])?;
+    }
+    let out_dtype = options.dtype.resolve(embed.dtype);
+
+    let mut recipes: std::collections::BTreeMap<String, (Vec<usize>, Recipe)> = Default::default();
+    for name in ck.names() {
+        let info = ck.require(name)?;
+        recipes.insert(
+            name.to_string(),
+            (info.shape.clone(), Recipe::Copy(name.to_string())),
+        );
+    }
+    let seed = options.seed;
+    let neg_rows = |layer: usize, kind: u64, is_bias: bool| match options.init {
+        Init::Zero => NegRows::Zeros,
+        Init::Mirror => NegRows::Mirror,
+        Init::Random if is_bias => NegRows::Zeros,
+        Init::Random => NegRows::Normal {
+            std: src.config.initializer_range() as f32,
+            stream: stream(layer, kind),
+        },
+    };
+    for layer in 0..dims.num_hidden_layers {
+        let p = attn_prefix(layer);
+        let shapes = [
+            ("q_proj", h * d, dm),
+            ("k_proj", hkv * d, dm),
+            ("v_proj", hkv * d, dm),
+            ("o_proj", dm, h * d),
+        ];
+        for (proj, rows, cols) in shapes {
+            ck.require_shape(&format!("{p}{proj}.weight"), &[rows, cols])?;
+            let bias = format!("{p}{proj}.bias");
+            if ck.info(&bias).is_some() {
+                ck.require_shape(&bias, &[rows])?;
+            }
+        }
+        match options.layout {
+            Layout::DoubleHeads => {
+                for (kind, proj, rows) in [(0u64, "q_proj", h * d), (1, "k_proj", hkv * d)] {
+                    let w = format!("{p}{proj}.weight");
+                    recipes.insert(
+                        w.clone(),
+                        (
+                            vec![2 * rows, dm],
+                            Recipe::AppendRows {
+                                src: w,
+                                neg: neg_rows(layer, kind, false),
+                            },
+                        ),
+                    );
+                    let b = format!("{p}{proj}.bias");
+                    if ck.info(&b).is_some() {
+                        recipes.insert(
+                            b.clone(),
+                            (
+                                vec![2 * rows],
+                                Recipe::AppendRows {
+                                    src: b,
+                                    neg: neg_rows(layer, kind + 8, true),
+                                },
+                            ),
+                        );
+                    }
+                }
+            }
+            Layout::SplitHeads => {
+                let o = format!("{p}o_proj.weight");
+                recipes.insert(
+                    o.clone(),
+                    (
+                        vec![dm, h * d],
+                        Recipe::PermuteOProj {
+                            src: o,
+                            heads: h,
+                            head_dim: d,
+                        },
+                    ),
+                );
+            }
+        }
+        for (kind, lname) in [
+            (2u64, "lambda_q1"),
+            (3, "lambda_k1"),
+            (4, "lambda_q2"),
+            (5, "lambda_k2"),
+        ] {
+            let values = match options.init {
+                Init::Zero => vec![0.0; d],
+                Init::Random | Init::Mirror => {
+                    normal_values(LAMBDA_STD, seed, stream(layer, kind), d)
+                }
+            };
+            recipes.insert(format!("{p}{lname}"), (vec![d], Recipe::Values(values)));
+        }
+        let li = match options.init {
+            Init::Zero => 0.0,
+            _ => lambda_init(layer) as f32,
+        };
+        recipes.insert(
+            format!("{p}lambda_init"),
+            (vec![], Recipe::Values(vec![li])),
+        );
+        if options.sublayer_norm {
+            let width = match options.layout {
+                Layout::DoubleHeads => d,
+                Layout::SplitHeads => 2 * d,
+            };
+            recipes.insert(
+                format!("{p}subln.weight"),
+                (vec![width], Recipe::Values(vec![1.0; width])),
+            );
+        }
+    }
+    let params_before: u64 = ck
+        .names()
+        .map(|n| ck.require(n).map(|i| i.numel() as u64))
+        .sum::<Result<u64>>()?;
+    let params_after: u64 = recipes
+        .values()
+        .map(|(s, _)| s.iter().product::<usize>() as u64)
+        .sum();
+    let l = dims.num_hidden_layers as u64;
+    let es = out_dtype.size() as u64;
+    let kv_before = l * 2 * (hkv * d) as u64 * es;
+    let kv_after = match options.layout {
+        Layout::DoubleHeads => l * 3 * (hkv * d) as u64 * es,
+        Layout::SplitHeads => kv_before,
+    };
+    let tensors = recipes
+        .into_iter()
+        .map(|(name, (shape, recipe))| {
+            (
+                PlannedTensor {
+                    name,
+                    dtype: out_dtype,
+                    shape,
+                },
+                recipe,
+            )
+        })
+        .collect();
+    Ok(Plan {
+        dims,
+        options: options.clone(),
+        out_dtype,
+        value_head_dim: match options.layout {
+            Layout::DoubleHeads => d,
+            Layout::SplitHeads => 2 * d,
+        },
+        diff_heads: match options.layout {
+            Layout::DoubleHeads => h,
+            Layout::SplitHeads => h / 2,
+        },
+        params_before,
+        params_after,
+        kv_bytes_per_token_before: kv_before,
+        kv_bytes_per_token_after: kv_after,
+        tensors,
+    })
+}
+
+struct Producer<'a> {
+    ck: &'a Checkpoint,
+    plan: &'a Plan,
+    on_tensor: &'a dyn Fn(&str),
+}
+
+impl Producer<'_> {
+    fn recipe(&self, name: &str) -> &Recipe {
+        let i = self
+            .plan
+            .tensors
+            .binary_search_by(|(t, _)| t.name.as_str().cmp(name))
+            .expect("the writer only asks for planned tensors");
+        &self.plan.tensors[i].1
+    }
+
+    fn source_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        let info = self.ck.require(name)?;
+        Ok(dtype::convert(
+            self.ck.bytes(name)?,
+            info.dtype,
+            self.plan.out_dtype,
+        ))
+    }
+}
+
+impl TensorProducer for Producer<'_> {
+    fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>> {
+        let out = self.plan.out_dtype;
+        match self.recipe(&t.name) {
+            Recipe::Copy(src) => self.source_bytes(src),
+            Recipe::AppendRows { src, neg } => {
+                let pos = self.source_bytes(src)?;
+                let mut data = Vec::with_capacity(pos.len() * 2);
+                data.extend_from_slice(&pos);
+                match neg {
+                    NegRows::Zeros => data.resize(pos.len() * 2, 0),
+                    NegRows::Mirror => data.extend_from_slice(&pos),
+                    NegRows::Normal { std, stream } => {
+                        let n = pos.len() / out.size();
+                        let v = normal_values(*std, self.plan.options.seed, *stream, n);
+                        data.extend_from_slice(&dtype::from_f32(&v, out));
+                    }
+                }
+                Ok(Cow::Owned(data))
+            }
+            Recipe::PermuteOProj {
+                src,
+                heads,
+                head_dim,
+            } => {
+                let bytes = self.source_bytes(src)?;
+                let es = out.size();
+                let cols = heads * head_dim;
+                let block = head_dim * es;
+                let half = heads / 2;
+                let mut data = vec![0u8; bytes.len()];
+                for (src_row, dst_row) in bytes
+                    .chunks_exact(cols * es)
+                    .zip(data.chunks_exact_mut(cols * es))
+                {
+                    for j in 0..half {
+                        let first = &src_row[j * block..(j + 1) * block];
+                        let second = &src_row[(j + half) * block..(j + half + 1) * block];
+                        dst_row[2 * j * block..(2 * j + 1) * block].copy_from_slice(first);
+                        dst_row[(2 * j + 1) * block..(2 * j + 2) * block].copy_from_slice(second);
+                    }
+                }
+                Ok(Cow::Owned(data))
+            }
+            Recipe::Values(v) => Ok(Cow::Owned(dtype::from_f32(v, out))),
+        }
+    }
+
+    fn done(&self, t: &PlannedTensor) {
+        match self.recipe(&t.name) {
+            Recipe::Copy(src)
+            | Recipe::AppendRows { src, .. }
+            | Recipe::PermuteOProj { src, .. } => self.ck.release(src),
+            Recipe::Values(_) => {}
+        }
+        (self.on_tensor)(&t.name);
+    }
+}
+
+/// The config.json of the converted model (SPEC §4).
+pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
+    let mut raw = src.raw.clone();
+    raw.insert(
+        "architectures".into(),
+        json!(["LlamaDifferentialForCausalLM"]),
+    );
+    raw.insert("model_type".into(), json!("llama-differential"));
+    raw.insert("torch_dtype".into(), json!(plan.out_dtype.torch_name()));
+    raw.insert(
+        "split_heads".into(),
+        json!(plan.options.layout == Layout::SplitHeads),
+    );
+    raw.insert("sublayer_norm".into(), json!(plan.options.sublayer_norm));
+    raw.insert("zero_init".into(), json!(plan.options.init == Init::Zero));
+    raw.insert(
+        "mirror_weights".into(),
+        json!(plan.options.init == Init::Mirror),
+    );
+    Value::Object(raw)
+}
+
+/// Copies the tokenizer files and generation_config.json that exist in the source.
+pub fn copy_side_files(src: &Source, dst: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let from = src.tokenizer_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, dst.join(name)).at(&from)?;
+            copied.push(name.to_string());
+        }
+    }
+    for dir in [&src.model_dir, &src.config_dir] {
+        let from = dir.join("generation_config.json");
+        if from.is_file() {
+            std::fs::copy(&from, dst.join("generation_config.json")).at(&from)?;
+            copied.push("generation_config.json".into());
+            break;
+        }
+    }
+    Ok(copied)
+}
+
+/// What a finished conversion wrote.
+#[derive(Debug)]
+pub struct ConvertReport {
+    pub output_dir: PathBuf,
+    pub files: Vec<String>,
+}
+
+/// Runs a planned conversion into `output_dir` (staged, renamed into place at the end).
+/// `axolotl` is the input YAML (its edited copy is written as `axolotl_config.yml`);
+/// `on_tensor` is called after each tensor is written (progress).
+pub fn execute(
+    src: &Source,
+    plan: &Plan,
+    output_dir: &Path,
+    axolotl: Option<&AxolotlConfig>,
+    on_tensor: &dyn Fn(&str),
+) -> Result<ConvertReport> {
+    let mut inputs: Vec<&Path> = vec![&src.model_dir, &src.config_dir, &src.tokenizer_dir];
+    if let Some(a) = axolotl {
+        inputs.push(&a.path);
+    }
+    let staged = StagedDir::create(output_dir, plan.options.overwrite, &inputs)?;
+    let producer = Producer {
+        ck: &src.checkpoint,
+        plan,
+        on_tensor,
+    };
+    let mut files = write_safetensors(
+        staged.path(),
+        plan.tensors().cloned().collect(),
+        plan.options.max_shard_bytes,
+        &producer,
+    )?;
+    write_json(
+        &staged.path().join("config.json"),
+        &converted_config(&src.config, plan),
+    )?;
+    files.push("config.json".into());
+    files.extend(copy_side_files(src, staged.path())?);
+    if let Some(a) = axolotl {
+        let text = axolotl::converted_config_text(&a.text, &staged.dest().to_string_lossy(), true)?;
+        let path = staged.path().join("axolotl_config.yml");
+        std::fs::write(&path, text).at(&path)?;
+        files.push("axolotl_config.yml".into());
+    }
+    let output_dir = staged.commit()?;
+    Ok(ConvertReport { output_dir, files })
+}
+
+/// Mean, standard deviation (population) and max |x| of a slice.
+pub fn stats(v: &[f32]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let max = v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    (mean, var.sqrt(), max)
+}
+
+/// Per-layer statistics of a written format-A checkpoint's attention parameters, for
+/// `--debug`: one line per layer with q/k positive and negative halves, lambda vectors,
+/// lambda_init and the resulting lambda.
+pub fn layer_statistics(dir: &Path) -> Result<Vec<String>> {
+    let cfg = crate::config::ModelConfig::from_str(
+        &std::fs::read_to_string(dir.join("config.json"))
+            .at(dir.join("config.json"))?
+            .replace("LlamaDifferentialForCausalLM", "LlamaForCausalLM"),
+        &dir.join("config.json"),
+    )?;
+    let ck = Checkpoint::open(dir)?;
+    let split = cfg
+        .raw
+        .get("split_heads")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut lines = Vec::new();
+    for layer in 0..cfg.typed.num_hidden_layers {
+        let p = attn_prefix(layer);
+        let mut parts = vec![format!("layer {layer:>3}")];
+        for proj in ["q_proj", "k_proj"] {
+            let w = ck.to_f32(&format!("{p}{proj}.weight"))?;
+            let (a, b) = w.split_at(w.len() / 2);
+            let (_, s1, _) = stats(a);
+            let (_, s2, m2) = stats(b);
+            let label = if split {
+                "first/second half"
+            } else {
+                "pos/neg"
+            };
+            parts.push(format!(
+                "{proj} {label} std {s1:.4}/{s2:.4} neg max {m2:.4}"
+            ));
+        }
+        let lv: Vec<Vec<f32>> = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
+            .iter()
+            .map(|n| ck.to_f32(&format!("{p}{n}")))
+            .collect::<Result<_>>()?;
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let li = ck.to_f32(&format!("{p}lambda_init"))?[0];
+        let lambda = dot(&lv[0], &lv[1]).exp() - dot(&lv[2], &lv[3]).exp() + li;
+        let norms: Vec<String> = lv
+            .iter()
+            .map(|v| format!("{:.3}", v.iter().map(|x| x * x).sum::<f32>().sqrt()))
+            .collect();
+        parts.push(format!(
+            "|lambda_q1,k1,q2,k2| {} lambda_init {li:.6} lambda {lambda:.6}",
+            norms.join(",")
+        ));
+        lines.push(parts.join("  "));
+    }
+    Ok(lines)
+}

@@ -1,0 +1,133 @@
+//! Floating-point storage types of checkpoints and conversions between their raw bytes.
+//!
+//! Conversions to bf16/f16 round to nearest even (`half`), which is what PyTorch's
+//! `tensor.to(torch.bfloat16)` does, so values written here equal what transformers writes.
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+use safetensors::Dtype as StDtype;
+
+/// Storage dtype of a tensor we read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors dtype.
+    pub fn to_safetensors(self) -> StDtype {
+        match self {
+            DType::F32 => StDtype::F32,
+            DType::F16 => StDtype::F16,
+            DType::BF16 => StDtype::BF16,
+        }
+    }
+
+    /// From a safetensors dtype; `None` for anything that is not F32/F16/BF16.
+    pub fn from_safetensors(d: StDtype) -> Option<Self> {
+        match d {
+            StDtype::F32 => Some(DType::F32),
+            StDtype::F16 => Some(DType::F16),
+            StDtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// The `torch_dtype` string of config.json (`float32`, `float16`, `bfloat16`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// Parses `f32|float32`, `f16|float16|fp16`, `bf16|bfloat16`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Some(DType::F32),
+            "f16" | "float16" | "fp16" | "half" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+/// Decodes little-endian raw bytes of `dtype` into f32 values.
+pub fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Encodes f32 values as little-endian bytes of `dtype` (round to nearest even).
+pub fn from_f32(values: &[f32], dtype: DType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        DType::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+    }
+    out
+}
+
+/// Re-encodes raw bytes from one dtype to another; borrows when the dtypes agree.
+pub fn convert(bytes: &[u8], from: DType, to: DType) -> Cow<'_, [u8]> {
+    if from == to {
+        return Cow::Borrowed(bytes);
+    }
+    match (from, to) {
+        // Direct paths avoid a temporary f32 vector for the common down-casts.
+        (DType::F32, _) => {
+            let mut out = Vec::with_capacity(bytes.len() / 4 * to.size());
+            for c in bytes.chunks_exact(4) {
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                match to {
+                    DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                    DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+                    DType::F32 => unreachable!(),
+                }
+            }
+            Cow::Owned(out)
+        }
+        _ => Cow::Owned(from_f32(&to_f32(bytes, from), to)),
+    }
+}

@@ -1,0 +1,351 @@
+//! Safe output: a staging directory beside the destination, renamed into place only when
+//! everything is written, and a streaming (optionally sharded) safetensors writer.
+//!
+//! An interrupted run leaves at most a hidden `.NAME.partial-PID` sibling, which no loader
+//! mistakes for a checkpoint; the destination is either absent, untouched, or complete.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+use safetensors::View;
+use serde_json::{json, Map, Value};
+
+use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use crate::dtype::DType;
+use crate::error::{Error, IoContext, Result};
+
+/// Makes `p` absolute and resolves symlinks of its longest existing ancestor.
+pub fn absolutize(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().at(".")?.join(p)
+    };
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            let mut out = c;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return Ok(normalize(&out));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return Ok(normalize(&abs)),
+        }
+    }
+}
+
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// A directory being written: `path()` is a hidden sibling of the destination, moved into
+/// place by [`StagedDir::commit`]; dropped uncommitted, it is removed.
+pub struct StagedDir {
+    dest: PathBuf,
+    tmp: PathBuf,
+    overwrite: bool,
+    committed: bool,
+}
+
+impl StagedDir {
+    /// Checks the destination and creates the staging directory.
+    ///
+    /// Refuses a destination that is a file, a non-empty directory without `overwrite`, a
+    /// directory equal to or inside any of `inputs` (or containing one of them when
+    /// `overwrite` would delete it), and an unwritable parent.
+    pub fn create(dest: &Path, overwrite: bool, inputs: &[&Path]) -> Result<Self> {
+        let dest = absolutize(dest)?;
+        for input in inputs {
+            let input = absolutize(input)?;
+            if dest.starts_with(&input) || (overwrite && input.starts_with(&dest)) {
+                return Err(Error::OutputInsideSource {
+                    output: dest.clone(),
+                    source_dir: input,
+                });
+            }
+        }
+        if dest.exists() {
+            if !dest.is_dir() {
+                return Err(Error::OutputNotWritable {
+                    path: dest.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "a file with this name exists",
+                    ),
+                });
+            }
+            let non_empty = std::fs::read_dir(&dest).at(&dest)?.next().is_some();
+            if non_empty && !overwrite {
+                return Err(Error::OutputNotEmpty { path: dest });
+            }
+        }
+        let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "output".into());
+        std::fs::create_dir_all(&parent).map_err(|source| Error::OutputNotWritable {
+            path: dest.clone(),
+            source,
+        })?;
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).at(&tmp)?;
+        }
+        std::fs::create_dir(&tmp).map_err(|source| Error::OutputNotWritable {
+            path: dest.clone(),
+            source,
+        })?;
+        Ok(Self {
+            dest,
+            tmp,
+            overwrite,
+            committed: false,
+        })
+    }
+
+    /// The staging directory to write into.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The final destination (absolute).
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Moves the staging directory into place (replacing the destination when allowed).
+    pub fn commit(mut self) -> Result<PathBuf> {
+        if self.dest.exists() {
+            if !self.overwrite
+                && std::fs::read_dir(&self.dest)
+                    .at(&self.dest)?
+                    .next()
+                    .is_some()
+            {
+                return Err(Error::OutputNotEmpty {
+                    path: self.dest.clone(),
+                });
+            }
+            let old = self.tmp.with_file_name(format!(
+                ".{}.old-{}",
+                self.dest.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            std::fs::rename(&self.dest, &old).at(&self.dest)?;
+            std::fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
+            std::fs::remove_dir_all(&old).at(&old)?;
+        } else {
+            std::fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
+        }
+        self.committed = true;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// One tensor of an output file: its name, dtype and shape, known before any data is made.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl PlannedTensor {
+    /// Size of the data in bytes.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// Produces tensor data on demand, one tensor at a time, in the order the writer asks.
+pub trait TensorProducer {
+    /// The bytes of `t` (little endian, `t.dtype`, `t.nbytes()` long).
+    fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>>;
+    /// Called once `t` has been written: release what was held for it.
+    fn done(&self, _t: &PlannedTensor) {}
+}
+
+struct WriteState {
+    previous: Option<usize>,
+    error: Option<Error>,
+}
+
+struct LazyView<'a> {
+    idx: usize,
+    tensors: &'a [PlannedTensor],
+    producer: &'a dyn TensorProducer,
+    state: &'a RefCell<WriteState>,
+}
+
+impl View for LazyView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.tensors[self.idx].dtype.to_safetensors()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.tensors[self.idx].shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let t = &self.tensors[self.idx];
+        let mut st = self.state.borrow_mut();
+        // The writer asks for tensors one by one and writes each before asking for the next:
+        // the previous one is on disk now.
+        if let Some(prev) = st.previous.replace(self.idx) {
+            self.producer.done(&self.tensors[prev]);
+        }
+        if st.error.is_some() {
+            return Cow::Owned(vec![0; t.nbytes()]);
+        }
+        match self.producer.produce(t) {
+            Ok(bytes) if bytes.len() == t.nbytes() => bytes,
+            Ok(bytes) => {
+                st.error = Some(Error::Safetensors {
+                    path: PathBuf::from(&t.name),
+                    msg: format!(
+                        "internal error: produced {} bytes, expected {}",
+                        bytes.len(),
+                        t.nbytes()
+                    ),
+                });
+                Cow::Owned(vec![0; t.nbytes()])
+            }
+            Err(e) => {
+                st.error = Some(e);
+                Cow::Owned(vec![0; t.nbytes()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.tensors[self.idx].nbytes()
+    }
+}
+
+/// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1000000` (bytes). Units as in transformers'
+/// `max_shard_size` (decimal for KB/MB/GB, binary for KiB/MiB/GiB).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let v = num * mult;
+    (v >= 1.0).then_some(v as u64)
+}
+
+/// Writes `tensors` into `dir` as `model.safetensors`, or as
+/// `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json` when their
+/// total exceeds `max_shard_bytes`. Data is pulled from `producer` one tensor at a time, so
+/// memory stays at about the largest tensor. Returns the written file names.
+pub fn write_safetensors(
+    dir: &Path,
+    mut tensors: Vec<PlannedTensor>,
+    max_shard_bytes: u64,
+    producer: &dyn TensorProducer,
+) -> Result<Vec<String>> {
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let total: u64 = tensors.iter().map(|t| t.nbytes() as u64).sum();
+    // Greedy packing in name order, as transformers' `save_pretrained` does in state-dict order.
+    let mut shards: Vec<Vec<PlannedTensor>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for t in tensors {
+        let n = t.nbytes() as u64;
+        if current > 0 && current + n > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += n;
+        shards.last_mut().expect("non-empty").push(t);
+    }
+    let count = shards.len();
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut names = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if count == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
+        };
+        let state = RefCell::new(WriteState {
+            previous: None,
+            error: None,
+        });
+        let views = (0..shard.len()).map(|idx| {
+            (
+                shard[idx].name.clone(),
+                LazyView {
+                    idx,
+                    tensors: shard,
+                    producer,
+                    state: &state,
+                },
+            )
+        });
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, Some(metadata.clone()), &path).map_err(|e| {
+            Error::Safetensors {
+                path: path.clone(),
+                msg: format!("cannot write: {e}"),
+            }
+        })?;
+        let mut st = state.into_inner();
+        if let Some(prev) = st.previous.take() {
+            producer.done(&shard[prev]);
+        }
+        if let Some(e) = st.error {
+            return Err(e);
+        }
+        for t in shard {
+            weight_map.insert(t.name.clone(), Value::String(file.clone()));
+        }
+        names.push(file);
+    }
+    if count > 1 {
+        let index = json!({
+            "metadata": {"total_size": total},
+            "weight_map": Value::Object(weight_map.into_iter().collect::<Map<_, _>>()),
+        });
+        crate::config::write_json(&dir.join(INDEX_FILE), &index)?;
+        names.push(INDEX_FILE.to_string());
+    }
+    Ok(names)
+}

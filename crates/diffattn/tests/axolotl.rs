@@ -1,0 +1,115 @@
+//! The axolotl config: typed reading and the lossless rewrite for the converted model.
+
+use std::path::Path;
+
+use diffattn::axolotl::{converted_config_text, AxolotlConfig, DtypeChoice, PLUGIN};
+
+const INPUT: &str = "\
+# Fine-tune of a small Llama.
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct  # the source
+zeta_last: 1
+alpha_after: two   # not alphabetical on purpose
+
+datasets:
+  - path: data/train.jsonl
+    type: completion
+# training
+learning_rate: 0.0002
+bf16: auto
+output_dir: ./out
+";
+
+#[test]
+fn rewrite_preserves_comments_order_and_unknown_keys() {
+    let out = converted_config_text(INPUT, "/models/diff", true).unwrap();
+    for line in [
+        "# Fine-tune of a small Llama.",
+        "# the source",
+        "alpha_after: two   # not alphabetical on purpose",
+        "# training",
+        "learning_rate: 0.0002",
+        "  - path: data/train.jsonl",
+    ] {
+        assert!(out.contains(line), "lost {line:?} in:\n{out}");
+    }
+    let pos = |k: &str| {
+        out.find(k)
+            .unwrap_or_else(|| panic!("{k} missing in:\n{out}"))
+    };
+    assert!(pos("base_model:") < pos("zeta_last:"));
+    assert!(pos("zeta_last:") < pos("alpha_after:"));
+    assert!(pos("alpha_after:") < pos("datasets:"));
+    let cfg = AxolotlConfig::from_str(&out, Path::new("out.yml")).unwrap();
+    assert_eq!(cfg.base_model, "/models/diff");
+    assert_eq!(
+        cfg.value["diff_attention"],
+        serde_yaml_ng::Value::Bool(true)
+    );
+    assert_eq!(cfg.value["plugins"][0].as_str(), Some(PLUGIN));
+    assert_eq!(cfg.value["zeta_last"].as_u64(), Some(1));
+    assert_eq!(
+        cfg.value["datasets"][0]["type"].as_str(),
+        Some("completion")
+    );
+}
+
+#[test]
+fn converting_twice_does_not_duplicate_the_plugin() {
+    let once = converted_config_text(INPUT, "/models/diff", true).unwrap();
+    let twice = converted_config_text(&once, "/models/diff2", true).unwrap();
+    assert_eq!(twice.matches(PLUGIN).count(), 1, "{twice}");
+    assert_eq!(twice.matches("diff_attention").count(), 1, "{twice}");
+    let cfg = AxolotlConfig::from_str(&twice, Path::new("x.yml")).unwrap();
+    assert_eq!(cfg.base_model, "/models/diff2");
+}
+
+#[test]
+fn existing_plugins_list_is_extended() {
+    let text =
+        "base_model: a/b\nplugins:\n  - axolotl.integrations.liger.LigerPlugin\noutput_dir: o\n";
+    let out = converted_config_text(text, "/m", true).unwrap();
+    let cfg = AxolotlConfig::from_str(&out, Path::new("x.yml")).unwrap();
+    let plugins: Vec<&str> = cfg.value["plugins"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        plugins,
+        vec!["axolotl.integrations.liger.LigerPlugin", PLUGIN]
+    );
+}
+
+#[test]
+fn without_plugin_no_plugins_key_is_added() {
+    let out = converted_config_text(INPUT, "/m", false).unwrap();
+    assert!(!out.contains("plugins"));
+    assert!(out.contains("diff_attention: true"));
+}
+
+#[test]
+fn typed_keys_and_dtype_choice() {
+    let cfg = AxolotlConfig::from_str(INPUT, Path::new("in.yml")).unwrap();
+    assert_eq!(cfg.base_model, "HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert_eq!(cfg.output_dir.as_deref(), Some(Path::new("./out")));
+    assert_eq!(cfg.dtype, DtypeChoice::Keep);
+    let bf = AxolotlConfig::from_str("base_model: x\nbf16: true\nseed: 5\n", Path::new("a.yml"))
+        .unwrap();
+    assert_eq!(bf.dtype, DtypeChoice::BF16);
+    assert_eq!(bf.seed, Some(5));
+    let fp = AxolotlConfig::from_str("base_model: x\nfp16: true\n", Path::new("a.yml")).unwrap();
+    assert_eq!(fp.dtype, DtypeChoice::F16);
+    let both = AxolotlConfig::from_str(
+        "base_model: x\nfp16: true\nbf16: true\n",
+        Path::new("a.yml"),
+    );
+    assert!(both.unwrap_err().to_string().contains("bf16 and fp16"));
+    let bad = AxolotlConfig::from_str("base_model: x\nseed: -3\n", Path::new("a.yml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        bad.contains("a.yml") && bad.contains("`seed`") && bad.contains("-3"),
+        "{bad}"
+    );
+}
