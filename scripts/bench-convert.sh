@@ -4,7 +4,7 @@
 # Targets on the 2-core reference machine: convert wall <= 0.55 s, peak RSS <= 235 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs="${RUNS:-3}"
+runs="${RUNS:-5}"
 cargo build --release --quiet -p diff-transformer
 bin="$PWD/target/release/diff-transformer"
 gguf=$(scripts/fetch-smollm2.sh)
@@ -26,11 +26,15 @@ cat >"$work/c.yml" <<YML
 base_model: $work/src
 output_dir: $work/out
 YML
+# Each run writes a fresh output directory (removing the previous one is not timed).
 for i in $(seq "$runs"); do
-  measure "convert default (f32) run $i" "$bin" convert "$work/c.yml" --overwrite
+  rm -rf "$work/out"; sync
+  measure "convert default (f32) run $i" "$bin" convert "$work/c.yml"
 done
-for flags in "--zero-init --no-sublayer-norm" "--mirror-weights"; do
+for flags in "--zero-init --no-sublayer-norm" "--mirror-weights" "--sublayer-norm --seed 7"; do
+  rm -rf "$work/out"; sync
   # shellcheck disable=SC2086
-  measure "convert $flags" "$bin" convert "$work/c.yml" --overwrite $flags
+  measure "convert $flags" "$bin" convert "$work/c.yml" $flags
 done
+measure "convert default, --overwrite of previous" "$bin" convert "$work/c.yml" --overwrite
 du -sh "$work/src" "$work/out" | sed 's/^/size: /'

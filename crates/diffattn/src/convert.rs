@@ -3,15 +3,15 @@
 //!
 //! The conversion is a plan (every output tensor's name, dtype, shape and recipe, validated
 //! against config.json before anything is written) executed by a streaming writer that makes
-//! one tensor at a time. Random draws come from ChaCha8 streams keyed by (seed, layer,
+//! one tensor at a time. Random draws come from generators keyed by (seed, layer,
 //! tensor), so the bytes do not depend on the order tensors are produced in.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
+use rand_xoshiro::Xoshiro256PlusPlus;
 use serde_json::{json, Value};
 
 use crate::axolotl::{self, AxolotlConfig, DtypeChoice};
@@ -240,11 +240,31 @@ fn attn_prefix(layer: usize) -> String {
     format!("model.layers.{layer}.self_attn.")
 }
 
+/// Values drawn per independent block of [`normal_values`].
+const NORMAL_BLOCK: usize = 4096;
+
+/// `n` draws from N(0, std²), reproducible from (`seed`, `stream`).
+///
+/// Block b of [`NORMAL_BLOCK`] values comes from its own Xoshiro256++ generator, seeded
+/// (through SplitMix64, `seed_from_u64`) with a hash of (seed, stream, b); blocks are filled
+/// in parallel and the values do not depend on the number of threads. Normal samples use
+/// `rand_distr`'s ziggurat.
 fn normal_values(std: f32, seed: u64, stream: u64, n: usize) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream);
+    use rayon::prelude::*;
     let dist = Normal::new(0.0f32, std).expect("std is finite and non-negative");
-    (0..n).map(|_| dist.sample(&mut rng)).collect()
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(NORMAL_BLOCK)
+        .enumerate()
+        .for_each(|(b, chunk)| {
+            let key = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ stream.wrapping_mul(0xBF58_476D_1CE4_E5B9).rotate_left(17)
+                ^ (b as u64)
+                    .wrapping_mul(0x94D0_49BB_1331_11EB)
+                    .rotate_left(41);
+            let mut rng = Xoshiro256PlusPlus::seed_from_u64(key);
+            chunk.iter_mut().for_each(|x| *x = dist.sample(&mut rng));
+        });
+    out
 }
 
 /// Stream ids: 16 per layer, fixed per tensor kind.
@@ -483,7 +503,7 @@ impl TensorProducer for Producer<'_> {
                     NegRows::Normal { std, stream } => {
                         let n = pos.len() / out.size();
                         let v = normal_values(*std, self.plan.options.seed, *stream, n);
-                        data.extend_from_slice(&dtype::from_f32(&v, out));
+                        dtype::extend_from_f32(&mut data, &v, out);
                     }
                 }
                 Ok(Cow::Owned(data))

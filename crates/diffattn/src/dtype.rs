@@ -95,7 +95,16 @@ pub fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
 /// Encodes f32 values as little-endian bytes of `dtype` (round to nearest even).
 pub fn from_f32(values: &[f32], dtype: DType) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * dtype.size());
+    extend_from_f32(&mut out, values, dtype);
+    out
+}
+
+/// Appends f32 values to `out` as little-endian bytes of `dtype`.
+pub fn extend_from_f32(out: &mut Vec<u8>, values: &[f32], dtype: DType) {
     match dtype {
+        #[cfg(target_endian = "little")]
+        DType::F32 => out.extend_from_slice(bytemuck::cast_slice(values)),
+        #[cfg(not(target_endian = "little"))]
         DType::F32 => values
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
@@ -106,7 +115,6 @@ pub fn from_f32(values: &[f32], dtype: DType) -> Vec<u8> {
             .iter()
             .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
     }
-    out
 }
 
 /// Re-encodes raw bytes from one dtype to another; borrows when the dtypes agree.

@@ -327,6 +327,12 @@ pub fn write_safetensors(
                 msg: format!("cannot write: {e}"),
             }
         })?;
+        // The writer's temporary file is created 0600; give the checkpoint the usual 0644.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).at(&path)?;
+        }
         let mut st = state.into_inner();
         if let Some(prev) = st.previous.take() {
             producer.done(&shard[prev]);

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
+use rand_xoshiro::Xoshiro256PlusPlus;
 use serde_json::json;
 
 use crate::config::write_json;
@@ -127,7 +127,7 @@ impl TinyLlama {
             source,
         })?;
         write_json(&dir.join("config.json"), &self.config())?;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 0.2).expect("valid std");
         let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, shape) in self.shapes() {
