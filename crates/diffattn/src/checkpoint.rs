@@ -185,6 +185,11 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The safetensors files of this checkpoint.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)

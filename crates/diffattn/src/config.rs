@@ -20,12 +20,27 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM` (Llama layout with q/k/v biases)
     Qwen2,
+    /// `LlamaDifferentialForCausalLM`, format A of SPEC §4 (the axolotl plugin's
+    /// `llama-differential`).
+    LlamaDifferential,
+    /// `DiffLlamaForCausalLM`, format B of SPEC §5 (transformers' native `diffllama`).
+    DiffLlama,
 }
 
 impl Architecture {
     /// Every accepted `architectures` value.
-    pub const SUPPORTED: [&'static str; 3] =
-        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+    pub const SUPPORTED: [&'static str; 5] = [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "LlamaDifferentialForCausalLM",
+        "DiffLlamaForCausalLM",
+    ];
+
+    /// Whether the attention is already differential (format A or B).
+    pub fn is_differential(self) -> bool {
+        matches!(self, Self::LlamaDifferential | Self::DiffLlama)
+    }
 
     /// Maps a Hugging Face class name to the enum; `None` for anything else.
     pub fn from_class_name(name: &str) -> Option<Self> {
@@ -33,6 +48,11 @@ impl Architecture {
             "LlamaForCausalLM" => Some(Self::Llama),
             "MistralForCausalLM" => Some(Self::Mistral),
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            // The plugin itself writes `LlamaDifferentialModel`; accept both.
+            "LlamaDifferentialForCausalLM" | "LlamaDifferentialModel" => {
+                Some(Self::LlamaDifferential)
+            }
+            "DiffLlamaForCausalLM" => Some(Self::DiffLlama),
             _ => None,
         }
     }
@@ -53,6 +73,9 @@ pub struct LlamaConfig {
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<Value>,
+    /// transformers >= 5 writes `rope_parameters` (with `rope_theta` inside) instead of
+    /// `rope_theta` + `rope_scaling`.
+    pub rope_parameters: Option<Value>,
     pub attention_bias: Option<bool>,
     pub tie_word_embeddings: Option<bool>,
     pub initializer_range: Option<f64>,
@@ -133,6 +156,8 @@ impl ModelConfig {
                 Some("llama") => Architecture::Llama,
                 Some("mistral") => Architecture::Mistral,
                 Some("qwen2") => Architecture::Qwen2,
+                Some("llama-differential") => Architecture::LlamaDifferential,
+                Some("diffllama") => Architecture::DiffLlama,
                 other => {
                     return Err(Error::UnsupportedArchitecture {
                         path: path.to_path_buf(),
@@ -211,6 +236,25 @@ impl ModelConfig {
     /// `initializer_range`, default 0.02 (transformers' LlamaConfig default).
     pub fn initializer_range(&self) -> f64 {
         self.typed.initializer_range.unwrap_or(0.02)
+    }
+
+    /// RoPE parameters from either convention: (`rope_theta`, scaling object or None).
+    /// transformers 4.x: `rope_theta` + `rope_scaling`; 5.x: `rope_parameters` holding
+    /// `rope_type`, `rope_theta` and the scaling keys. Default theta 10000.
+    pub fn rope(&self) -> (f64, Option<Value>) {
+        let t = &self.typed;
+        if let Some(Value::Object(p)) = &t.rope_parameters {
+            let theta = p
+                .get("rope_theta")
+                .and_then(Value::as_f64)
+                .or(t.rope_theta)
+                .unwrap_or(10000.0);
+            return (theta, Some(Value::Object(p.clone())));
+        }
+        (
+            t.rope_theta.unwrap_or(10000.0),
+            t.rope_scaling.clone().filter(|v| !v.is_null()),
+        )
     }
 
     /// `rms_norm_eps`, default 1e-6 (transformers' LlamaConfig default).

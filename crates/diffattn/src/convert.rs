@@ -289,6 +289,13 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
             num_key_value_heads: hkv,
         });
     }
+    if src.config.architecture.is_differential() {
+        return Err(Error::UnsupportedArchitecture {
+            path: src.config.path.clone(),
+            value: src.config.typed.architectures.clone().unwrap_or_default().join(","),
+            supported: "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (the model is already differential)".into(),
+        });
+    }
     for name in ck.names() {
         if name.contains(".lambda_") || name.ends_with("subln.weight") {
             return Err(Error::Safetensors {

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod gguf;
 pub mod hub;
+pub mod model;
 pub mod output;
 #[doc(hidden)]
 pub mod testing;

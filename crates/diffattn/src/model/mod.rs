@@ -1,0 +1,671 @@
+//! Our forward pass (candle, f32 compute by default) for the source Llama family and for
+//! differential attention: format A (`llama-differential`, SPEC §4: double and split heads,
+//! optional affine sub-layer norm, stored `lambda_init`, warm-up factor `mix`, no
+//! `(1 - lambda_init)`) and format B (`diffllama`, SPEC §5: split pairing, weightless RMS norm
+//! over 2d, `(1 - lambda_init)` scale).
+//!
+//! Every op used is differentiable (no `*_no_bwd` fused kernels), so the same code serves
+//! training; see [`Model::load_trainable`].
+//!
+//! Shapes: input ids `[batch, seq]` (u32), positions `[batch, seq]` (u32), additive mask
+//! `[batch, 1, seq, past + seq]` (f32, 0 or `f32::MIN`), logits `[batch, seq, vocab]` (f32).
+
+pub mod rope;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde_json::Value;
+
+use crate::config::{lambda_init, Architecture, ModelConfig};
+use crate::error::{Error, Result};
+
+/// How a layer's attention is computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttentionKind {
+    /// Standard softmax attention (the source Llama).
+    Standard,
+    /// Format A, double heads: H positive and H negative query heads, 2·Hkv key heads,
+    /// value head dim d.
+    DoubleHeads,
+    /// Split heads (format A with `split_heads`, and format B): H/2 differential heads pairing
+    /// head j with head j + H/2, values `[v_j ; v_{j+H/2}]` of width 2d.
+    SplitHeads,
+}
+
+/// The per-head normalisation after differential attention.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SubLayerNorm {
+    /// Identity (format A with `sublayer_norm: false`).
+    None,
+    /// RMS norm with a learned weight `subln.weight` (format A).
+    Affine,
+    /// RMS norm without weight, then `* (1 - lambda_init(l))` (format B).
+    ScaledPlain,
+}
+
+/// Runtime configuration resolved from config.json.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub num_hidden_layers: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention: AttentionKind,
+    pub sublayer_norm: SubLayerNorm,
+    pub inv_freq: Vec<f32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Config {
+    /// Resolves a config.json (any supported architecture).
+    pub fn from_model_config(mc: &ModelConfig) -> Result<Self> {
+        let dims = mc.dims()?;
+        let raw = &mc.raw;
+        let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
+        let (attention, sublayer_norm) = match mc.architecture {
+            Architecture::LlamaDifferential => (
+                if flag("split_heads", false) {
+                    AttentionKind::SplitHeads
+                } else {
+                    AttentionKind::DoubleHeads
+                },
+                if flag("sublayer_norm", true) {
+                    SubLayerNorm::Affine
+                } else {
+                    SubLayerNorm::None
+                },
+            ),
+            Architecture::DiffLlama => (AttentionKind::SplitHeads, SubLayerNorm::ScaledPlain),
+            _ => (AttentionKind::Standard, SubLayerNorm::None),
+        };
+        if attention == AttentionKind::SplitHeads
+            && (dims.num_attention_heads % 2 != 0 || dims.num_key_value_heads % 2 != 0)
+        {
+            return Err(Error::OddHeads {
+                num_attention_heads: dims.num_attention_heads,
+                num_key_value_heads: dims.num_key_value_heads,
+            });
+        }
+        let (theta, scaling) = mc.rope();
+        let inv_freq =
+            rope::inv_freq(dims.head_dim, theta, scaling.as_ref()).map_err(|reason| {
+                Error::InvalidValue {
+                    path: mc.path.clone(),
+                    key: "rope_scaling".into(),
+                    value: scaling.map(|s| s.to_string()).unwrap_or_default(),
+                    reason,
+                }
+            })?;
+        Ok(Self {
+            architecture: mc.architecture,
+            hidden_size: dims.hidden_size,
+            num_attention_heads: dims.num_attention_heads,
+            num_key_value_heads: dims.num_key_value_heads,
+            head_dim: dims.head_dim,
+            num_hidden_layers: dims.num_hidden_layers,
+            vocab_size: mc.typed.vocab_size,
+            rms_norm_eps: mc.rms_norm_eps(),
+            max_position_embeddings: raw
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
+            tie_word_embeddings: mc.tie_word_embeddings(),
+            attention,
+            sublayer_norm,
+            inv_freq,
+            bos_token_id: token_ids(raw.get("bos_token_id")).first().copied(),
+            eos_token_ids: token_ids(raw.get("eos_token_id")),
+        })
+    }
+}
+
+/// A linear map `y = x W^T (+ b)`, `W` `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x` `[b, s, in]` -> `[b, s, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, i) = x.dims3()?;
+        let y = x.reshape((b * s, i))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        Ok(y.reshape((b, s, ()))?)
+    }
+}
+
+/// RMS norm over the last dimension (as LlamaRMSNorm: f32, `x * rsqrt(mean(x²) + eps) * w`).
+pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
+    let y = x.broadcast_mul(&norm)?;
+    match weight {
+        Some(w) => y.broadcast_mul(w),
+        None => Ok(y),
+    }
+}
+
+/// Differential-attention parameters of one layer.
+#[derive(Debug, Clone)]
+pub struct Lambda {
+    pub q1: Tensor,
+    pub k1: Tensor,
+    pub q2: Tensor,
+    pub k2: Tensor,
+    /// Stored (format A) or from the formula (format B); 0-dim.
+    pub init: Tensor,
+    pub subln: Option<Tensor>,
+}
+
+impl Lambda {
+    /// `lambda1, lambda2` = `exp(lq1·lk1)`, `exp(lq2·lk2)` (0-dim, f32).
+    pub fn parts(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let l1 = (&self.q1 * &self.k1)?.sum_all()?.exp()?;
+        let l2 = (&self.q2 * &self.k2)?.sum_all()?.exp()?;
+        Ok((l1, l2))
+    }
+
+    /// `lambda_full = lambda1 - lambda2 + lambda_init` (SPEC §2, eq. 2), 0-dim.
+    pub fn full(&self) -> candle_core::Result<Tensor> {
+        let (l1, l2) = self.parts()?;
+        (l1 - l2)? + &self.init
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    lambda: Option<Lambda>,
+    /// `1 - lambda_init(l)` for format B.
+    out_scale: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    attn: Attention,
+    post_attention_layernorm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// Keys and values of past positions, per layer: `k` `[b, kv_heads', t, d]` (double heads
+/// store k1 then k2 heads), `v` `[b, Hkv, t, d]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Cached positions (t).
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Optional per-layer attention probabilities captured during a forward (monitoring).
+#[derive(Debug, Clone, Default)]
+pub struct AttentionProbs {
+    /// layer -> (A1 or A, A2) each `[b, heads, s, t]`.
+    pub layers: HashMap<usize, (Tensor, Option<Tensor>)>,
+}
+
+/// A Llama-family causal LM, standard or differential.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: Config,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: rope::Rope,
+    /// Warm-up factor of the negative branch (format A's `diff_attn_mix`), 1 outside warm-up.
+    pub mix: f64,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Tensors of a checkpoint by name.
+pub type Weights = HashMap<String, Tensor>;
+
+/// Reads every tensor of the checkpoint in `dir` into memory as `dtype` on `device`.
+pub fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<Weights> {
+    let ck = crate::checkpoint::Checkpoint::open(dir)?;
+    let mut out = HashMap::new();
+    for file in ck.files() {
+        let tensors =
+            candle_core::safetensors::load(&file, device).map_err(|e| Error::Safetensors {
+                path: file.clone(),
+                msg: e.to_string().lines().next().unwrap_or_default().to_string(),
+            })?;
+        for (name, t) in tensors {
+            out.insert(name, t.to_dtype(dtype)?);
+        }
+    }
+    Ok(out)
+}
+
+impl Model {
+    /// Loads config.json and weights from `dir`, computing in `dtype` (f32 by default on CPU).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mc = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = load_weights(dir, dtype, device)?;
+        Self::from_weights(&mc, &weights, dir, device)
+    }
+
+    /// Like [`Model::load`], but every floating tensor except `lambda_init` becomes a
+    /// [`Var`] (returned by name) so that a loss can be differentiated.
+    pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Self, Vec<(String, Var)>)> {
+        let mc = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = load_weights(dir, DType::F32, device)?;
+        let mut vars = Vec::new();
+        let mut w2 = HashMap::new();
+        let mut names: Vec<_> = weights.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let t = &weights[&name];
+            if name.ends_with("lambda_init") {
+                w2.insert(name, t.clone());
+            } else {
+                let v = Var::from_tensor(t)?;
+                w2.insert(name.clone(), v.as_tensor().clone());
+                vars.push((name, v));
+            }
+        }
+        Ok((Self::from_weights(&mc, &w2, dir, device)?, vars))
+    }
+
+    /// Builds the model from named tensors (HF names). `origin` names the source in errors.
+    pub fn from_weights(
+        mc: &ModelConfig,
+        w: &Weights,
+        origin: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = Config::from_model_config(mc)?;
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.get(name).ok_or_else(|| Error::MissingTensor {
+                path: origin.to_path_buf(),
+                name: name.to_string(),
+            })?;
+            if t.dims() != shape {
+                return Err(Error::ShapeMismatch {
+                    path: origin.to_path_buf(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(t.clone())
+        };
+        let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
+            let weight = get(&format!("{p}.weight"), &[out, inp])?;
+            let bias = match w.get(&format!("{p}.bias")) {
+                Some(_) => Some(get(&format!("{p}.bias"), &[out])?),
+                None => None,
+            };
+            Ok(Linear { weight, bias })
+        };
+        let (dm, h, kv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let qk_factor = if cfg.attention == AttentionKind::DoubleHeads {
+            2
+        } else {
+            1
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let lambda = if cfg.attention == AttentionKind::Standard {
+                None
+            } else {
+                let vec = |n: &str| get(&format!("{a}.{n}"), &[d]);
+                let init = match cfg.architecture {
+                    Architecture::DiffLlama => Tensor::new(lambda_init(l) as f32, device)?
+                        .to_dtype(w[&format!("{a}.lambda_q1")].dtype())?,
+                    _ => get(&format!("{a}.lambda_init"), &[])?,
+                };
+                let width = if cfg.attention == AttentionKind::SplitHeads {
+                    2 * d
+                } else {
+                    d
+                };
+                let subln = match cfg.sublayer_norm {
+                    SubLayerNorm::Affine => Some(get(&format!("{a}.subln.weight"), &[width])?),
+                    _ => None,
+                };
+                Some(Lambda {
+                    q1: vec("lambda_q1")?,
+                    k1: vec("lambda_k1")?,
+                    q2: vec("lambda_q2")?,
+                    k2: vec("lambda_k2")?,
+                    init,
+                    subln,
+                })
+            };
+            let out_scale = if cfg.sublayer_norm == SubLayerNorm::ScaledPlain {
+                1.0 - lambda_init(l)
+            } else {
+                1.0
+            };
+            let inter = w
+                .get(&format!("{p}.mlp.gate_proj.weight"))
+                .map(|t| t.dims()[0])
+                .unwrap_or(0);
+            blocks.push(Block {
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[dm])?,
+                attn: Attention {
+                    q_proj: linear(&format!("{a}.q_proj"), qk_factor * h * d, dm)?,
+                    k_proj: linear(&format!("{a}.k_proj"), qk_factor * kv * d, dm)?,
+                    v_proj: linear(&format!("{a}.v_proj"), kv * d, dm)?,
+                    o_proj: linear(&format!("{a}.o_proj"), dm, h * d)?,
+                    lambda,
+                    out_scale,
+                },
+                post_attention_layernorm: get(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[dm],
+                )?,
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, dm)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), inter, dm)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), dm, inter)?,
+            });
+        }
+        let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, dm])?;
+        let lm_head = match w.get("lm_head.weight") {
+            Some(_) => get("lm_head.weight", &[cfg.vocab_size, dm])?,
+            None => embed_tokens.clone(),
+        };
+        let dtype = embed_tokens.dtype();
+        let rope = rope::Rope::new(&cfg.inv_freq, d, cfg.max_position_embeddings.max(1), device)?;
+        Ok(Self {
+            norm: get("model.norm.weight", &[dm])?,
+            config: cfg,
+            embed_tokens,
+            blocks,
+            lm_head,
+            rope,
+            mix: 1.0,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Additive causal mask `[b, 1, s, past + s]`: 0 where key j <= past + i and the key is
+    /// not padding (`key_padding[b][j] == 0` marks padding), `f32::MIN` elsewhere (as
+    /// transformers' `min_dtype`, so fully masked rows stay finite).
+    pub fn mask(
+        &self,
+        b: usize,
+        s: usize,
+        past: usize,
+        key_padding: Option<&[Vec<u8>]>,
+    ) -> Result<Tensor> {
+        let t = past + s;
+        let mut m = vec![0f32; b * s * t];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..t {
+                    let pad = key_padding.map(|kp| kp[bi][j] == 0).unwrap_or(false);
+                    if j > past + i || pad {
+                        m[(bi * s + i) * t + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, s, t), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Positions `past..past+s` for every row, `[b, s]`.
+    pub fn positions(&self, b: usize, s: usize, past: usize) -> Result<Tensor> {
+        let row: Vec<u32> = (past as u32..(past + s) as u32).collect();
+        let all: Vec<u32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+        Ok(Tensor::from_vec(all, (b, s), &self.device)?)
+    }
+
+    /// Logits `[b, s, vocab]` for `ids` `[b, s]`. `positions` `[b, s]`; `mask` additive
+    /// `[b, 1, s, t]` (None = no masking, valid only for s == 1 without padding); `cache`
+    /// appended to when given. `probs`, when given, receives the attention probabilities of
+    /// the listed layers.
+    pub fn forward_full(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        mut probs: Option<(&[usize], &mut AttentionProbs)>,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let positions_max = positions
+            .max_keepdim(1)?
+            .max_keepdim(0)?
+            .flatten_all()?
+            .to_vec1::<u32>()?[0] as usize;
+        if positions_max >= self.rope.max_positions() {
+            return Err(Error::InvalidOptions(format!(
+                "position {positions_max} is beyond max_position_embeddings ({})",
+                self.rope.max_positions()
+            )));
+        }
+        let (cos, sin) = self.rope.tables(positions)?;
+        let cos = cos.to_dtype(self.dtype)?;
+        let sin = sin.to_dtype(self.dtype)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, self.config.hidden_size))?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.blocks.len() {
+                c.layers = vec![None; self.blocks.len()];
+            }
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = rms_norm(&x, Some(&block.input_layernorm), self.config.rms_norm_eps)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let want = probs
+                .as_ref()
+                .map(|(ls, _)| ls.contains(&l))
+                .unwrap_or(false);
+            let (a, p) = self.attention(&block.attn, &h, &cos, &sin, mask, layer_cache, want)?;
+            if let (Some(p), Some((_, store))) = (p, probs.as_mut()) {
+                store.layers.insert(l, p);
+            }
+            x = (x + a)?;
+            let h = rms_norm(
+                &x,
+                Some(&block.post_attention_layernorm),
+                self.config.rms_norm_eps,
+            )?;
+            let m = (block.gate_proj.forward(&h)?.silu()? * block.up_proj.forward(&h)?)?;
+            x = (x + block.down_proj.forward(&m)?)?;
+        }
+        let x = rms_norm(&x, Some(&self.norm), self.config.rms_norm_eps)?;
+        let (b, s, dm) = x.dims3()?;
+        let logits = x.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?;
+        Ok(logits
+            .reshape((b, s, self.config.vocab_size))?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Logits `[b, s, vocab]` of a fresh (uncached, unpadded) batch.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let pos = self.positions(b, s, 0)?;
+        let mask = self.mask(b, s, 0, None)?;
+        self.forward_full(ids, &pos, Some(&mask), None, None)
+    }
+
+    /// The layers' lambda parameters (None for standard attention).
+    pub fn lambdas(&self) -> Vec<Option<&Lambda>> {
+        self.blocks.iter().map(|b| b.attn.lambda.as_ref()).collect()
+    }
+
+    fn heads(&self, t: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, s, _) = t.dims3()?;
+        Ok(t.reshape((b, s, n, self.config.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// Softmax attention probabilities `[b, nq, s, t]` of `q` `[b, nq, s, d]` over `k`
+    /// `[b, nk, t, d]` (GQA: query head i reads key head i / (nq / nk)), in f32.
+    fn probs(&self, q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, nq, s, d) = q.dims4()?;
+        let (_, nk, t, _) = k.dims4()?;
+        let g = nq / nk;
+        // Group the g query heads of each key head along the sequence axis: no K copy.
+        let qg = q.reshape((b, nk, g * s, d))?;
+        let scores = qg.matmul(&k.t()?)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let scores = scores.reshape((b, nq, s, t))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        Ok(
+            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+                .to_dtype(self.dtype)?,
+        )
+    }
+
+    /// `p` `[b, nq, s, t]` times values `v` `[b, nv, t, dv]` (nq a multiple of nv).
+    fn apply(&self, p: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, nq, s, t) = p.dims4()?;
+        let (_, nv, _, dv) = v.dims4()?;
+        let g = nq / nv;
+        Ok(p.reshape((b, nv, g * s, t))?
+            .matmul(v)?
+            .reshape((b, nq, s, dv))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        at: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
+        let c = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let q = at.q_proj.forward(x)?;
+        let k = at.k_proj.forward(x)?;
+        let v = self.heads(&at.v_proj.forward(x)?, kv)?;
+        let qk_heads = if c.attention == AttentionKind::DoubleHeads {
+            2
+        } else {
+            1
+        };
+        // Double heads: features [q1 | q2] become heads [0, H) and [H, 2H).
+        let q = rope::apply(&self.heads(&q, qk_heads * h)?, cos, sin)?;
+        let k = rope::apply(&self.heads(&k, qk_heads * kv)?, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv_pair = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv_pair.clone());
+                kv_pair
+            }
+            None => (k, v),
+        };
+        let (out, probs) = match (&at.lambda, c.attention) {
+            (None, _) | (_, AttentionKind::Standard) => {
+                let p = self.probs(&q, &k, mask)?;
+                let o = self.apply(&p, &v)?;
+                (o, want_probs.then(|| (p, None)))
+            }
+            (Some(lam), kind) => {
+                let (nq, nk) = match kind {
+                    AttentionKind::DoubleHeads => (h, kv),
+                    _ => (h / 2, kv / 2),
+                };
+                let q1 = q.narrow(1, 0, nq)?;
+                let q2 = q.narrow(1, nq, nq)?;
+                let k1 = k.narrow(1, 0, nk)?.contiguous()?;
+                let k2 = k.narrow(1, nk, nk)?.contiguous()?;
+                let a1 = self.probs(&q1.contiguous()?, &k1, mask)?;
+                let a2 = self.probs(&q2.contiguous()?, &k2, mask)?;
+                let lambda = lam.full()?.to_dtype(self.dtype)?.affine(self.mix, 0.0)?;
+                let p = (&a1 - a2.broadcast_mul(&lambda)?)?;
+                let o = match kind {
+                    AttentionKind::DoubleHeads => self.apply(&p, &v)?,
+                    _ => {
+                        // repeat_kv, then [v_j ; v_{j+H/2}] along features: [b, H/2, t, 2d].
+                        let (_, _, t, d) = v.dims4()?;
+                        let g = h / kv;
+                        let vr = v
+                            .unsqueeze(2)?
+                            .broadcast_as((b, kv, g, t, d))?
+                            .reshape((b, h, t, d))?;
+                        let vw = Tensor::cat(
+                            &[&vr.narrow(1, 0, h / 2)?, &vr.narrow(1, h / 2, h / 2)?],
+                            D::Minus1,
+                        )?;
+                        p.matmul(&vw.contiguous()?)?
+                    }
+                };
+                let o = match c.sublayer_norm {
+                    SubLayerNorm::None => o,
+                    SubLayerNorm::Affine => rms_norm(&o, lam.subln.as_ref(), c.rms_norm_eps)?,
+                    SubLayerNorm::ScaledPlain => {
+                        rms_norm(&o, None, c.rms_norm_eps)?.affine(at.out_scale, 0.0)?
+                    }
+                };
+                (o, want_probs.then(|| (a1, Some(a2))))
+            }
+        };
+        let out = out.transpose(1, 2)?.reshape((b, s, ()))?;
+        Ok((at.o_proj.forward(&out)?, probs))
+    }
+}

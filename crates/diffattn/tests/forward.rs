@@ -1,0 +1,247 @@
+//! Our forward pass against golden logits computed by Hugging Face transformers (Llama cases)
+//! and by the PyTorch format-A forward of tools/make_fixtures.py (differential cases); KV-cache
+//! decoding against full recomputation; left-padded batches against unbatched runs; gradients.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use diffattn::model::{KvCache, Model};
+
+fn fixtures() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    assert!(v.len() >= 9, "fixtures missing in {}", root.display());
+    v
+}
+
+struct Expected {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    mix: f64,
+}
+
+fn expected(dir: &Path) -> Expected {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    Expected {
+        ids: v["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect(),
+        logits: v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect(),
+        mix: v.get("mix").and_then(|m| m.as_f64()).unwrap_or(1.0),
+    }
+}
+
+fn load(dir: &Path, mix: f64) -> Model {
+    let mut m = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
+    m.mix = mix;
+    m
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn ids_tensor(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+#[test]
+fn logits_match_the_python_reference() {
+    for dir in fixtures() {
+        let e = expected(&dir);
+        let m = load(&dir, e.mix);
+        let logits = m
+            .forward(&ids_tensor(&e.ids))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(&logits, &e.logits);
+        println!(
+            "{}: max |delta logit| = {diff:.2e}",
+            dir.file_name().unwrap().to_string_lossy()
+        );
+        assert!(diff <= 1e-4, "{}: max |delta| {diff}", dir.display());
+        let scale = e.logits.iter().flatten().fold(0f32, |a, x| a.max(x.abs()));
+        assert!(
+            scale > 0.5,
+            "fixture logits too small to be a meaningful test: {scale}"
+        );
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_recompute() {
+    for dir in fixtures() {
+        let e = expected(&dir);
+        let m = load(&dir, e.mix);
+        let full = m
+            .forward(&ids_tensor(&e.ids))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let n = e.ids.len();
+        let prefill = n - 3;
+        let mut cache = KvCache::new();
+        let pos = m.positions(1, prefill, 0).unwrap();
+        let mask = m.mask(1, prefill, 0, None).unwrap();
+        let first = m
+            .forward_full(
+                &ids_tensor(&e.ids[..prefill]),
+                &pos,
+                Some(&mask),
+                Some(&mut cache),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut rows = first;
+        for i in prefill..n {
+            let pos = m.positions(1, 1, i).unwrap();
+            let step = m
+                .forward_full(
+                    &ids_tensor(&e.ids[i..i + 1]),
+                    &pos,
+                    None,
+                    Some(&mut cache),
+                    None,
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            rows.extend(step);
+        }
+        assert_eq!(cache.seq_len(), n);
+        let diff = max_abs_diff(&rows, &full);
+        assert!(diff <= 1e-4, "{}: cached vs full {diff}", dir.display());
+    }
+}
+
+#[test]
+fn left_padded_batch_equals_unbatched_runs() {
+    for dir in fixtures() {
+        let e = expected(&dir);
+        let m = load(&dir, e.mix);
+        let long = e.ids.clone();
+        let short = e.ids[3..].to_vec();
+        let t = long.len();
+        let pad = t - short.len();
+        let mut padded = vec![0u32; pad];
+        padded.extend(&short);
+        let key_mask = vec![
+            vec![1u8; t],
+            (0..t).map(|j| u8::from(j >= pad)).collect::<Vec<u8>>(),
+        ];
+        let positions: Vec<u32> = (0..t as u32)
+            .chain((0..t).map(|j| j.saturating_sub(pad) as u32))
+            .collect();
+        let ids = Tensor::new(
+            [long.as_slice(), padded.as_slice()].concat().as_slice(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .reshape((2, t))
+        .unwrap();
+        let pos = Tensor::from_vec(positions, (2, t), &Device::Cpu).unwrap();
+        let mask = m.mask(2, t, 0, Some(&key_mask)).unwrap();
+        let batch = m.forward_full(&ids, &pos, Some(&mask), None, None).unwrap();
+        let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
+        let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
+        let alone_long = m
+            .forward(&ids_tensor(&long))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let alone_short = m
+            .forward(&ids_tensor(&short))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(
+            max_abs_diff(&row0, &alone_long) <= 1e-4,
+            "{}",
+            dir.display()
+        );
+        let d = max_abs_diff(&row1[pad..], &alone_short);
+        assert!(d <= 1e-4, "{}: padded row differs by {d}", dir.display());
+    }
+}
+
+#[test]
+fn every_trainable_tensor_of_a_format_a_model_gets_a_gradient() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+    for case in [
+        "diff_double_subln_gqa",
+        "diff_split_subln_gqa",
+        "diff_double_nosubln_mqa_bias",
+    ] {
+        let dir = root.join(case);
+        let e = expected(&dir);
+        let (m, vars) = Model::load_trainable(&dir, &Device::Cpu).unwrap();
+        let ids = ids_tensor(&e.ids);
+        let logits = m.forward(&ids).unwrap();
+        let s = e.ids.len();
+        let inputs = logits.narrow(1, 0, s - 1).unwrap().squeeze(0).unwrap();
+        let targets = Tensor::new(&e.ids[1..], &Device::Cpu).unwrap();
+        let logp = candle_nn::ops::log_softmax(&inputs, D::Minus1).unwrap();
+        let loss = logp
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(vars.iter().any(|(n, _)| n.ends_with("lambda_q2")));
+        for (name, var) in &vars {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{case}: zero gradient for {name}");
+        }
+    }
+}
