@@ -44,6 +44,66 @@ enum Command {
     /// Convert the `base_model` of an axolotl config to differential attention
     /// (format `llama-differential`), writing OUTPUT_DIR with an updated axolotl_config.yml.
     Convert(ConvertArgs),
+    /// Generate text with a model directory (Llama, llama-differential), streaming tokens.
+    Generate(GenerateArgs),
+    /// Compare a converted model with its source: logits (max/mean |delta|, KL, top-1) and
+    /// greedy continuations with and without the KV cache.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Plain prompt.
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// One user message, formatted with the model's chat_template.
+    #[arg(long)]
+    chat: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Recompute the whole sequence at every step instead of using the KV cache.
+    #[arg(long)]
+    no_kv_cache: bool,
+    /// Compute dtype: f32 (default on CPU), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    source_dir: PathBuf,
+    converted_dir: PathBuf,
+    /// Prompt (repeatable). Default: "The quick brown fox".
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// File with one prompt per line.
+    #[arg(long)]
+    prompts_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    max_new_tokens: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 1 unless max |delta logit| <= 1e-4 and greedy generations are identical.
+    #[arg(long)]
+    expect_preserved: bool,
+    /// Write each prompt's ids and both models' float32 logits as .npy with a manifest.json.
+    #[arg(long)]
+    save_logits: Option<PathBuf>,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(clap::Args)]
@@ -174,11 +234,186 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
         for line in convert::layer_statistics(&report.output_dir)? {
             println!("  {line}");
         }
-        println!(
-            "(the generation/logit comparison against the source arrives with the forward pass)"
-        );
+        debug_compare(&src.model_dir, &report.output_dir, &plan)?;
     }
     Ok(())
+}
+
+/// `convert --debug`: the source and the converted model on "The quick brown fox".
+fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Result<()> {
+    let results = diffattn::compare::compare_dirs(
+        source,
+        converted,
+        &["The quick brown fox".to_string()],
+        20,
+        candle_core::DType::F32,
+    )?;
+    let r = &results[0];
+    println!("debug: prompt {:?}", r.prompt);
+    println!(
+        "  source    ({:.2} s): {:?}",
+        r.source.seconds, r.source.text
+    );
+    println!(
+        "  converted ({:.2} s): {:?}",
+        r.converted.seconds, r.converted.text
+    );
+    println!("  generations match: {}", r.generations_match);
+    print_metrics(r);
+    let o = &plan.options;
+    let expected =
+        o.layout == Layout::DoubleHeads && o.init == convert::Init::Zero && !o.sublayer_norm;
+    if expected {
+        println!(
+            "  a match is expected (--zero-init --no-sublayer-norm preserves outputs): {}",
+            if r.preserved() {
+                "it holds"
+            } else {
+                "IT DOES NOT HOLD"
+            }
+        );
+    } else {
+        let why = if o.layout == Layout::SplitHeads {
+            "split heads turn half of the source heads into negative components"
+        } else if o.sublayer_norm {
+            "the sub-layer norm renormalises every head's output"
+        } else {
+            "the negative branch is non-zero (lambda != 0)"
+        };
+        println!("  a match is not expected: {why}; only --zero-init --no-sublayer-norm preserves outputs");
+    }
+    Ok(())
+}
+
+fn print_metrics(r: &diffattn::compare::PromptComparison) {
+    println!(
+        "  logits: max |delta| {:.3e}, mean |delta| {:.3e}, mean KL(source||converted) {:.3e}, top-1 agreement {:.1}%",
+        r.max_abs_logit_diff,
+        r.mean_abs_logit_diff,
+        r.mean_kl_source_converted,
+        100.0 * r.top1_agreement
+    );
+    println!(
+        "  KV cache: source cached == uncached: {}, converted cached == uncached: {}",
+        r.source.uncached_ids_equal, r.converted.uncached_ids_equal
+    );
+}
+
+fn compute_dtype(s: &str) -> Result<candle_core::DType> {
+    Ok(
+        match DType::parse(s)
+            .with_context(|| format!("--dtype {s:?}: expected f32, bf16 or f16"))?
+        {
+            DType::F32 => candle_core::DType::F32,
+            DType::BF16 => candle_core::DType::BF16,
+            DType::F16 => candle_core::DType::F16,
+        },
+    )
+}
+
+fn run_generate(a: &GenerateArgs) -> Result<()> {
+    use std::io::Write;
+    let dtype = compute_dtype(&a.dtype)?;
+    let model = diffattn::model::Model::load(&a.model, dtype, &candle_core::Device::Cpu)?;
+    let codec = diffattn::generate::TextCodec::load(&a.model)?;
+    let ids = match (&a.prompt, &a.chat) {
+        (_, Some(c)) => codec.encode_chat(c)?,
+        (Some(p), None) => codec.encode(p)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let sampling = diffattn::generate::Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut stdout = std::io::stdout();
+    let g = diffattn::generate::generate(
+        &model,
+        &ids,
+        a.max_new_tokens,
+        &sampling,
+        &codec.eos_token_ids,
+        !a.no_kv_cache,
+        &mut |t| {
+            generated.push(t);
+            if let Ok(text) = codec.decode(&generated) {
+                // Print only whole characters: wait while the tail is an incomplete UTF-8 piece.
+                if !text.ends_with('\u{fffd}') && text.len() > printed {
+                    let _ = write!(stdout, "{}", &text[printed..]);
+                    let _ = stdout.flush();
+                    printed = text.len();
+                }
+            }
+        },
+    )?;
+    println!();
+    let n = g.ids.len();
+    eprintln!(
+        "{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s{}",
+        ids.len(),
+        n,
+        ids.len() as f64 / g.prefill_secs.max(1e-9),
+        (n.saturating_sub(1)) as f64 / g.decode_secs.max(1e-9),
+        if g.stopped_on_eos {
+            " (stopped on eos)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
+    let mut prompts = a.prompt.clone();
+    if let Some(f) = &a.prompts_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if prompts.is_empty() {
+        prompts.push("The quick brown fox".into());
+    }
+    let results = diffattn::compare::compare_dirs(
+        &a.source_dir,
+        &a.converted_dir,
+        &prompts,
+        a.max_new_tokens,
+        compute_dtype(&a.dtype)?,
+    )?;
+    if let Some(dir) = &a.save_logits {
+        diffattn::compare::save_logits(dir, &results)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results {
+            println!("prompt {:?} ({} tokens)", r.prompt, r.input_ids.len());
+            print_metrics(r);
+            println!("  source:    {:?}", r.source.text);
+            println!("  converted: {:?}", r.converted.text);
+            println!("  generations match: {}", r.generations_match);
+        }
+    }
+    if a.expect_preserved {
+        let bad: Vec<&str> = results
+            .iter()
+            .filter(|r| !r.preserved())
+            .map(|r| r.prompt.as_str())
+            .collect();
+        if !bad.is_empty() {
+            eprintln!(
+                "error: outputs not preserved (max |delta logit| <= 1e-4 and identical greedy generations) for {bad:?}"
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -198,11 +433,16 @@ fn main() -> ExitCode {
             overwrite,
         } => import_gguf(gguf, out_dir, dtype, *overwrite),
         Command::Convert(args) => run_convert(args),
+        Command::Generate(args) => run_generate(args),
+        Command::Compare(args) => match run_compare(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

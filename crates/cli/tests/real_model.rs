@@ -114,7 +114,8 @@ fn smollm2_import_and_convert() {
     };
 
     // Default flags: double heads, random negative rows, sub-layer norm.
-    let (out, stdout) = convert(&[], "default");
+    let (out, stdout) = convert(&["--debug"], "default");
+    assert!(stdout.contains("a match is not expected"), "{stdout}");
     assert!(
         stdout.contains("H = 9, Hkv = 3, d = 64, layers = 30"),
         "{stdout}"
@@ -167,8 +168,13 @@ fn smollm2_import_and_convert() {
         assert!(out.join(f).is_file(), "{f} not copied");
     }
 
-    // Output-preserving flags.
-    let (out, _) = convert(&["--zero-init", "--no-sublayer-norm"], "zero");
+    // Output-preserving flags, with the --debug comparison.
+    let (out, stdout) = convert(&["--zero-init", "--no-sublayer-norm", "--debug"], "zero");
+    assert!(stdout.contains("generations match: true"), "{stdout}");
+    assert!(
+        stdout.contains("a match is expected") && stdout.contains("it holds"),
+        "{stdout}"
+    );
     let ck = Checkpoint::open(&out).unwrap();
     for l in 0..30 {
         let k = attn(l, "k_proj.weight");
@@ -179,6 +185,61 @@ fn smollm2_import_and_convert() {
         assert_eq!(ck.to_f32(&attn(l, "lambda_init")).unwrap(), vec![0.0]);
         assert!(ck.info(&attn(l, "subln.weight")).is_none());
     }
+
+    // compare --expect-preserved on the preserving conversion, two prompts, JSON report.
+    let res = bin()
+        .args([
+            "compare",
+            hf.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--expect-preserved",
+            "--json",
+            "--prompt",
+            "The capital of France is",
+            "--prompt",
+            "def fibonacci(n):",
+            "--save-logits",
+            tmp.path().join("logits").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    for r in report.as_array().unwrap() {
+        let max = r["max_abs_logit_diff"].as_f64().unwrap();
+        println!(
+            "zero-init --no-sublayer-norm vs source, {:?}: max |delta logit| {max:.2e}",
+            r["prompt"]
+        );
+        assert!(max <= 1e-4);
+        assert_eq!(r["generations_match"], true);
+        assert_eq!(r["top1_agreement"], 1.0);
+    }
+    assert!(tmp.path().join("logits/manifest.json").is_file());
+    assert!(tmp
+        .path()
+        .join("logits/prompt1_converted_logits.npy")
+        .is_file());
+    // The default conversion is not preserving: --expect-preserved exits 1.
+    let res = bin()
+        .args([
+            "compare",
+            hf.to_str().unwrap(),
+            tmp.path().join("default").to_str().unwrap(),
+            "--expect-preserved",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&res.stdout)
+    );
 
     // Mirror.
     let (out, _) = convert(&["--mirror-weights"], "mirror");
@@ -214,4 +275,92 @@ fn smollm2_import_and_convert() {
         "{stderr}"
     );
     assert!(!tmp.path().join("split").exists());
+}
+
+/// Our forward on the imported model against transformers' logits (top-20 per position) and
+/// greedy ids, recorded by tools/make_fixtures.py --real in tests/fixtures/smollm2_reference.json.
+#[test]
+fn smollm2_forward_matches_transformers() {
+    use candle_core::{DType, Device, Tensor};
+    use diffattn::generate::{generate, Sampling};
+    use diffattn::model::Model;
+    let Some(gguf) = fetch_gguf() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/smollm2_reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let model = Model::load(&hf, DType::F32, &Device::Cpu).unwrap();
+    let codec = diffattn::generate::TextCodec::load(&hf).unwrap();
+    let as_u32 = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for p in reference["prompts"].as_array().unwrap() {
+        let ids = as_u32(&p["input_ids"]);
+        assert_eq!(
+            codec.encode(p["prompt"].as_str().unwrap()).unwrap(),
+            ids,
+            "tokenizer"
+        );
+        let logits = model
+            .forward(
+                &Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut max = 0f32;
+        for (pos, (top_ids, top_vals)) in p["top20_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(p["top20_logits"].as_array().unwrap())
+            .enumerate()
+        {
+            for (i, v) in top_ids
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(top_vals.as_array().unwrap())
+            {
+                let d =
+                    (logits[pos][i.as_u64().unwrap() as usize] - v.as_f64().unwrap() as f32).abs();
+                max = max.max(d);
+            }
+        }
+        println!(
+            "{:?}: max |delta logit| vs transformers (top-20, all positions) = {max:.2e}",
+            p["prompt"]
+        );
+        assert!(max <= 1e-3, "{:?}: {max}", p["prompt"]);
+        let expected = as_u32(&p["greedy_ids"]);
+        for cache in [true, false] {
+            let g = generate(
+                &model,
+                &ids,
+                expected.len(),
+                &Sampling::default(),
+                &[],
+                cache,
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(g.ids, expected, "greedy ids (kv cache {cache})");
+        }
+    }
 }

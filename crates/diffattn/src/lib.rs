@@ -5,10 +5,12 @@
 
 pub mod axolotl;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod convert;
 pub mod dtype;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod model;

@@ -469,11 +469,12 @@ impl Model {
         Ok(Tensor::from_vec(all, (b, s), &self.device)?)
     }
 
-    /// Logits `[b, s, vocab]` for `ids` `[b, s]`. `positions` `[b, s]`; `mask` additive
+    /// Final hidden states `[b, s, hidden]` (after the last norm) for `ids` `[b, s]`.
+    /// `positions` `[b, s]`; `mask` additive
     /// `[b, 1, s, t]` (None = no masking, valid only for s == 1 without padding); `cache`
     /// appended to when given. `probs`, when given, receives the attention probabilities of
     /// the listed layers.
-    pub fn forward_full(
+    pub fn forward_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -525,12 +526,28 @@ impl Model {
             let m = (block.gate_proj.forward(&h)?.silu()? * block.up_proj.forward(&h)?)?;
             x = (x + block.down_proj.forward(&m)?)?;
         }
-        let x = rms_norm(&x, Some(&self.norm), self.config.rms_norm_eps)?;
-        let (b, s, dm) = x.dims3()?;
-        let logits = x.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?;
+        Ok(rms_norm(&x, Some(&self.norm), self.config.rms_norm_eps)?)
+    }
+
+    /// Logits `[b, s, vocab]` (f32) of final hidden states `[b, s, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, s, dm) = hidden.dims3()?;
+        let logits = hidden.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?;
         Ok(logits
             .reshape((b, s, self.config.vocab_size))?
             .to_dtype(DType::F32)?)
+    }
+
+    /// Logits `[b, s, vocab]`: [`Model::forward_hidden`] then [`Model::logits`].
+    pub fn forward_full(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        probs: Option<(&[usize], &mut AttentionProbs)>,
+    ) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(ids, positions, mask, cache, probs)?)
     }
 
     /// Logits `[b, s, vocab]` of a fresh (uncached, unpadded) batch.

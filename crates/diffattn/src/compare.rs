@@ -1,0 +1,231 @@
+//! Numeric comparison of a converted model against its source (the plugin's `--debug`, done
+//! with logits): per prompt, max and mean |Δ logit|, mean KL(source ‖ converted), top-1
+//! agreement over positions, and greedy continuations of both with and without the KV cache.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::error::{Error, IoContext, Result};
+use crate::generate::{generate, Sampling, TextCodec};
+use crate::model::Model;
+
+/// SPEC §8: output-preserving conversion vs source, f32.
+pub const PRESERVED_MAX_ABS: f32 = 1e-4;
+
+/// One model's greedy continuation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Continuation {
+    pub ids: Vec<u32>,
+    pub text: String,
+    /// The same ids came out without the KV cache.
+    pub uncached_ids_equal: bool,
+    /// Seconds of the cached generation.
+    pub seconds: f64,
+}
+
+/// Metrics of one prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptComparison {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub max_abs_logit_diff: f32,
+    pub mean_abs_logit_diff: f32,
+    pub mean_kl_source_converted: f64,
+    pub top1_agreement: f64,
+    pub source: Continuation,
+    pub converted: Continuation,
+    pub generations_match: bool,
+    #[serde(skip)]
+    pub source_logits: Vec<Vec<f32>>,
+    #[serde(skip)]
+    pub converted_logits: Vec<Vec<f32>>,
+}
+
+impl PromptComparison {
+    /// SPEC §8 preservation: max |Δ logit| ≤ 1e-4 and identical greedy generations (cached and
+    /// uncached).
+    pub fn preserved(&self) -> bool {
+        self.max_abs_logit_diff <= PRESERVED_MAX_ABS
+            && self.generations_match
+            && self.source.uncached_ids_equal
+            && self.converted.uncached_ids_equal
+    }
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Logit metrics between two `[seq, vocab]` matrices: (max |Δ|, mean |Δ|, mean KL(a ‖ b),
+/// top-1 agreement).
+pub fn logit_metrics(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32, f64, f64) {
+    let (mut max, mut sum, mut n, mut kl, mut agree) = (0f32, 0f64, 0usize, 0f64, 0usize);
+    for (ra, rb) in a.iter().zip(b) {
+        for (x, y) in ra.iter().zip(rb) {
+            let d = (x - y).abs();
+            max = max.max(d);
+            sum += d as f64;
+            n += 1;
+        }
+        let (la, lb) = (log_softmax(ra), log_softmax(rb));
+        kl += la
+            .iter()
+            .zip(&lb)
+            .map(|(p, q)| p.exp() * (p - q))
+            .sum::<f64>();
+        let am = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold(0, |best, (i, &v)| if v > r[best] { i } else { best })
+        };
+        agree += usize::from(am(ra) == am(rb));
+    }
+    let rows = a.len().max(1) as f64;
+    (
+        max,
+        (sum / n.max(1) as f64) as f32,
+        kl / rows,
+        agree as f64 / rows,
+    )
+}
+
+fn continuation(
+    model: &Model,
+    codec: &TextCodec,
+    ids: &[u32],
+    max_new: usize,
+) -> Result<Continuation> {
+    let greedy = Sampling::default();
+    let start = Instant::now();
+    let cached = generate(
+        model,
+        ids,
+        max_new,
+        &greedy,
+        &codec.eos_token_ids,
+        true,
+        &mut |_| {},
+    )?;
+    let seconds = start.elapsed().as_secs_f64();
+    let uncached = generate(
+        model,
+        ids,
+        max_new,
+        &greedy,
+        &codec.eos_token_ids,
+        false,
+        &mut |_| {},
+    )?;
+    Ok(Continuation {
+        text: codec.decode(&cached.ids)?,
+        uncached_ids_equal: uncached.ids == cached.ids,
+        ids: cached.ids,
+        seconds,
+    })
+}
+
+/// Compares `converted` with `source` on `prompts` (tokenized with the source's tokenizer).
+pub fn compare(
+    source: &Model,
+    converted: &Model,
+    codec: &TextCodec,
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> Result<Vec<PromptComparison>> {
+    let mut out = Vec::new();
+    for prompt in prompts {
+        let ids = codec.encode(prompt)?;
+        if ids.is_empty() {
+            return Err(Error::InvalidOptions(format!(
+                "prompt {prompt:?} has no tokens"
+            )));
+        }
+        let t = Tensor::new(ids.as_slice(), &source.device)?.unsqueeze(0)?;
+        let ls = source.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
+        let lc = converted.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
+        let (max, mean, kl, top1) = logit_metrics(&ls, &lc);
+        let s = continuation(source, codec, &ids, max_new_tokens)?;
+        let c = continuation(converted, codec, &ids, max_new_tokens)?;
+        out.push(PromptComparison {
+            prompt: prompt.clone(),
+            input_ids: ids,
+            max_abs_logit_diff: max,
+            mean_abs_logit_diff: mean,
+            mean_kl_source_converted: kl,
+            top1_agreement: top1,
+            generations_match: s.ids == c.ids,
+            source: s,
+            converted: c,
+            source_logits: ls,
+            converted_logits: lc,
+        });
+    }
+    Ok(out)
+}
+
+/// Loads both models (f32 on CPU) and the source's tokenizer, then [`compare`]s.
+pub fn compare_dirs(
+    source_dir: &Path,
+    converted_dir: &Path,
+    prompts: &[String],
+    max_new_tokens: usize,
+    dtype: DType,
+) -> Result<Vec<PromptComparison>> {
+    let dev = Device::Cpu;
+    let source = Model::load(source_dir, dtype, &dev)?;
+    let converted = Model::load(converted_dir, dtype, &dev)?;
+    if source.config.vocab_size != converted.config.vocab_size {
+        return Err(Error::InvalidOptions(format!(
+            "vocabularies differ: {} has {}, {} has {}",
+            source_dir.display(),
+            source.config.vocab_size,
+            converted_dir.display(),
+            converted.config.vocab_size
+        )));
+    }
+    let codec = TextCodec::load(source_dir)?;
+    compare(&source, &converted, &codec, prompts, max_new_tokens)
+}
+
+/// Writes, per prompt i, `prompt{i}_input_ids.npy` (u32 `[seq]`),
+/// `prompt{i}_source_logits.npy` and `prompt{i}_converted_logits.npy` (f32 `[seq, vocab]`),
+/// and `manifest.json` listing them with the prompts.
+pub fn save_logits(dir: &Path, results: &[PromptComparison]) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    let mut entries = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        let ids = format!("prompt{i}_input_ids.npy");
+        let src = format!("prompt{i}_source_logits.npy");
+        let conv = format!("prompt{i}_converted_logits.npy");
+        let dev = Device::Cpu;
+        Tensor::new(r.input_ids.as_slice(), &dev)?.write_npy(dir.join(&ids))?;
+        let rows = |m: &[Vec<f32>]| -> Result<Tensor> {
+            let v = m.len();
+            Ok(Tensor::from_vec(
+                m.concat(),
+                (v, m.first().map(Vec::len).unwrap_or(0)),
+                &dev,
+            )?)
+        };
+        rows(&r.source_logits)?.write_npy(dir.join(&src))?;
+        rows(&r.converted_logits)?.write_npy(dir.join(&conv))?;
+        entries.push(serde_json::json!({
+            "prompt": r.prompt, "input_ids": ids, "source_logits": src, "converted_logits": conv,
+            "max_abs_logit_diff": r.max_abs_logit_diff,
+        }));
+    }
+    crate::config::write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({ "prompts": entries }),
+    )
+}
