@@ -49,6 +49,28 @@ enum Command {
     /// Compare a converted model with its source: logits (max/mean |delta|, KL, top-1) and
     /// greedy continuations with and without the KV cache.
     Compare(CompareArgs),
+    /// Measure prefill and decode speed of a model (synthetic token ids, greedy, KV cache).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokens in the prefill forward.
+    #[arg(long, default_value_t = 128)]
+    prefill_tokens: usize,
+    /// Prompt length before decoding.
+    #[arg(long, default_value_t = 16)]
+    prompt_tokens: usize,
+    /// Greedy decode steps with the KV cache.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Repetitions (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(clap::Args)]
@@ -350,6 +372,7 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         },
     )?;
     println!();
+    let _ = stdout.flush();
     let n = g.ids.len();
     eprintln!(
         "{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s{}",
@@ -362,6 +385,44 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         } else {
             ""
         }
+    );
+    Ok(())
+}
+
+fn run_bench(a: &BenchArgs) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    let model = diffattn::model::Model::load(&a.model, compute_dtype(&a.dtype)?, &Device::Cpu)?;
+    let vocab = model.config.vocab_size as u32;
+    // Deterministic, tokenizer-independent ids spread over the vocabulary.
+    let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect() };
+    let prefill = ids(a.prefill_tokens);
+    let t = Tensor::new(prefill.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut best_prefill = f64::MAX;
+    let mut best_decode = f64::MAX;
+    for _ in 0..a.repeat.max(1) {
+        let start = Instant::now();
+        let _ = model.forward(&t)?;
+        best_prefill = best_prefill.min(start.elapsed().as_secs_f64());
+        let g = diffattn::generate::generate(
+            &model,
+            &ids(a.prompt_tokens),
+            a.decode_tokens + 1,
+            &diffattn::generate::Sampling::default(),
+            &[],
+            true,
+            &mut |_| {},
+        )?;
+        best_decode = best_decode.min(g.decode_secs);
+    }
+    println!(
+        "{}: threads {}, prefill {} tokens: {:.1} tok/s; decode {} tokens after a {}-token prompt: {:.1} tok/s",
+        a.model.display(),
+        candle_core::utils::get_num_threads(),
+        a.prefill_tokens,
+        a.prefill_tokens as f64 / best_prefill,
+        a.decode_tokens,
+        a.prompt_tokens,
+        a.decode_tokens as f64 / best_decode
     );
     Ok(())
 }
@@ -434,6 +495,7 @@ fn main() -> ExitCode {
         } => import_gguf(gguf, out_dir, dtype, *overwrite),
         Command::Convert(args) => run_convert(args),
         Command::Generate(args) => run_generate(args),
+        Command::Bench(args) => run_bench(args),
         Command::Compare(args) => match run_compare(args) {
             Ok(code) => return code,
             Err(e) => Err(e),

@@ -147,10 +147,22 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `weight` `[out, in]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     /// `x` `[b, s, in]` -> `[b, s, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, i) = x.dims3()?;
-        let y = x.reshape((b * s, i))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((b * s, i))?;
+        // Many rows: (W x^T)^T reads W in its stored layout, which is the faster case of the
+        // CPU matmul for prefill; one or few rows (decode): x W^T.
+        let y = if b * s >= 16 {
+            self.weight.matmul(&x2.t()?)?.t()?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -345,7 +357,7 @@ impl Model {
                 Some(_) => Some(get(&format!("{p}.bias"), &[out])?),
                 None => None,
             };
-            Ok(Linear { weight, bias })
+            Ok(Linear::new(weight, bias))
         };
         let (dm, h, kv, d) = (
             cfg.hidden_size,
