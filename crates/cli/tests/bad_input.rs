@@ -460,6 +460,7 @@ fn convert_writes_the_axolotl_config_next_to_the_model() {
         "{stdout}"
     );
     assert!(stdout.contains("layer   1"), "{stdout}");
+    assert!(stdout.contains("generation comparison skipped"), "{stdout}");
     let yml = std::fs::read_to_string(c.path("out/axolotl_config.yml")).unwrap();
     assert!(yml.starts_with("# my run\n"), "{yml}");
     assert!(

@@ -173,7 +173,7 @@ pub fn compare(
     Ok(out)
 }
 
-/// Loads both models (f32 on CPU) and the source's tokenizer, then [`compare`]s.
+/// Loads both models (on CPU, computing in `dtype`) and the tokenizer, then [`compare`]s.
 pub fn compare_dirs(
     source_dir: &Path,
     converted_dir: &Path,
@@ -193,7 +193,10 @@ pub fn compare_dirs(
             converted.config.vocab_size
         )));
     }
-    let codec = TextCodec::load(source_dir)?;
+    // The source's tokenizer; a converted model carries a copy (useful when the source's
+    // tokenizer lives in a separate `tokenizer_config` directory).
+    let tok_dir = if source_dir.join("tokenizer.json").is_file() { source_dir } else { converted_dir };
+    let codec = TextCodec::load(tok_dir)?;
     compare(&source, &converted, &codec, prompts, max_new_tokens)
 }
 
