@@ -12,6 +12,11 @@ Writes tests/fixtures/tiny/<case>/ with config.json, model.safetensors and expec
 `format_a_forward` is checked against transformers' LlamaForCausalLM on the plain cases
 (lambda = 0, no subln) before anything is written.
 
+  * tiny DiffLlamaForCausalLM models built and run by transformers (H=4/Hkv=2, H=8/Hkv=2,
+    head_dim != D/H), and the format-A fixtures exported to diffllama by *our*
+    `diff-transformer export` (--bin), loaded back by transformers' DiffLlamaForCausalLM: their
+    logits must equal the format-A logits (asserted here) and are recorded, so the fixture
+    proves that the Python side reads what we write.
 Optionally (--real DIR) records transformers' top-20 logits and 20 greedy ids for two prompts
 on the imported SmolLM2 checkpoint in tests/fixtures/smollm2_reference.json.
 
@@ -187,6 +192,53 @@ def diff_case(name, base, layout, sublayer_norm, seed, mix=1.0):
     save_case(name, cfg, out, logits, IDS, extra={"mix": mix})
 
 
+def diffllama_case(name, seed, **kw):
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
+    c = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+             eos_token_id=2, lambda_std_dev=0.1)
+    c.update(kw)
+    cfg = DiffLlamaConfig(**c)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = DiffLlamaForCausalLM(cfg).eval()
+    randomize(model, seed)
+    with torch.no_grad():
+        # lambda vectors: N(0, 0.1) as at initialisation, not the 0.15 of randomize().
+        g = torch.Generator().manual_seed(seed + 100)
+        for n, p in model.named_parameters():
+            if "lambda_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        logits = model(torch.tensor([IDS])).logits[0].float()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg_dict = cfg.to_dict()
+    cfg_dict["architectures"] = ["DiffLlamaForCausalLM"]
+    save_case(name, cfg_dict, sd, logits, IDS)
+
+
+def exported_case(bin_, case):
+    """Our exporter's diffllama output of a format-A fixture, read by transformers."""
+    import shutil
+    import subprocess
+    from transformers import DiffLlamaForCausalLM
+    src = os.path.join(OUT, case)
+    dst = os.path.join("tests", "fixtures", "exported", case + "_to_diffllama")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    subprocess.run([bin_, "export", "--to", "diffllama", src, dst], check=True)
+    model = DiffLlamaForCausalLM.from_pretrained(dst, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([IDS])).logits[0].float()
+    a = json.load(open(os.path.join(src, "expected.json")))
+    err = (logits - torch.tensor(a["logits"])).abs().max().item()
+    assert err < 1e-4, f"{case}: transformers' DiffLlama on our export differs from format A by {err}"
+    with open(os.path.join(dst, "expected.json"), "w") as f:
+        json.dump({"input_ids": IDS, "logits": logits.tolist(), "source": "transformers DiffLlamaForCausalLM on our export",
+                   "max_abs_vs_format_a": err}, f)
+    print(f"{case}: transformers reads our diffllama export; max |delta| vs format A = {err:.2e}")
+
+
 def real(dir_):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(dir_)
@@ -209,6 +261,7 @@ def real(dir_):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--real", help="imported SmolLM2 directory (from import-gguf)")
+    ap.add_argument("--bin", default="target/release/diff-transformer", help="our binary, for the export fixtures")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     gqa = llama_case("llama_gqa", 1)
@@ -222,6 +275,11 @@ def main():
     diff_case("diff_split_subln_gqa", gqa, "split", True, 12)
     diff_case("diff_double_head_dim_llama3", hd, "double", True, 13)
     diff_case("diff_split_nosubln_linear_mix", lin, "split", False, 14, mix=0.5)
+    diffllama_case("diffllama_h4_kv2", 20)
+    diffllama_case("diffllama_h8_kv2", 21, num_attention_heads=8)
+    diffllama_case("diffllama_head_dim", 22, head_dim=12)
+    for case in ("diff_double_subln_gqa", "diff_split_subln_gqa", "diff_double_head_dim_llama3"):
+        exported_case(args.bin, case)
     if args.real:
         real(args.real)
 

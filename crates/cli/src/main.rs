@@ -49,6 +49,17 @@ enum Command {
     /// Compare a converted model with its source: logits (max/mean |delta|, KL, top-1) and
     /// greedy continuations with and without the KV cache.
     Compare(CompareArgs),
+    /// Convert a differential checkpoint between llama-differential (axolotl plugin) and
+    /// diffllama (transformers' DiffLlamaForCausalLM), exactly.
+    Export {
+        /// Target format: diffllama or llama-differential.
+        #[arg(long)]
+        to: String,
+        src: PathBuf,
+        dst: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Measure prefill and decode speed of a model (synthetic token ids, greedy, KV cache).
     Bench(BenchArgs),
 }
@@ -160,6 +171,9 @@ struct ConvertArgs {
     /// Replace a non-empty output directory.
     #[arg(long)]
     overwrite: bool,
+    /// Output format: llama-differential (the axolotl plugin's) or diffllama (transformers').
+    #[arg(long, default_value = "llama-differential")]
+    format: String,
     /// Largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
     #[arg(long, default_value = "5GB")]
     max_shard_size: String,
@@ -238,12 +252,57 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     options.validate()?;
+    let format = diffattn::export::Format::parse(&args.format).with_context(|| {
+        format!(
+            "--format {:?}: expected llama-differential or diffllama",
+            args.format
+        )
+    })?;
+    if format == diffattn::export::Format::DiffLlama && !options.sublayer_norm {
+        anyhow::bail!(
+            "--format diffllama with --no-sublayer-norm: a model without a sub-layer norm cannot be expressed in the diffllama format (its RMS norm has no off switch)"
+        );
+    }
     let src = Source::from_axolotl(&cfg)?;
     let plan = convert::plan(&src, &options)?;
     println!("source: {}", src.model_dir.display());
     println!("{}", plan.summary());
     let pb = progress(plan.tensors().count() as u64, "converting");
-    let report = convert::execute(&src, &plan, &output_dir, Some(&cfg), &|_| pb.inc(1))?;
+    let report = if format == diffattn::export::Format::DiffLlama {
+        // Format A into a hidden scratch directory beside the destination, then the exact
+        // A -> B export into place.
+        let dest = diffattn::output::absolutize(&output_dir)?;
+        let scratch = dest.with_file_name(format!(
+            ".{}.format-a-{}",
+            dest.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let mut opts_a = plan.options.clone();
+        opts_a.overwrite = true;
+        let plan_a = convert::plan(&src, &opts_a)?;
+        let res =
+            convert::execute(&src, &plan_a, &scratch, Some(&cfg), &|_| pb.inc(1)).and_then(|_| {
+                diffattn::export::export(
+                    &scratch,
+                    &output_dir,
+                    diffattn::export::Format::DiffLlama,
+                    args.overwrite,
+                    &|_| {},
+                )
+            });
+        let _ = std::fs::remove_dir_all(&scratch);
+        let r = res?;
+        for w in &r.warnings {
+            eprintln!("warning: {w}");
+        }
+        convert::ConvertReport {
+            output_dir: r.output_dir,
+            files: r.files,
+        }
+    } else {
+        convert::execute(&src, &plan, &output_dir, Some(&cfg), &|_| pb.inc(1))?
+    };
     pb.finish_and_clear();
     println!(
         "wrote {} ({}) in {:.2} s",
@@ -251,7 +310,9 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
         report.files.join(", "),
         start.elapsed().as_secs_f64()
     );
-    if args.debug {
+    if args.debug && format == diffattn::export::Format::DiffLlama {
+        debug_compare(&src.model_dir, &report.output_dir, &plan)?;
+    } else if args.debug {
         println!("per-layer parameters of the converted model:");
         for line in convert::layer_statistics(&report.output_dir)? {
             println!("  {line}");
@@ -393,6 +454,23 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_export(to: &str, src: &Path, dst: &Path, overwrite: bool) -> Result<()> {
+    let format = diffattn::export::Format::parse(to)
+        .with_context(|| format!("--to {to:?}: expected diffllama or llama-differential"))?;
+    let start = Instant::now();
+    let r = diffattn::export::export(src, dst, format, overwrite, &|_| {})?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "wrote {} ({}) in {:.2} s",
+        r.output_dir.display(),
+        r.files.join(", "),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn run_bench(a: &BenchArgs) -> Result<()> {
     use candle_core::{Device, Tensor};
     let model = diffattn::model::Model::load(&a.model, compute_dtype(&a.dtype)?, &Device::Cpu)?;
@@ -500,6 +578,12 @@ fn main() -> ExitCode {
         Command::Convert(args) => run_convert(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),
+        Command::Export {
+            to,
+            src,
+            dst,
+            overwrite,
+        } => run_export(to, src, dst, *overwrite),
         Command::Compare(args) => match run_compare(args) {
             Ok(code) => return code,
             Err(e) => Err(e),

@@ -183,3 +183,35 @@ pub fn converted_config_text(text: &str, model_dir: &str, with_plugin: bool) -> 
     }
     Ok(doc.to_string())
 }
+
+/// Removes [`PLUGIN`] from `plugins` (and the key when it becomes empty), preserving the rest:
+/// format B loads in vanilla transformers, without the plugin.
+pub fn without_plugin(text: &str) -> Result<String> {
+    let bad = |msg: String| Error::Yaml {
+        path: PathBuf::from("<axolotl config>"),
+        msg,
+    };
+    let doc = yaml_edit::Document::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let map = doc
+        .as_mapping()
+        .ok_or_else(|| bad("the document must be a mapping".into()))?;
+    if let Some(seq) = map.get_sequence("plugins") {
+        let idx: Vec<usize> = seq
+            .values()
+            .enumerate()
+            .filter(|(_, v)| {
+                v.as_scalar()
+                    .map(|s| s.as_string() == PLUGIN)
+                    .unwrap_or(false)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for i in idx.into_iter().rev() {
+            seq.remove(i);
+        }
+        if seq.is_empty() {
+            map.remove("plugins");
+        }
+    }
+    Ok(doc.to_string())
+}

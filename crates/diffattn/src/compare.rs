@@ -195,7 +195,11 @@ pub fn compare_dirs(
     }
     // The source's tokenizer; a converted model carries a copy (useful when the source's
     // tokenizer lives in a separate `tokenizer_config` directory).
-    let tok_dir = if source_dir.join("tokenizer.json").is_file() { source_dir } else { converted_dir };
+    let tok_dir = if source_dir.join("tokenizer.json").is_file() {
+        source_dir
+    } else {
+        converted_dir
+    };
     let codec = TextCodec::load(tok_dir)?;
     compare(&source, &converted, &codec, prompts, max_new_tokens)
 }

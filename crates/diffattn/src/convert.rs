@@ -105,14 +105,14 @@ pub fn init_from_flags(zero_init: bool, mirror_weights: bool) -> Result<Init> {
 
 /// Rows appended below the source rows in the double-heads layout.
 #[derive(Debug, Clone)]
-enum NegRows {
+pub(crate) enum NegRows {
     Zeros,
     Mirror,
     Normal { std: f32, stream: u64 },
 }
 
 #[derive(Debug, Clone)]
-enum Recipe {
+pub(crate) enum Recipe {
     /// The source tensor, re-encoded in the output dtype.
     Copy(String),
     /// `[source; negative rows]` along dim 0 (double-heads q/k weights and biases).
@@ -126,6 +126,11 @@ enum Recipe {
     },
     /// A small new tensor whose f32 values are fixed at plan time.
     Values(Vec<f32>),
+    /// `[source; source]` along dim 0 (format B's duplicated `v_proj` rows).
+    RepeatRows(String),
+    /// Output column c = source column `map[c].0` times `map[c].1`, for every row of a 2-D
+    /// source (folding norm weights and scales into `o_proj`, computed in f32).
+    MapColumns { src: String, map: Vec<(usize, f32)> },
 }
 
 /// The resolved inputs of a conversion.
@@ -469,20 +474,23 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     })
 }
 
-struct Producer<'a> {
-    ck: &'a Checkpoint,
-    plan: &'a Plan,
-    on_tensor: &'a dyn Fn(&str),
+/// Makes planned tensors from a checkpoint, one at a time.
+pub(crate) struct Producer<'a> {
+    pub ck: &'a Checkpoint,
+    /// Sorted by name.
+    pub tensors: &'a [(PlannedTensor, Recipe)],
+    pub out_dtype: DType,
+    pub seed: u64,
+    pub on_tensor: &'a dyn Fn(&str),
 }
 
 impl Producer<'_> {
     fn recipe(&self, name: &str) -> &Recipe {
         let i = self
-            .plan
             .tensors
             .binary_search_by(|(t, _)| t.name.as_str().cmp(name))
             .expect("the writer only asks for planned tensors");
-        &self.plan.tensors[i].1
+        &self.tensors[i].1
     }
 
     fn source_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
@@ -490,14 +498,14 @@ impl Producer<'_> {
         Ok(dtype::convert(
             self.ck.bytes(name)?,
             info.dtype,
-            self.plan.out_dtype,
+            self.out_dtype,
         ))
     }
 }
 
 impl TensorProducer for Producer<'_> {
     fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>> {
-        let out = self.plan.out_dtype;
+        let out = self.out_dtype;
         match self.recipe(&t.name) {
             Recipe::Copy(src) => self.source_bytes(src),
             Recipe::AppendRows { src, neg } => {
@@ -509,7 +517,7 @@ impl TensorProducer for Producer<'_> {
                     NegRows::Mirror => data.extend_from_slice(&pos),
                     NegRows::Normal { std, stream } => {
                         let n = pos.len() / out.size();
-                        let v = normal_values(*std, self.plan.options.seed, *stream, n);
+                        let v = normal_values(*std, self.seed, *stream, n);
                         dtype::extend_from_f32(&mut data, &v, out);
                     }
                 }
@@ -540,6 +548,20 @@ impl TensorProducer for Producer<'_> {
                 Ok(Cow::Owned(data))
             }
             Recipe::Values(v) => Ok(Cow::Owned(dtype::from_f32(v, out))),
+            Recipe::RepeatRows(src) => {
+                let b = self.source_bytes(src)?;
+                Ok(Cow::Owned([&b[..], &b[..]].concat()))
+            }
+            Recipe::MapColumns { src, map } => {
+                let info = self.ck.require(src)?;
+                let cols = info.shape[1];
+                let w = self.ck.to_f32(src)?;
+                let mut v = Vec::with_capacity(info.shape[0] * map.len());
+                for row in w.chunks_exact(cols) {
+                    v.extend(map.iter().map(|&(c, f)| row[c] * f));
+                }
+                Ok(Cow::Owned(dtype::from_f32(&v, out)))
+            }
         }
     }
 
@@ -547,7 +569,9 @@ impl TensorProducer for Producer<'_> {
         match self.recipe(&t.name) {
             Recipe::Copy(src)
             | Recipe::AppendRows { src, .. }
-            | Recipe::PermuteOProj { src, .. } => self.ck.release(src),
+            | Recipe::PermuteOProj { src, .. }
+            | Recipe::RepeatRows(src)
+            | Recipe::MapColumns { src, .. } => self.ck.release(src),
             Recipe::Values(_) => {}
         }
         (self.on_tensor)(&t.name);
@@ -621,7 +645,9 @@ pub fn execute(
     let staged = StagedDir::create(output_dir, plan.options.overwrite, &inputs)?;
     let producer = Producer {
         ck: &src.checkpoint,
-        plan,
+        tensors: &plan.tensors,
+        out_dtype: plan.out_dtype,
+        seed: plan.options.seed,
         on_tensor,
     };
     let mut files = write_safetensors(

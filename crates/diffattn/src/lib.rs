@@ -10,6 +10,7 @@ pub mod config;
 pub mod convert;
 pub mod dtype;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
