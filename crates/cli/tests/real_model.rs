@@ -364,3 +364,106 @@ fn smollm2_forward_matches_transformers() {
         }
     }
 }
+
+/// `convert --format diffllama` (double heads -> 18 heads, 6 KV heads) computes the same
+/// logits as the format-A conversion with the same seed: within 2e-3 with --mirror-weights
+/// (SPEC §8); the default initialisation's distance is printed (its random negative branch
+/// makes the sub-layer norm amplify rounding).
+#[test]
+fn smollm2_diffllama_export_matches_format_a() {
+    use candle_core::{DType, Device, Tensor};
+    use diffattn::model::Model;
+    let Some(gguf) = fetch_gguf() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    let codec = diffattn::generate::TextCodec::load(&hf).unwrap();
+    for (flags, bound) in [(vec!["--mirror-weights"], Some(2e-3f32)), (vec![], None)] {
+        let mut dirs = Vec::new();
+        for format in ["llama-differential", "diffllama"] {
+            let out = tmp.path().join(format!("{format}{}", flags.len()));
+            let yml = tmp.path().join(format!("{format}{}.yml", flags.len()));
+            std::fs::write(
+                &yml,
+                format!(
+                    "base_model: {}\noutput_dir: {}\nseed: 5\n",
+                    hf.display(),
+                    out.display()
+                ),
+            )
+            .unwrap();
+            let mut args = vec!["convert", yml.to_str().unwrap(), "--format", format];
+            args.extend(flags.iter());
+            run(bin().args(&args));
+            dirs.push(out);
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dirs[1].join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model_type"], "diffllama");
+        assert_eq!(cfg["num_attention_heads"], 18);
+        assert_eq!(cfg["num_key_value_heads"], 6);
+        let yml = std::fs::read_to_string(dirs[1].join("axolotl_config.yml")).unwrap();
+        assert!(
+            !yml.contains("plugins"),
+            "format B needs no plugin line:\n{yml}"
+        );
+        let a = Model::load(&dirs[0], DType::F32, &Device::Cpu).unwrap();
+        let b = Model::load(&dirs[1], DType::F32, &Device::Cpu).unwrap();
+        for prompt in ["The capital of France is", "def fibonacci(n):"] {
+            let ids = codec.encode(prompt).unwrap();
+            let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let la = a
+                .forward(&t)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let lb = b
+                .forward(&t)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let (max, ..) = diffattn::compare::logit_metrics(&la, &lb);
+            println!(
+                "format A vs diffllama, convert {flags:?}, {prompt:?}: max |delta logit| {max:.3e}"
+            );
+            if let Some(bound) = bound {
+                assert!(max <= bound, "{flags:?} {prompt:?}: {max}");
+            }
+        }
+    }
+    // Not expressible: no sub-layer norm.
+    let yml = tmp.path().join("nosubln.yml");
+    std::fs::write(
+        &yml,
+        format!(
+            "base_model: {}\noutput_dir: {}\n",
+            hf.display(),
+            tmp.path().join("nosubln").display()
+        ),
+    )
+    .unwrap();
+    let res = bin()
+        .args([
+            "convert",
+            yml.to_str().unwrap(),
+            "--format",
+            "diffllama",
+            "--no-sublayer-norm",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && stderr.contains("no off switch"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("nosubln").exists());
+}
