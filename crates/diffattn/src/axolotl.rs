@@ -145,14 +145,7 @@ impl AxolotlConfig {
 /// when `with_plugin`, [`PLUGIN`] appended to `plugins` (created if absent, never duplicated).
 /// Key order, comments and every other key are preserved.
 pub fn converted_config_text(text: &str, model_dir: &str, with_plugin: bool) -> Result<String> {
-    let bad = |msg: String| Error::Yaml {
-        path: PathBuf::from("<axolotl config>"),
-        msg,
-    };
-    let doc = yaml_edit::Document::from_str(text).map_err(|e| bad(e.to_string()))?;
-    let map = doc
-        .as_mapping()
-        .ok_or_else(|| bad("the document must be a mapping".into()))?;
+    let (doc, map) = edit_document(text)?;
     map.set("base_model", model_dir);
     if map.contains_key("base_model_config") {
         map.set("base_model_config", model_dir);
@@ -187,14 +180,7 @@ pub fn converted_config_text(text: &str, model_dir: &str, with_plugin: bool) -> 
 /// Removes [`PLUGIN`] from `plugins` (and the key when it becomes empty), preserving the rest:
 /// format B loads in vanilla transformers, without the plugin.
 pub fn without_plugin(text: &str) -> Result<String> {
-    let bad = |msg: String| Error::Yaml {
-        path: PathBuf::from("<axolotl config>"),
-        msg,
-    };
-    let doc = yaml_edit::Document::from_str(text).map_err(|e| bad(e.to_string()))?;
-    let map = doc
-        .as_mapping()
-        .ok_or_else(|| bad("the document must be a mapping".into()))?;
+    let (doc, map) = edit_document(text)?;
     if let Some(seq) = map.get_sequence("plugins") {
         let idx: Vec<usize> = seq
             .values()
@@ -214,4 +200,17 @@ pub fn without_plugin(text: &str) -> Result<String> {
         }
     }
     Ok(doc.to_string())
+}
+
+/// Parses `text` for lossless editing; the document must be a mapping.
+fn edit_document(text: &str) -> Result<(yaml_edit::Document, yaml_edit::Mapping)> {
+    let bad = |msg: String| Error::Yaml {
+        path: PathBuf::from("<axolotl config>"),
+        msg,
+    };
+    let doc = yaml_edit::Document::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let map = doc
+        .as_mapping()
+        .ok_or_else(|| bad("the document must be a mapping".into()))?;
+    Ok((doc, map))
 }

@@ -285,3 +285,15 @@ fn short(v: &Value) -> String {
 pub fn lambda_init(layer_idx: usize) -> f64 {
     0.8 - 0.6 * (-0.3 * layer_idx as f64).exp()
 }
+
+/// Token ids of a config field that is a single id or a list (`eos_token_id`).
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}

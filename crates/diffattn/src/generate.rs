@@ -36,17 +36,6 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         })
 }
 
-fn ids_of(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 fn token_str(v: Option<&Value>) -> Option<String> {
     match v {
         Some(Value::String(s)) => Some(s.clone()),
@@ -64,9 +53,9 @@ impl TextCodec {
         let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let cc = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
-        let mut eos = ids_of(gc.get("eos_token_id"));
+        let mut eos = crate::config::token_ids(gc.get("eos_token_id"));
         if eos.is_empty() {
-            eos = ids_of(cc.get("eos_token_id"));
+            eos = crate::config::token_ids(cc.get("eos_token_id"));
         }
         let chat_template = match tc.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),

@@ -65,17 +65,6 @@ pub struct Config {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 impl Config {
     /// Resolves a config.json (any supported architecture).
     pub fn from_model_config(mc: &ModelConfig) -> Result<Self> {
@@ -133,8 +122,10 @@ impl Config {
             attention,
             sublayer_norm,
             inv_freq,
-            bos_token_id: token_ids(raw.get("bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(raw.get("eos_token_id")),
+            bos_token_id: crate::config::token_ids(raw.get("bos_token_id"))
+                .first()
+                .copied(),
+            eos_token_ids: crate::config::token_ids(raw.get("eos_token_id")),
         })
     }
 }
