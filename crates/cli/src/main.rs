@@ -162,6 +162,10 @@ struct ConvertArgs {
     /// Negative q/k rows copy the positive ones.
     #[arg(long)]
     mirror_weights: bool,
+    /// Output-preserving start that still learns (double heads, needs --no-sublayer-norm):
+    /// mirrored negative q/k, random lambda vectors, o_proj divided by (1 - lambda).
+    #[arg(long)]
+    preserving_mirror: bool,
     /// Seed of the random initialisation (default: the config's `seed`, else 42).
     #[arg(long)]
     seed: Option<u64>,
@@ -231,7 +235,8 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
             .into())
         }
     };
-    let init = convert::init_from_flags(args.zero_init, args.mirror_weights)?;
+    let init =
+        convert::init_from_flags(args.zero_init, args.mirror_weights, args.preserving_mirror)?;
     let max_shard_bytes = parse_size(&args.max_shard_size).with_context(|| {
         format!(
             "--max-shard-size {:?}: expected a size such as 5GB, 500MB or 2GiB",
@@ -252,6 +257,14 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     options.validate()?;
+    if options.init == convert::Init::Zero {
+        eprintln!(
+            "warning: --zero-init starts training at a stationary point: with zero negative q/k \
+             rows and zero lambda vectors every gradient into the negative branch is exactly 0, \
+             so the model never becomes differential; --preserving-mirror --no-sublayer-norm \
+             preserves outputs and learns"
+        );
+    }
     let format = diffattn::export::Format::parse(&args.format).with_context(|| {
         format!(
             "--format {:?}: expected llama-differential or diffllama",
@@ -367,7 +380,7 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
         } else {
             "the negative branch is non-zero (lambda != 0)"
         };
-        println!("  a match is not expected: {why}; only --zero-init --no-sublayer-norm preserves outputs");
+        println!("  a match is not expected: {why}; --zero-init or --preserving-mirror with --no-sublayer-norm preserve outputs");
     }
     Ok(())
 }

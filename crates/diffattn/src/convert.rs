@@ -58,6 +58,12 @@ pub enum Init {
     Zero,
     /// Negative q/k rows copy the positive rows; lambda vectors ~ N(0, 0.1).
     Mirror,
+    /// Output-preserving and trainable (`--preserving-mirror`, double heads without sub-layer
+    /// norm): negative q/k rows copy the positive rows, so A2 = A1 and the layer computes
+    /// `(1 - lambda) A1 V`; `o_proj` is divided by `(1 - lambda)` so the source's function is
+    /// kept exactly, while lambda != 0 and non-zero lambda vectors give every new parameter a
+    /// gradient. See docs/preserving-init.md.
+    PreservingMirror,
 }
 
 /// What to convert and how.
@@ -86,20 +92,38 @@ impl ConvertOptions {
                  new rows to mirror"
                     .into(),
             )),
+            (Layout::SplitHeads, Init::PreservingMirror) => Err(Error::InvalidOptions(
+                "--preserving-mirror needs double heads: split heads can never preserve outputs"
+                    .into(),
+            )),
+            (_, Init::PreservingMirror) if self.sublayer_norm => Err(Error::InvalidOptions(
+                "--preserving-mirror needs --no-sublayer-norm: the per-head RMS norm changes \
+                 the source's function"
+                    .into(),
+            )),
             _ => Ok(()),
         }
     }
 }
 
-/// Builds options from the flags, rejecting `--zero-init` with `--mirror-weights`.
-pub fn init_from_flags(zero_init: bool, mirror_weights: bool) -> Result<Init> {
-    match (zero_init, mirror_weights) {
-        (true, true) => Err(Error::InvalidOptions(
+/// Builds options from the flags, rejecting `--zero-init` with `--mirror-weights` and
+/// `--preserving-mirror` with either.
+pub fn init_from_flags(
+    zero_init: bool,
+    mirror_weights: bool,
+    preserving_mirror: bool,
+) -> Result<Init> {
+    match (zero_init, mirror_weights, preserving_mirror) {
+        (true, true, _) => Err(Error::InvalidOptions(
             "--zero-init and --mirror-weights are mutually exclusive".into(),
         )),
-        (true, false) => Ok(Init::Zero),
-        (false, true) => Ok(Init::Mirror),
-        (false, false) => Ok(Init::Random),
+        (true, _, true) | (_, true, true) => Err(Error::InvalidOptions(
+            "--preserving-mirror replaces --zero-init and --mirror-weights; give only one".into(),
+        )),
+        (true, false, false) => Ok(Init::Zero),
+        (false, true, false) => Ok(Init::Mirror),
+        (false, false, true) => Ok(Init::PreservingMirror),
+        (false, false, false) => Ok(Init::Random),
     }
 }
 
@@ -215,6 +239,9 @@ impl Plan {
             Init::Random => "random (negative q/k ~ N(0, initializer_range), lambda ~ N(0, 0.1))",
             Init::Zero => "zero-init (negative q/k = 0, lambda = 0, lambda_init = 0)",
             Init::Mirror => "mirror-weights (negative q/k = positive q/k, lambda ~ N(0, 0.1))",
+            Init::PreservingMirror => {
+                "preserving-mirror (negative q/k = positive q/k, lambda ~ N(0, 0.1), o_proj / (1 - lambda))"
+            }
         };
         format!(
             "layout: {layout}\ninit: {init}\nsublayer_norm: {}\nseed: {}\n\
@@ -327,7 +354,7 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     let seed = options.seed;
     let neg_rows = |layer: usize, kind: u64, is_bias: bool| match options.init {
         Init::Zero => NegRows::Zeros,
-        Init::Mirror => NegRows::Mirror,
+        Init::Mirror | Init::PreservingMirror => NegRows::Mirror,
         Init::Random if is_bias => NegRows::Zeros,
         Init::Random => NegRows::Normal {
             std: src.config.initializer_range() as f32,
@@ -393,6 +420,7 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
                 );
             }
         }
+        let mut lambda_vectors: Vec<Vec<f32>> = Vec::with_capacity(4);
         for (kind, lname) in [
             (2u64, "lambda_q1"),
             (3, "lambda_k1"),
@@ -401,16 +429,30 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         ] {
             let values = match options.init {
                 Init::Zero => vec![0.0; d],
-                Init::Random | Init::Mirror => {
+                Init::Random | Init::Mirror | Init::PreservingMirror => {
                     normal_values(LAMBDA_STD, seed, stream(layer, kind), d)
                 }
             };
+            lambda_vectors.push(values.clone());
             recipes.insert(format!("{p}{lname}"), (vec![d], Recipe::Values(values)));
         }
         let li = match options.init {
             Init::Zero => 0.0,
             _ => lambda_init(layer) as f32,
         };
+        if options.init == Init::PreservingMirror {
+            // lambda as the forward computes it (f32 dot products and exp).
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+            let v = &lambda_vectors;
+            let lambda = dot(&v[0], &v[1]).exp() - dot(&v[2], &v[3]).exp() + li;
+            let scale = 1.0 / (1.0 - lambda);
+            let o = format!("{p}o_proj.weight");
+            let map = (0..h * d).map(|c| (c, scale)).collect();
+            recipes.insert(
+                o.clone(),
+                (vec![dm, h * d], Recipe::MapColumns { src: o, map }),
+            );
+        }
         recipes.insert(
             format!("{p}lambda_init"),
             (vec![], Recipe::Values(vec![li])),
@@ -593,9 +635,15 @@ pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
     );
     raw.insert("sublayer_norm".into(), json!(plan.options.sublayer_norm));
     raw.insert("zero_init".into(), json!(plan.options.init == Init::Zero));
+    if plan.options.init == Init::PreservingMirror {
+        raw.insert("preserving_mirror".into(), json!(true));
+    }
     raw.insert(
         "mirror_weights".into(),
-        json!(plan.options.init == Init::Mirror),
+        json!(matches!(
+            plan.options.init,
+            Init::Mirror | Init::PreservingMirror
+        )),
     );
     Value::Object(raw)
 }

@@ -426,7 +426,7 @@ fn plan_reports_parameters_and_kv_cache() {
 
 #[test]
 fn flag_combinations_are_refused() {
-    assert!(convert::init_from_flags(true, true)
+    assert!(convert::init_from_flags(true, true, false)
         .unwrap_err()
         .to_string()
         .contains("--zero-init and --mirror-weights"));

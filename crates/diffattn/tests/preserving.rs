@@ -1,0 +1,258 @@
+//! `--preserving-mirror`: the converted model computes the source's logits at step 0 and one
+//! optimizer step (AdamW, no weight decay, so only gradients move parameters) changes every
+//! lambda vector and every negative q/k row. `--zero-init`, by contrast, is a stationary
+//! point: the same step leaves the whole negative branch untouched.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use diffattn::axolotl::DtypeChoice;
+use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
+use diffattn::model::Model;
+
+fn options(init: Init) -> ConvertOptions {
+    ConvertOptions {
+        layout: Layout::DoubleHeads,
+        init,
+        sublayer_norm: false,
+        seed: 3,
+        dtype: DtypeChoice::Keep,
+        max_shard_bytes: u64::MAX,
+        overwrite: false,
+    }
+}
+
+fn convert_to(src_dir: &Path, out: &Path, init: Init) {
+    let src = Source::from_dir(src_dir).unwrap();
+    let plan = convert::plan(&src, &options(init)).unwrap();
+    convert::execute(&src, &plan, out, None, &|_| {}).unwrap();
+}
+
+fn logits(dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
+    let m = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&t)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+/// One AdamW step (lr 1e-3, no weight decay) of next-token cross-entropy on `ids`; returns
+/// (name, before, after) of every parameter.
+fn one_step(dir: &Path, ids: &[u32]) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let (m, vars) = Model::load_trainable(dir, &Device::Cpu).unwrap();
+    let before: Vec<Vec<f32>> = vars
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let s = ids.len();
+    let logits = m
+        .forward(&t)
+        .unwrap()
+        .narrow(1, 0, s - 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let targets = Tensor::new(&ids[1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    let loss = candle_nn::ops::log_softmax(&logits, D::Minus1)
+        .unwrap()
+        .gather(&targets, 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let params = ParamsAdamW {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
+    opt.backward_step(&loss).unwrap();
+    vars.iter()
+        .zip(before)
+        .map(|((n, v), b)| {
+            (
+                n.clone(),
+                b,
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// For every layer: (all lambda vectors changed, every negative q row changed, every negative
+/// k row changed).
+fn negative_branch_changes(
+    steps: &[(String, Vec<f32>, Vec<f32>)],
+    h_d: usize,
+    kv_d: usize,
+    cols: usize,
+) -> Vec<(bool, bool, bool)> {
+    let find = |n: &str| {
+        steps
+            .iter()
+            .find(|(name, ..)| name == n)
+            .unwrap_or_else(|| panic!("{n}"))
+    };
+    let rows_changed = |n: &str, first_row: usize| {
+        let (_, b, a) = find(n);
+        b[first_row * cols..]
+            .chunks(cols)
+            .zip(a[first_row * cols..].chunks(cols))
+            .all(|(rb, ra)| rb != ra)
+    };
+    let layers = steps
+        .iter()
+        .filter(|(n, ..)| n.ends_with("lambda_q1"))
+        .count();
+    (0..layers)
+        .map(|l| {
+            let p = format!("model.layers.{l}.self_attn.");
+            let lambdas = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
+                .iter()
+                .all(|v| {
+                    let (_, b, a) = find(&format!("{p}{v}"));
+                    b != a
+                });
+            (
+                lambdas,
+                rows_changed(&format!("{p}q_proj.weight"), h_d),
+                rows_changed(&format!("{p}k_proj.weight"), kv_d),
+            )
+        })
+        .collect()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(name)
+}
+
+#[test]
+fn preserving_mirror_keeps_logits_and_learns() {
+    let ids = [1u32, 5, 9, 13, 2, 7, 30, 11, 42, 3];
+    for case in ["llama_gqa", "llama_mqa_tied_bias"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("p");
+        convert_to(&fixture(case), &out, Init::PreservingMirror);
+        let a = logits(&fixture(case), &ids);
+        let b = logits(&out, &ids);
+        let max = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-4, "{case}: step-0 logits differ by {max}");
+        let cfg = Model::load(&out, DType::F32, &Device::Cpu).unwrap().config;
+        let (hd, kvd) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let steps = one_step(&out, &ids);
+        for (l, &(lam, q, k)) in negative_branch_changes(&steps, hd, kvd, cfg.hidden_size)
+            .iter()
+            .enumerate()
+        {
+            assert!(lam && q && k, "{case} layer {l}: lambda vectors changed {lam}, negative q rows {q}, negative k rows {k}");
+        }
+    }
+}
+
+#[test]
+fn zero_init_is_a_stationary_start() {
+    let ids = [1u32, 5, 9, 13, 2, 7, 30, 11, 42, 3];
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("z");
+    convert_to(&fixture("llama_gqa"), &out, Init::Zero);
+    let cfg = Model::load(&out, DType::F32, &Device::Cpu).unwrap().config;
+    let (hd, kvd) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let steps = one_step(&out, &ids);
+    for (l, &(lam, q, k)) in negative_branch_changes(&steps, hd, kvd, cfg.hidden_size)
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            !lam && !q && !k,
+            "layer {l}: zero-init moved ({lam}, {q}, {k})"
+        );
+    }
+    // ...while the rest of the model does learn.
+    let (_, b, a) = steps
+        .iter()
+        .find(|(n, ..)| n == "model.layers.0.mlp.up_proj.weight")
+        .unwrap();
+    assert_ne!(b, a);
+}
+
+/// The same on the real SmolLM2 (imported from its GGUF) with a real sentence.
+#[test]
+fn preserving_mirror_on_smollm2() {
+    if std::env::var("DIFF_TRANSFORMER_SKIP_REAL_MODEL").as_deref() == Ok("1") {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-smollm2.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gguf = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    diffattn::gguf::import_gguf(&gguf, &hf, diffattn::dtype::DType::F32, false, &|_| {}).unwrap();
+    let conv = tmp.path().join("p");
+    convert_to(&hf, &conv, Init::PreservingMirror);
+    let codec = diffattn::generate::TextCodec::load(&hf).unwrap();
+    let ids = codec
+        .encode("Differential attention subtracts two softmax maps to cancel the noise that ordinary attention spreads over irrelevant tokens.")
+        .unwrap();
+    let a = logits(&hf, &ids);
+    let b = logits(&conv, &ids);
+    let max = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    println!("SmolLM2 --preserving-mirror: step-0 max |delta logit| {max:.2e}");
+    assert!(max <= 1e-4, "{max}");
+    let steps = one_step(&conv, &ids);
+    let changes = negative_branch_changes(&steps, 1152 / 2, 384 / 2, 576);
+    assert_eq!(changes.len(), 30);
+    for (l, &(lam, q, k)) in changes.iter().enumerate() {
+        assert!(lam && q && k, "layer {l}: ({lam}, {q}, {k})");
+    }
+}
