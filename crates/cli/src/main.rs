@@ -456,7 +456,7 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         "{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s{}",
         ids.len(),
         n,
-        ids.len() as f64 / g.prefill_secs.max(1e-9),
+        ids.len() as f64 / g.prefill_secs.max(1e-3),
         (n.saturating_sub(1)) as f64 / g.decode_secs.max(1e-9),
         if g.stopped_on_eos {
             " (stopped on eos)"
@@ -487,6 +487,18 @@ fn run_export(to: &str, src: &Path, dst: &Path, overwrite: bool) -> Result<()> {
 fn run_bench(a: &BenchArgs) -> Result<()> {
     use candle_core::{Device, Tensor};
     let model = diffattn::model::Model::load(&a.model, compute_dtype(&a.dtype)?, &Device::Cpu)?;
+    let context = model.config.max_position_embeddings;
+    if a.prefill_tokens == 0 || a.prompt_tokens == 0 || a.decode_tokens == 0 || a.repeat == 0 {
+        anyhow::bail!(
+            "--prefill-tokens, --prompt-tokens, --decode-tokens and --repeat must be at least 1"
+        );
+    }
+    if a.prefill_tokens > context || a.prompt_tokens + a.decode_tokens + 1 > context {
+        anyhow::bail!(
+            "the benchmark needs {} positions, more than max_position_embeddings ({context})",
+            a.prefill_tokens.max(a.prompt_tokens + a.decode_tokens + 1)
+        );
+    }
     let vocab = model.config.vocab_size as u32;
     // Deterministic, tokenizer-independent ids spread over the vocabulary.
     let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect() };
@@ -525,7 +537,8 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
 fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
     let mut prompts = a.prompt.clone();
     if let Some(f) = &a.prompts_file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("--prompts-file {}: {e}", f.display()))?;
         prompts.extend(
             text.lines()
                 .filter(|l| !l.trim().is_empty())
@@ -533,6 +546,9 @@ fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
         );
     }
     if prompts.is_empty() {
+        if a.prompts_file.is_some() {
+            anyhow::bail!("--prompts-file has no non-empty line");
+        }
         prompts.push("The quick brown fox".into());
     }
     let results = diffattn::compare::compare_dirs(

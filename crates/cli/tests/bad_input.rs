@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use diffattn::testing::{write_gguf_from_hf, TinyLlama};
+use diffattn::testing::{write_gguf_from_hf, write_gguf_with, TinyLlama};
 
 struct Case {
     dir: tempfile::TempDir,
@@ -471,4 +471,91 @@ fn convert_writes_the_axolotl_config_next_to_the_model() {
     assert!(yml.contains("diff_attention: true"));
     assert!(yml.contains(diffattn::axolotl::PLUGIN));
     assert!(Path::new(&c.path("out/config.json")).is_file());
+}
+
+fn edit_config(c: &Case, from: &str, to: &str) {
+    let text = std::fs::read_to_string(c.path("src/config.json")).unwrap();
+    assert!(text.contains(from), "{from} not in config");
+    std::fs::write(c.path("src/config.json"), text.replace(from, to)).unwrap();
+}
+
+#[test]
+fn intermediate_size_differs_from_the_mlp_tensors() {
+    let c = Case::with_model(&TinyLlama::default());
+    edit_config(&c, "\"intermediate_size\": 24", "\"intermediate_size\": 20");
+    c.fails(
+        &["convert", &c.config()],
+        &["mlp.down_proj.weight", "[16, 24]", "[16, 20]"],
+    );
+}
+
+#[test]
+fn config_declares_fewer_layers_than_the_weights() {
+    let c = Case::with_model(&TinyLlama::default());
+    edit_config(&c, "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
+    c.fails(
+        &["convert", &c.config()],
+        &["belongs to layer 1", "num_hidden_layers = 1"],
+    );
+}
+
+#[test]
+fn zero_layers_and_unsupported_activation_are_refused() {
+    let c = Case::with_model(&TinyLlama::default());
+    edit_config(&c, "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 0");
+    c.fails(
+        &["convert", &c.config()],
+        &["`num_hidden_layers`", "must be positive"],
+    );
+    let c = Case::with_model(&TinyLlama::default());
+    edit_config(&c, "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"");
+    c.fails(&["convert", &c.config()], &["`hidden_act`", "gelu"]);
+}
+
+#[test]
+fn attention_bias_declared_but_absent() {
+    let c = Case::with_model(&TinyLlama::default());
+    edit_config(&c, "\"attention_bias\": false", "\"attention_bias\": true");
+    c.fails(
+        &["convert", &c.config()],
+        &["self_attn.k_proj.bias` is missing"],
+    );
+}
+
+#[test]
+fn gguf_metadata_inconsistent_with_tensors() {
+    for (key, value, needle) in [
+        ("llama.block_count", 1u32, "does not fit the metadata"),
+        ("llama.block_count", 3, "no tensor for"),
+        ("llama.attention.head_count", 0, "num_attention_heads"),
+        ("llama.feed_forward_length", 20, "has shape"),
+    ] {
+        let c = Case::new();
+        TinyLlama::default().write(&c.path("hf"), 2).unwrap();
+        write_gguf_with(&c.path("hf"), &c.path("m.gguf"), "llama", &[(key, value)]).unwrap();
+        let out = c.path("out").display().to_string();
+        c.fails(
+            &["import-gguf", &c.path("m.gguf").display().to_string(), &out],
+            &["m.gguf", needle],
+        );
+    }
+}
+
+#[test]
+fn killed_runs_leave_no_lasting_staging_directories() {
+    let c = Case::with_model(&TinyLlama::default());
+    // A staging directory of a process that no longer exists (pid far above pid_max).
+    let stale = c.path(".out.partial-4999999");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), "half").unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config()])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!stale.exists(), "stale staging directory not swept");
 }

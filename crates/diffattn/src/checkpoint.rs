@@ -222,6 +222,39 @@ impl Checkpoint {
         Ok(info)
     }
 
+    /// Checks that the checkpoint matches `expected` (name -> shape): every expected tensor is
+    /// present with its shape, and no tensor of a layer beyond `num_layers` exists (a config that
+    /// declares fewer layers than the weights hold). `lm_head.weight`, when present, must have
+    /// `lm_head_shape`.
+    pub fn check_against(
+        &self,
+        expected: &BTreeMap<String, Vec<usize>>,
+        num_layers: usize,
+        lm_head_shape: &[usize],
+    ) -> Result<()> {
+        for (name, shape) in expected {
+            self.require_shape(name, shape)?;
+        }
+        if self.info("lm_head.weight").is_some() {
+            self.require_shape("lm_head.weight", lm_head_shape)?;
+        }
+        for name in self.names() {
+            let layer = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok());
+            if let Some(l) = layer.filter(|&l| l >= num_layers) {
+                return Err(Error::Safetensors {
+                    path: self.file_of(name).unwrap_or(&self.dir).to_path_buf(),
+                    msg: format!(
+                        "tensor `{name}` belongs to layer {l}, but config.json has num_hidden_layers = {num_layers}"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Raw little-endian bytes of a tensor (borrowed from the memory map).
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let info = self.require(name)?;

@@ -208,6 +208,12 @@ pub fn compare_dirs(
 /// `prompt{i}_source_logits.npy` and `prompt{i}_converted_logits.npy` (f32 `[seq, vocab]`),
 /// and `manifest.json` listing them with the prompts.
 pub fn save_logits(dir: &Path, results: &[PromptComparison]) -> Result<()> {
+    if dir.join("config.json").exists() || dir.join("model.safetensors").exists() {
+        return Err(Error::InvalidOptions(format!(
+            "--save-logits {}: this is a model directory; choose an empty or new directory",
+            dir.display()
+        )));
+    }
     std::fs::create_dir_all(dir).at(dir)?;
     let mut entries = Vec::new();
     for (i, r) in results.iter().enumerate() {

@@ -227,6 +227,75 @@ impl ModelConfig {
         })
     }
 
+    /// Every tensor a source checkpoint of this config must hold, with its shape (HF names):
+    /// embeddings, final norm, per layer the two norms, q/k/v/o (and their biases when
+    /// `attention_bias` is true, q/k/v biases for Qwen2) and the SwiGLU MLP. `lm_head.weight`
+    /// is optional (tied embeddings) and not listed.
+    pub fn expected_tensors(&self) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+        let d = self.dims()?;
+        let (dm, h, kv, hd) = (
+            d.hidden_size,
+            d.num_attention_heads,
+            d.num_key_value_heads,
+            d.head_dim,
+        );
+        let i = self.typed.intermediate_size;
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.typed.vocab_size, dm],
+        );
+        m.insert("model.norm.weight".to_string(), vec![dm]);
+        let bias = self.typed.attention_bias.unwrap_or(false);
+        for l in 0..d.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            m.insert(format!("{p}input_layernorm.weight"), vec![dm]);
+            m.insert(format!("{p}post_attention_layernorm.weight"), vec![dm]);
+            for (proj, rows, cols) in [
+                ("q_proj", h * hd, dm),
+                ("k_proj", kv * hd, dm),
+                ("v_proj", kv * hd, dm),
+                ("o_proj", dm, h * hd),
+            ] {
+                m.insert(format!("{p}self_attn.{proj}.weight"), vec![rows, cols]);
+                let qkv_bias = self.architecture == Architecture::Qwen2 && proj != "o_proj";
+                if bias || qkv_bias {
+                    m.insert(format!("{p}self_attn.{proj}.bias"), vec![rows]);
+                }
+            }
+            m.insert(format!("{p}mlp.gate_proj.weight"), vec![i, dm]);
+            m.insert(format!("{p}mlp.up_proj.weight"), vec![i, dm]);
+            m.insert(format!("{p}mlp.down_proj.weight"), vec![dm, i]);
+        }
+        Ok(m)
+    }
+
+    /// Checks the non-shape fields a Llama-family forward depends on.
+    pub fn check_supported(&self) -> Result<()> {
+        let act = self
+            .raw
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" {
+            return Err(Error::InvalidValue {
+                path: self.path.clone(),
+                key: "hidden_act".into(),
+                value: format!("{act:?}"),
+                reason: "only silu (SwiGLU MLP) is supported".into(),
+            });
+        }
+        if self.typed.num_hidden_layers == 0 {
+            return Err(Error::InvalidValue {
+                path: self.path.clone(),
+                key: "num_hidden_layers".into(),
+                value: "0".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// `tie_word_embeddings`, default false as in transformers' LlamaConfig... except that a
     /// checkpoint without `lm_head.weight` is tied whatever the flag says.
     pub fn tie_word_embeddings(&self) -> bool {

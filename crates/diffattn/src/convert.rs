@@ -337,10 +337,13 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         }
     }
     let vocab = src.config.typed.vocab_size;
-    let embed = ck.require_shape("model.embed_tokens.weight", &[vocab, dm])?;
-    if ck.info("lm_head.weight").is_some() {
-        ck.require_shape("lm_head.weight", &[vocab, dm])?;
-    }
+    src.config.check_supported()?;
+    ck.check_against(
+        &src.config.expected_tensors()?,
+        dims.num_hidden_layers,
+        &[vocab, dm],
+    )?;
+    let embed = ck.require("model.embed_tokens.weight")?;
     let out_dtype = options.dtype.resolve(embed.dtype);
 
     let mut recipes: std::collections::BTreeMap<String, (Vec<usize>, Recipe)> = Default::default();
@@ -629,6 +632,10 @@ pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
     );
     raw.insert("model_type".into(), json!("llama-differential"));
     raw.insert("torch_dtype".into(), json!(plan.out_dtype.torch_name()));
+    if raw.contains_key("dtype") {
+        // transformers >= 5 writes `dtype` instead of `torch_dtype`.
+        raw.insert("dtype".into(), json!(plan.out_dtype.torch_name()));
+    }
     raw.insert(
         "split_heads".into(),
         json!(plan.options.layout == Layout::SplitHeads),

@@ -87,7 +87,7 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("output directory {output} is the source directory {source_dir} or inside it; choose another output_dir")]
+    #[error("output directory {output} would overlap the input {source_dir} (the same directory, inside it, or containing it); choose another output directory")]
     OutputInsideSource {
         output: PathBuf,
         source_dir: PathBuf,

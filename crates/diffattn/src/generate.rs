@@ -228,6 +228,25 @@ pub fn generate_batch(
 ) -> Result<Vec<Generation>> {
     let b = prompts.len();
     let dev = &model.device;
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        return Err(Error::InvalidOptions(format!(
+            "--temperature {}: must be a finite number >= 0 (0 = greedy)",
+            sampling.temperature
+        )));
+    }
+    if let Some(p) = sampling.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(Error::InvalidOptions(format!(
+                "--top-p {p}: must be in (0, 1]"
+            )));
+        }
+    }
+    if sampling.top_k == Some(0) {
+        return Err(Error::InvalidOptions(
+            "--top-k 0: must be at least 1".into(),
+        ));
+    }
+    let context = model.config.max_position_embeddings;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if prompts.iter().any(Vec::is_empty) {
         return Err(Error::InvalidOptions("empty prompt (no tokens)".into()));
@@ -266,8 +285,17 @@ pub fn generate_batch(
     let mut cache = KvCache::new();
     let start = Instant::now();
     let mut prefill_secs = 0.0;
+    if longest > context {
+        return Err(Error::InvalidOptions(format!(
+            "the prompt has {longest} tokens, more than max_position_embeddings ({context})"
+        )));
+    }
     for step in 0..max_new_tokens {
         let t = ids[0].len();
+        if t >= context {
+            tracing::warn!("stopping at max_position_embeddings ({context})");
+            break;
+        }
         let (input, past) = if use_cache && step > 0 {
             (1, t - 1)
         } else {

@@ -44,8 +44,21 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).at(path)?;
         let len = file.metadata().at(path)?.len();
-        let content = Content::read(&mut file)
-            .map_err(|e| gguf_err(path, format!("not a readable GGUF file: {}", message(&e))))?;
+        // candle can panic on some malformed headers (e.g. general.alignment = 0): report those
+        // as unreadable files too.
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut file)));
+        let content = match read {
+            Ok(r) => {
+                r.map_err(|e| gguf_err(path, format!("not a readable GGUF file: {}", message(&e))))?
+            }
+            Err(_) => {
+                return Err(gguf_err(
+                    path,
+                    "not a readable GGUF file: malformed header (e.g. general.alignment 0)",
+                ))
+            }
+        };
         let g = Self {
             path: path.to_path_buf(),
             content,
@@ -272,6 +285,10 @@ pub fn import_gguf(
 ) -> Result<ImportReport> {
     let g = GgufFile::open(gguf_path)?;
     let config = hf_config(&g, out_dtype)?;
+    // The metadata must describe the tensors: validate as a Llama checkpoint would be.
+    let mc = crate::config::ModelConfig::from_str(&config.to_string(), gguf_path)?;
+    mc.check_supported()?;
+    let mut expected = mc.expected_tensors()?;
     let n_head = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
     let n_kv = config["num_key_value_heads"].as_u64().unwrap_or(0) as usize;
     let mut planned = Vec::new();
@@ -295,12 +312,38 @@ pub fn import_gguf(
         } else {
             None
         };
+        let shape = info.shape.dims().to_vec();
+        let want = match expected.remove(&hf) {
+            Some(w) => w,
+            None if hf == "lm_head.weight" => vec![mc.typed.vocab_size, mc.typed.hidden_size],
+            None if sources.contains_key(&hf) => {
+                return Err(gguf_err(gguf_path, format!("tensor `{gname}` appears twice")))
+            }
+            None => {
+                return Err(gguf_err(
+                    gguf_path,
+                    format!("tensor `{gname}` does not fit the metadata (block_count {}, no such tensor in a Llama layer)", mc.typed.num_hidden_layers),
+                ))
+            }
+        };
+        if shape != want {
+            return Err(gguf_err(
+                gguf_path,
+                format!("tensor `{gname}` has shape {shape:?}, but the metadata implies {want:?}"),
+            ));
+        }
         planned.push(PlannedTensor {
             name: hf.clone(),
             dtype: out_dtype,
-            shape: info.shape.dims().to_vec(),
+            shape,
         });
         sources.insert(hf, (gname, heads));
+    }
+    if let Some((missing, _)) = expected.into_iter().next() {
+        return Err(gguf_err(
+            gguf_path,
+            format!("no tensor for `{missing}` (metadata and tensors disagree)"),
+        ));
     }
     let tokenizer = build_tokenizer(&g)?;
     let staged = StagedDir::create(out_dir, overwrite, &[gguf_path])?;

@@ -64,7 +64,11 @@ pub fn resolve_model(
             path: config_path.to_path_buf(),
             key: key.into(),
             value: reference.into(),
-            reason: "this directory does not exist".into(),
+            reason: if expanded.exists() {
+                "this is not a directory (give the model's directory)".into()
+            } else {
+                "this directory does not exist".into()
+            },
         });
     }
     let cache_path = cache_dir();

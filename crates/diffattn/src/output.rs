@@ -107,6 +107,7 @@ impl StagedDir {
             path: dest.clone(),
             source,
         })?;
+        sweep_dead_partials(&parent, &name);
         let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).at(&tmp)?;
@@ -166,6 +167,28 @@ impl Drop for StagedDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Removes `.NAME.partial-PID` / `.NAME.old-PID` siblings left by runs that were killed (their
+/// process no longer exists), so interrupted runs do not accumulate disk usage.
+fn sweep_dead_partials(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let pid = [".partial-", ".old-"].iter().find_map(|tag| {
+            file.strip_prefix(&format!(".{name}{tag}"))
+                .and_then(|p| p.parse::<u32>().ok())
+        });
+        if let Some(pid) = pid {
+            let alive = Path::new("/proc").join(pid.to_string()).exists();
+            if !alive && Path::new("/proc/self").exists() {
+                tracing::warn!("removing {} left by an interrupted run", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 }

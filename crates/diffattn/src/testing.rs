@@ -161,6 +161,17 @@ impl TinyLlama {
 /// llama.cpp's RoPE, F32 tensors) holding the weights of the HF checkpoint in `hf_dir`, with a
 /// tiny byte-level BPE vocabulary. `architecture` is written as `general.architecture`.
 pub fn write_gguf_from_hf(hf_dir: &Path, gguf: &Path, architecture: &str) -> Result<()> {
+    write_gguf_with(hf_dir, gguf, architecture, &[])
+}
+
+/// [`write_gguf_from_hf`] with some u32 metadata values replaced (`{arch}.block_count`, ...),
+/// to build inconsistent files for tests.
+pub fn write_gguf_with(
+    hf_dir: &Path,
+    gguf: &Path,
+    architecture: &str,
+    overrides: &[(&str, u32)],
+) -> Result<()> {
     use candle_core::quantized::gguf_file::{self, Value};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -259,6 +270,13 @@ pub fn write_gguf_from_hf(hf_dir: &Path, gguf: &Path, architecture: &str) -> Res
             Value::String("{{ messages }}".into()),
         ),
     ];
+    let md: Vec<(String, Value)> = md
+        .into_iter()
+        .map(|(k, v)| match overrides.iter().find(|(o, _)| *o == k) {
+            Some((_, x)) => (k, Value::U32(*x)),
+            None => (k, v),
+        })
+        .collect();
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(gguf).map_err(|source| Error::Io {

@@ -162,6 +162,7 @@ fn double_heads_keep_source_rows_bit_for_bit_for_every_init() {
                             Init::Random if suffix == "bias" => {
                                 assert!(neg.iter().all(|&x| x == 0.0))
                             }
+                            Init::PreservingMirror => unreachable!("not part of this loop"),
                             Init::Random => {
                                 let (mean, std, _) = convert::stats(&neg);
                                 assert!(

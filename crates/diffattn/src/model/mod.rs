@@ -68,6 +68,7 @@ pub struct Config {
 impl Config {
     /// Resolves a config.json (any supported architecture).
     pub fn from_model_config(mc: &ModelConfig) -> Result<Self> {
+        mc.check_supported()?;
         let dims = mc.dims()?;
         let raw = &mc.raw;
         let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
@@ -397,10 +398,7 @@ impl Model {
             } else {
                 1.0
             };
-            let inter = w
-                .get(&format!("{p}.mlp.gate_proj.weight"))
-                .map(|t| t.dims()[0])
-                .unwrap_or(0);
+            let inter = mc.typed.intermediate_size;
             blocks.push(Block {
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[dm])?,
                 attn: Attention {
