@@ -239,6 +239,25 @@ def exported_case(bin_, case):
     print(f"{case}: transformers reads our diffllama export; max |delta| vs format A = {err:.2e}")
 
 
+def gradient_case(case):
+    """Loss (mean next-token cross-entropy over IDS) and the L2 norm of every parameter's
+    gradient after one backward through format_a_forward, for a format-A fixture."""
+    from safetensors.torch import load_file
+    d = os.path.join(OUT, case)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    params = {k: v.clone().requires_grad_(not k.endswith("lambda_init")) for k, v in sd.items()}
+    with torch.enable_grad():
+        logits = format_a_forward(cfg, params, IDS)
+        loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(IDS[1:]))
+        loss.backward()
+    norms = {k: v.grad.norm().item() for k, v in params.items() if v.grad is not None}
+    with open(os.path.join(d, "gradients.json"), "w") as f:
+        json.dump({"input_ids": IDS, "loss": loss.item(), "grad_norms": norms,
+                   "source": "torch autograd through format_a_forward"}, f, indent=1)
+    print(f"{case}: loss {loss.item():.6f}, {len(norms)} gradient norms")
+
+
 def real(dir_):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(dir_)
@@ -280,6 +299,8 @@ def main():
     diffllama_case("diffllama_head_dim", 22, head_dim=12)
     for case in ("diff_double_subln_gqa", "diff_split_subln_gqa", "diff_double_head_dim_llama3"):
         exported_case(args.bin, case)
+    for case in ("diff_double_subln_gqa", "diff_split_subln_gqa", "diff_double_nosubln_mqa_bias"):
+        gradient_case(case)
     if args.real:
         real(args.real)
 
