@@ -17,7 +17,7 @@ ls -l demo/SmolLM2-135M-Instruct-diff
 python3 - <<'PY'
 import json
 c = json.load(open("demo/SmolLM2-135M-Instruct-diff/config.json"))
-print({k: c[k] for k in ["architectures", "model_type", "split_heads", "sublayer_norm", "zero_init", "mirror_weights", "torch_dtype"]})
+print({k: c[k] for k in ["architectures", "model_type", "split_heads", "sublayer_norm", "zero_init", "mirror_weights", "preserving_mirror", "torch_dtype"] if k in c})
 PY
 echo "== demo/SmolLM2-135M-Instruct-diff/axolotl_config.yml"
 cat demo/SmolLM2-135M-Instruct-diff/axolotl_config.yml

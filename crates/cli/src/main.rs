@@ -42,9 +42,11 @@ enum Command {
         overwrite: bool,
     },
     /// Convert the `base_model` of an axolotl config to differential attention
-    /// (format `llama-differential`), writing OUTPUT_DIR with an updated axolotl_config.yml.
+    /// (`llama-differential` or, with --format, `diffllama`), writing OUTPUT_DIR with an
+    /// updated axolotl_config.yml.
     Convert(ConvertArgs),
-    /// Generate text with a model directory (Llama, llama-differential), streaming tokens.
+    /// Generate text with a model directory (Llama, llama-differential, diffllama), streaming
+    /// tokens.
     Generate(GenerateArgs),
     /// Compare a converted model with its source: logits (max/mean |delta|, KL, top-1) and
     /// greedy continuations with and without the KV cache.
@@ -55,8 +57,11 @@ enum Command {
         /// Target format: diffllama or llama-differential.
         #[arg(long)]
         to: String,
+        /// The differential model directory to read.
         src: PathBuf,
+        /// The directory to write (must not exist or be empty, unless --overwrite).
         dst: PathBuf,
+        /// Replace a non-empty destination.
         #[arg(long)]
         overwrite: bool,
     },
@@ -66,6 +71,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
+    /// Model directory.
     #[arg(long)]
     model: PathBuf,
     /// Tokens in the prefill forward.
@@ -80,6 +86,7 @@ struct BenchArgs {
     /// Repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
 }
@@ -89,7 +96,7 @@ struct GenerateArgs {
     /// Model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Plain prompt.
+    /// Plain prompt (give this or --chat).
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     prompt: Option<String>,
     /// One user message, formatted with the model's chat_template.
@@ -100,10 +107,13 @@ struct GenerateArgs {
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Sample only among the K most likely tokens (with --temperature > 0).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1].
     #[arg(long)]
     top_p: Option<f64>,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Recompute the whole sequence at every step instead of using the KV cache.
@@ -135,6 +145,7 @@ struct CompareArgs {
     /// Write each prompt's ids and both models' float32 logits as .npy with a manifest.json.
     #[arg(long)]
     save_logits: Option<PathBuf>,
+    /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
 }
@@ -279,6 +290,11 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
     let src = Source::from_axolotl(&cfg)?;
     let plan = convert::plan(&src, &options)?;
     println!("source: {}", src.model_dir.display());
+    if format == diffattn::export::Format::DiffLlama {
+        println!("format: diffllama (planned as llama-differential, then exported exactly; final sizes below)");
+    } else {
+        println!("format: llama-differential");
+    }
     println!("{}", plan.summary());
     let pb = progress(plan.tensors().count() as u64, "converting");
     let report = if format == diffattn::export::Format::DiffLlama {
@@ -309,6 +325,7 @@ fn run_convert(args: &ConvertArgs) -> Result<()> {
         for w in &r.warnings {
             eprintln!("warning: {w}");
         }
+        print_written_sizes(&r.output_dir)?;
         convert::ConvertReport {
             output_dir: r.output_dir,
             files: r.files,
@@ -467,6 +484,30 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Heads, parameters and KV-cache bytes per token of a written checkpoint.
+fn print_written_sizes(dir: &Path) -> Result<()> {
+    let cfg = diffattn::config::ModelConfig::from_file(&dir.join("config.json"))?;
+    let dims = cfg.dims()?;
+    let ck = diffattn::checkpoint::Checkpoint::open(dir)?;
+    let mut params = 0u64;
+    let mut es = 4u64;
+    for n in ck.names() {
+        let info = ck.require(n)?;
+        params += info.numel() as u64;
+        es = info.dtype.size() as u64;
+    }
+    let kv =
+        dims.num_hidden_layers as u64 * 2 * (dims.num_key_value_heads * dims.head_dim) as u64 * es;
+    println!(
+        "written as {}: heads {}, KV heads {}, head_dim {}, parameters {params}, KV-cache bytes per token {kv}",
+        cfg.typed.model_type.as_deref().unwrap_or("?"),
+        dims.num_attention_heads,
+        dims.num_key_value_heads,
+        dims.head_dim
+    );
+    Ok(())
+}
+
 fn run_export(to: &str, src: &Path, dst: &Path, overwrite: bool) -> Result<()> {
     let format = diffattn::export::Format::parse(to)
         .with_context(|| format!("--to {to:?}: expected diffllama or llama-differential"))?;
@@ -475,6 +516,7 @@ fn run_export(to: &str, src: &Path, dst: &Path, overwrite: bool) -> Result<()> {
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
+    print_written_sizes(&r.output_dir)?;
     println!(
         "wrote {} ({}) in {:.2} s",
         r.output_dir.display(),
