@@ -18,7 +18,7 @@ use diffattn::output::parse_size;
 #[command(
     name = "diff-transformer",
     version,
-    about = "Convert, run and fine-tune differential-attention models"
+    about = "Convert Llama-family checkpoints to differential attention, run and compare them"
 )]
 struct Cli {
     #[command(subcommand)]
