@@ -17,7 +17,9 @@ Writes tests/fixtures/tiny/<case>/ with config.json, model.safetensors and expec
     `diff-transformer export` (--bin), loaded back by transformers' DiffLlamaForCausalLM: their
     logits must equal the format-A logits (asserted here) and are recorded, so the fixture
     proves that the Python side reads what we write.
-Optionally (--real DIR) records transformers' top-20 logits and 20 greedy ids for two prompts
+Optionally (--gguf FILE) records tensors of the SmolLM2 GGUF as transformers' GGUF loader
+dequantizes and un-permutes them (tests/fixtures/smollm2_gguf_reference.json), the independent
+check of import-gguf. Optionally (--real DIR) records transformers' top-20 logits and 20 greedy ids for two prompts
 on the imported SmolLM2 checkpoint in tests/fixtures/smollm2_reference.json.
 
 Needs torch and transformers >= 4.48 (pip install torch transformers safetensors); CI never runs it.
@@ -258,6 +260,35 @@ def gradient_case(case):
     print(f"{case}: loss {loss.item():.6f}, {len(norms)} gradient norms")
 
 
+SAMPLED_TENSORS = [
+    "model.embed_tokens.weight", "model.norm.weight",
+    "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.0.input_layernorm.weight", "model.layers.14.mlp.down_proj.weight",
+    "model.layers.29.self_attn.q_proj.weight", "model.layers.29.self_attn.k_proj.weight",
+]
+
+
+def gguf_reference(gguf_path):
+    """transformers' own GGUF loader (gguf-py dequantization + its q/k un-permutation) on the
+    SmolLM2 GGUF: per tensor the shape, float64 sum and sum of squares, and 256 sampled entries
+    (row (37 i) mod R, column (13 i) mod C), so that a wrong row permutation is caught."""
+    model = LlamaForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                             torch_dtype=torch.float32).eval()
+    sd = model.state_dict()
+    out = {"transformers": __import__("transformers").__version__, "tensors": {}}
+    for name in SAMPLED_TENSORS:
+        t = sd[name].double()
+        t2 = t if t.dim() == 2 else t[:, None]
+        R, C = t2.shape
+        idx = [((37 * i) % R, (13 * i) % C) for i in range(256)]
+        out["tensors"][name] = {"shape": list(sd[name].shape), "sum": t.sum().item(), "sum_sq": (t * t).sum().item(),
+                                "samples": [[r, c, t2[r, c].item()] for r, c in idx]}
+    with open(os.path.join("tests", "fixtures", "smollm2_gguf_reference.json"), "w") as f:
+        json.dump(out, f)
+    print(f"gguf reference: {len(SAMPLED_TENSORS)} tensors")
+
+
 def real(dir_):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(dir_)
@@ -281,6 +312,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--real", help="imported SmolLM2 directory (from import-gguf)")
     ap.add_argument("--bin", default="target/release/diff-transformer", help="our binary, for the export fixtures")
+    ap.add_argument("--gguf", help="the SmolLM2 GGUF, for transformers' GGUF-loader reference tensors")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     gqa = llama_case("llama_gqa", 1)
@@ -303,6 +335,8 @@ def main():
         gradient_case(case)
     if args.real:
         real(args.real)
+    if args.gguf:
+        gguf_reference(args.gguf)
 
 
 if __name__ == "__main__":

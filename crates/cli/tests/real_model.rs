@@ -33,6 +33,14 @@ fn fetch_gguf() -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
+/// Imports the real GGUF into `tmp/hf` with the CLI (None when the real model is skipped).
+fn import_smollm2(tmp: &Path) -> Option<(PathBuf, String)> {
+    let gguf = fetch_gguf()?;
+    let hf = tmp.join("hf");
+    let stdout = run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    Some((hf, stdout))
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -50,10 +58,10 @@ fn attn(l: usize, n: &str) -> String {
 
 #[test]
 fn smollm2_import_and_convert() {
-    let Some(gguf) = fetch_gguf() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let hf = tmp.path().join("SmolLM2-135M-Instruct");
-    let stdout = run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    let Some((hf, stdout)) = import_smollm2(tmp.path()) else {
+        return;
+    };
     assert!(
         stdout.contains("layers 30, hidden 576, heads 9, kv heads 3"),
         "{stdout}"
@@ -284,10 +292,11 @@ fn smollm2_forward_matches_transformers() {
     use candle_core::{DType, Device, Tensor};
     use diffattn::generate::{generate, Sampling};
     use diffattn::model::Model;
-    let Some(gguf) = fetch_gguf() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let hf = tmp.path().join("hf");
-    run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    let Some((hf, _)) = import_smollm2(tmp.path()) else {
+        return;
+    };
+    check_import_against_transformers_gguf_loader(&hf);
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -373,10 +382,10 @@ fn smollm2_forward_matches_transformers() {
 fn smollm2_diffllama_export_matches_format_a() {
     use candle_core::{DType, Device, Tensor};
     use diffattn::model::Model;
-    let Some(gguf) = fetch_gguf() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let hf = tmp.path().join("hf");
-    run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
+    let Some((hf, _)) = import_smollm2(tmp.path()) else {
+        return;
+    };
     let codec = diffattn::generate::TextCodec::load(&hf).unwrap();
     for (flags, bound) in [(vec!["--mirror-weights"], Some(2e-3f32)), (vec![], None)] {
         let mut dirs = Vec::new();
@@ -466,4 +475,55 @@ fn smollm2_diffllama_export_matches_format_a() {
         "{stderr}"
     );
     assert!(!tmp.path().join("nosubln").exists());
+}
+
+/// The imported tensors against transformers' own GGUF loader (gguf-py dequantization and its
+/// q/k un-permutation), recorded by tools/make_fixtures.py --gguf: shapes, sums and 256
+/// sampled entries per tensor spread over rows and columns, within 1e-6 (SPEC §8).
+fn check_import_against_transformers_gguf_loader(hf: &Path) {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/smollm2_gguf_reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ck = Checkpoint::open(hf).unwrap();
+    let mut worst = 0f64;
+    for (name, r) in reference["tensors"].as_object().unwrap() {
+        let info = ck
+            .info(name)
+            .unwrap_or_else(|| panic!("{name} not imported"));
+        let shape: Vec<usize> = r["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(info.shape, shape, "{name}");
+        let v = ck.to_f32(name).unwrap();
+        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        for sample in r["samples"].as_array().unwrap() {
+            let (row, col) = (
+                sample[0].as_u64().unwrap() as usize,
+                sample[1].as_u64().unwrap() as usize,
+            );
+            let d = (v[row * cols + col] as f64 - sample[2].as_f64().unwrap()).abs();
+            worst = worst.max(d);
+            assert!(d <= 1e-6, "{name}[{row}, {col}]: off by {d}");
+        }
+        let sum: f64 = v.iter().map(|&x| x as f64).sum();
+        let sum_sq: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
+        for (ours, key) in [(sum, "sum"), (sum_sq, "sum_sq")] {
+            let theirs = r[key].as_f64().unwrap();
+            assert!(
+                (ours - theirs).abs() <= 1e-6 * theirs.abs().max(1.0),
+                "{name} {key}: {ours} vs {theirs}"
+            );
+        }
+    }
+    println!(
+        "import-gguf vs transformers' GGUF loader: max |delta| over sampled entries {worst:.2e}"
+    );
 }
