@@ -157,24 +157,32 @@ pub fn export(
         ));
     };
     let mut config = cfg.raw.clone();
-    let per_layer = |n: &str| n.starts_with("model.layers.") && n.contains(".self_attn.");
-    for name in ck.names() {
-        if !per_layer(name) || name.contains("mlp") {
-            let info = ck.require(name)?;
-            push(
-                name.to_string(),
-                info.shape.clone(),
-                Recipe::Copy(name.to_string()),
-            );
-        }
+    // Tensors the mapping rewrites; every other tensor is copied as it is.
+    let rewritten = |n: &str| -> bool {
+        let Some(rest) = n.split(".self_attn.").nth(1) else {
+            return false;
+        };
+        rest.starts_with("lambda_")
+            || rest.starts_with("subln.")
+            || (to == Format::DiffLlama
+                && (rest == "o_proj.weight" || (!split && rest.starts_with("v_proj."))))
+    };
+    for name in ck.names().filter(|n| !rewritten(n)) {
+        let info = ck.require(name)?;
+        push(
+            name.to_string(),
+            info.shape.clone(),
+            Recipe::Copy(name.to_string()),
+        );
     }
     for l in 0..dims.num_hidden_layers {
         let a = format!("model.layers.{l}.self_attn.");
-        let lam: Vec<Vec<f32>> = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
+        let names = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"];
+        let lam: Vec<Vec<f32>> = names
             .iter()
             .map(|n| ck.to_f32(&format!("{a}{n}")))
             .collect::<Result<_>>()?;
-        let lam: [Vec<f32>; 4] = lam.try_into().expect("four vectors");
+        let mut lam: [Vec<f32>; 4] = lam.try_into().expect("four vectors");
         let formula = lambda_init(l);
         match to {
             Format::DiffLlama => {
@@ -183,34 +191,12 @@ pub fn export(
                 }
                 let stored = ck.to_f32(&format!("{a}lambda_init"))?[0] as f64;
                 let w = ck.to_f32(&format!("{a}subln.weight"))?;
-                let lam = absorb_lambda_init(lam, stored, formula)
+                lam = absorb_lambda_init(lam, stored, formula)
                     .map_err(|e| refuse(&src, format!("layer {l}: {e}")))?;
-                for (n, v) in ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
-                    .iter()
-                    .zip(lam)
-                {
-                    push(format!("{a}{n}"), vec![d], Recipe::Values(v));
-                }
                 let scale = 1.0 / (1.0 - formula);
                 let o = format!("{a}o_proj.weight");
-                let copy_all =
-                    |push: &mut dyn FnMut(String, Vec<usize>, Recipe), proj: &str| -> Result<()> {
-                        for sfx in ["weight", "bias"] {
-                            let n = format!("{a}{proj}.{sfx}");
-                            if let Some(info) = ck.info(&n) {
-                                push(n.clone(), info.shape.clone(), Recipe::Copy(n));
-                            }
-                        }
-                        Ok(())
-                    };
-                copy_all(&mut push, "q_proj")?;
-                copy_all(&mut push, "k_proj")?;
-                if let Some(info) = ck.info(&format!("{a}o_proj.bias")) {
-                    let n = format!("{a}o_proj.bias");
-                    push(n.clone(), info.shape.clone(), Recipe::Copy(n));
-                }
                 if split {
-                    copy_all(&mut push, "v_proj")?;
+                    // Column c of head j (width 2d) scaled by w[c] / (1 - lambda_init).
                     let map = (0..h * d)
                         .map(|c| (c, (w[c % (2 * d)] as f64 * scale) as f32))
                         .collect();
@@ -243,20 +229,6 @@ pub fn export(
                 }
             }
             Format::LlamaDifferential => {
-                for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                    for sfx in ["weight", "bias"] {
-                        let n = format!("{a}{proj}.{sfx}");
-                        if let Some(info) = ck.info(&n) {
-                            push(n.clone(), info.shape.clone(), Recipe::Copy(n));
-                        }
-                    }
-                }
-                for (n, v) in ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
-                    .iter()
-                    .zip(lam)
-                {
-                    push(format!("{a}{n}"), vec![d], Recipe::Values(v));
-                }
                 push(
                     format!("{a}lambda_init"),
                     vec![],
@@ -268,6 +240,9 @@ pub fn export(
                     Recipe::Values(vec![(1.0 - formula) as f32; 2 * d]),
                 );
             }
+        }
+        for (n, v) in names.iter().zip(lam) {
+            push(format!("{a}{n}"), vec![d], Recipe::Values(v));
         }
     }
     tensors.sort_by(|x, y| x.0.name.cmp(&y.0.name));
