@@ -3,56 +3,15 @@
 //! DiffLlamaForCausalLM was shown to read (tools/make_fixtures.py), logits survive round trips,
 //! and what cannot be expressed is refused.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
-use diffattn::checkpoint::Checkpoint;
-use diffattn::export::{export, Format};
-use diffattn::model::Model;
+use std::path::Path;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::{expected_logits, fixtures_root as fixtures, max_abs_diff as max_diff};
 
 const IDS: [u32; 10] = [1, 5, 9, 13, 2, 7, 30, 11, 42, 3];
-
-fn logits(dir: &Path) -> Vec<Vec<f32>> {
-    let m = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
-    let ids = Tensor::new(&IDS[..], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(&ids)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap()
-}
-
-fn expected_logits(dir: &Path) -> Vec<Vec<f32>> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
+use diffattn::checkpoint::Checkpoint;
+use diffattn::export::{export, Format};
 
 #[test]
 fn exports_are_what_transformers_read_and_keep_the_logits() {
@@ -80,7 +39,7 @@ fn exports_are_what_transformers_read_and_keep_the_logits() {
         assert_eq!(cfg["architectures"][0], "DiffLlamaForCausalLM");
         assert_eq!(cfg["lambda_std_dev"], 0.1);
         assert!(cfg.get("split_heads").is_none());
-        let ours = logits(&out);
+        let ours = common::logits(&out, &IDS);
         let d_tf = max_diff(&ours, &expected_logits(&committed));
         let d_a = max_diff(&ours, &expected_logits(&src));
         println!("{case}: B vs transformers {d_tf:.2e}, B vs format A reference {d_a:.2e}");
@@ -128,7 +87,7 @@ fn round_trips_keep_logits_and_identity_tensors() {
         let a2 = tmp.path().join(format!("{case}_a2"));
         export(&a, &b, Format::DiffLlama, false, &|_| {}).unwrap();
         export(&b, &a2, Format::LlamaDifferential, false, &|_| {}).unwrap();
-        let d = max_diff(&logits(&a), &logits(&a2));
+        let d = max_diff(&common::logits(&a, &IDS), &common::logits(&a2, &IDS));
         assert!(d <= 1e-5, "{case} A->B->A: {d}");
         let (ca, ca2) = (
             Checkpoint::open(&a).unwrap(),
@@ -153,12 +112,12 @@ fn round_trips_keep_logits_and_identity_tensors() {
         let b2 = tmp.path().join(format!("{case}_b2"));
         export(&b, &a, Format::LlamaDifferential, false, &|_| {}).unwrap();
         export(&a, &b2, Format::DiffLlama, false, &|_| {}).unwrap();
-        let la = logits(&a);
+        let la = common::logits(&a, &IDS);
         assert!(
             max_diff(&la, &expected_logits(&b)) <= 1e-4,
             "{case}: B->A logits"
         );
-        let d = max_diff(&logits(&b), &logits(&b2));
+        let d = max_diff(&common::logits(&b, &IDS), &common::logits(&b2, &IDS));
         assert!(d <= 1e-5, "{case} B->A->B: {d}");
         let (cb, cb2) = (
             Checkpoint::open(&b).unwrap(),

@@ -4,11 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, D};
+use common::{ids_tensor, logits_of, max_abs_diff};
 use diffattn::model::{KvCache, Model};
 
 fn fixtures() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+    let root = common::fixtures_root().join("tiny");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
         .map(|e| e.unwrap().path())
@@ -56,32 +59,12 @@ fn load(dir: &Path, mix: f64) -> Model {
     m
 }
 
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
-
-fn ids_tensor(ids: &[u32]) -> Tensor {
-    Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-}
-
 #[test]
 fn logits_match_the_python_reference() {
     for dir in fixtures() {
         let e = expected(&dir);
         let m = load(&dir, e.mix);
-        let logits = m
-            .forward(&ids_tensor(&e.ids))
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let logits = logits_of(&m, &e.ids);
         let diff = max_abs_diff(&logits, &e.logits);
         println!(
             "{}: max |delta logit| = {diff:.2e}",
@@ -101,13 +84,7 @@ fn kv_cache_decoding_equals_full_recompute() {
     for dir in fixtures() {
         let e = expected(&dir);
         let m = load(&dir, e.mix);
-        let full = m
-            .forward(&ids_tensor(&e.ids))
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let full = logits_of(&m, &e.ids);
         let n = e.ids.len();
         let prefill = n - 3;
         let mut cache = KvCache::new();
@@ -180,20 +157,8 @@ fn left_padded_batch_equals_unbatched_runs() {
         let batch = m.forward_full(&ids, &pos, Some(&mask), None, None).unwrap();
         let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
         let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
-        let alone_long = m
-            .forward(&ids_tensor(&long))
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let alone_short = m
-            .forward(&ids_tensor(&short))
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let alone_long = logits_of(&m, &long);
+        let alone_short = logits_of(&m, &short);
         assert!(
             max_abs_diff(&row0, &alone_long) <= 1e-4,
             "{}",
@@ -206,7 +171,7 @@ fn left_padded_batch_equals_unbatched_runs() {
 
 #[test]
 fn every_trainable_tensor_of_a_format_a_model_gets_a_gradient() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+    let root = common::fixtures_root().join("tiny");
     for case in [
         "diff_double_subln_gqa",
         "diff_split_subln_gqa",
@@ -251,7 +216,7 @@ fn every_trainable_tensor_of_a_format_a_model_gets_a_gradient() {
 /// within 1e-4 relative.
 #[test]
 fn loss_and_gradient_norms_match_torch_autograd() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny");
+    let root = common::fixtures_root().join("tiny");
     for case in [
         "diff_double_subln_gqa",
         "diff_split_subln_gqa",

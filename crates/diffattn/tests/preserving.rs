@@ -5,8 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use common::{logits, max_abs_diff, tiny as fixture};
 use diffattn::axolotl::DtypeChoice;
 use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
 use diffattn::model::Model;
@@ -27,20 +30,6 @@ fn convert_to(src_dir: &Path, out: &Path, init: Init) {
     let src = Source::from_dir(src_dir).unwrap();
     let plan = convert::plan(&src, &options(init)).unwrap();
     convert::execute(&src, &plan, out, None, &|_| {}).unwrap();
-}
-
-fn logits(dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
-    let m = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
-    let t = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(&t)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap()
 }
 
 /// One AdamW step (lr 1e-3, no weight decay) of next-token cross-entropy on `ids`; returns
@@ -147,12 +136,6 @@ fn negative_branch_changes(
         .collect()
 }
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/tiny")
-        .join(name)
-}
-
 #[test]
 fn preserving_mirror_keeps_logits_and_learns() {
     let ids = [1u32, 5, 9, 13, 2, 7, 30, 11, 42, 3];
@@ -162,12 +145,7 @@ fn preserving_mirror_keeps_logits_and_learns() {
         convert_to(&fixture(case), &out, Init::PreservingMirror);
         let a = logits(&fixture(case), &ids);
         let b = logits(&out, &ids);
-        let max = a
-            .iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let max = max_abs_diff(&a, &b);
         assert!(max <= 1e-4, "{case}: step-0 logits differ by {max}");
         let cfg = Model::load(&out, DType::F32, &Device::Cpu).unwrap().config;
         let (hd, kvd) = (
@@ -241,12 +219,7 @@ fn preserving_mirror_on_smollm2() {
         .unwrap();
     let a = logits(&hf, &ids);
     let b = logits(&conv, &ids);
-    let max = a
-        .iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max = max_abs_diff(&a, &b);
     println!("SmolLM2 --preserving-mirror: step-0 max |delta logit| {max:.2e}");
     assert!(max <= 1e-4, "{max}");
     let steps = one_step(&conv, &ids);
