@@ -67,6 +67,45 @@ enum Command {
     },
     /// Measure prefill and decode speed of a model (synthetic token ids, greedy, KV cache).
     Bench(BenchArgs),
+    /// Fine-tune the `base_model` of an axolotl config (Llama, llama-differential or
+    /// diffllama) with the negative-branch warm-up and lambda monitoring; writes checkpoints,
+    /// metrics.jsonl, a TensorBoard event file and the final model into output_dir.
+    Train(TrainArgs),
+    /// Eval loss and perplexity of a model on the validation split of an axolotl config.
+    Evaluate(EvaluateArgs),
+    /// Draw a training run's metrics (loss, learning rate, lambda_full, mix) as a PNG.
+    Plot {
+        /// The run's output_dir (holding metrics.jsonl).
+        run_dir: PathBuf,
+        /// The PNG to write (default: RUN_DIR/plot.png).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The axolotl YAML (datasets, sequence_len, micro_batch_size, learning_rate, ...).
+    config: PathBuf,
+    /// Write here instead of the config's output_dir.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Replace a non-empty output directory (not needed to resume).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    /// The axolotl YAML (datasets, val_set_size, seed, sequence_len define the split).
+    config: PathBuf,
+    /// The model to evaluate (default: the config's base_model), e.g. a training output_dir
+    /// or one of its checkpoint-N directories.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Also write the metrics as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -630,6 +669,91 @@ fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_train(a: &TrainArgs) -> Result<()> {
+    use diffattn::train::{self, Event};
+    let cfg = train::TrainConfig::from_file(&a.config)?;
+    let opts = train::TrainOptions {
+        overwrite: a.overwrite,
+        output_dir: a.output_dir.clone(),
+    };
+    let pb = std::cell::RefCell::new(None::<ProgressBar>);
+    let last_lambda = std::cell::Cell::new(None::<f64>);
+    let on_event = |e: Event| match e {
+        Event::Info(m) => match pb.borrow().as_ref() {
+            Some(p) => p.println(m),
+            None => println!("{m}"),
+        },
+        Event::Warning(m) => match pb.borrow().as_ref() {
+            Some(p) => p.suspend(|| eprintln!("warning: {m}")),
+            None => eprintln!("warning: {m}"),
+        },
+        Event::Step {
+            step,
+            total,
+            loss,
+            learning_rate,
+            mean_lambda,
+            logged,
+        } => {
+            let mut slot = pb.borrow_mut();
+            let p = slot.get_or_insert_with(|| {
+                let p = progress(total as u64, "");
+                p.set_style(
+                    ProgressStyle::with_template(
+                        "[{bar:30}] step {pos}/{len} {msg} ({elapsed} < {eta})",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                p.set_position((step - 1) as u64);
+                p
+            });
+            if mean_lambda.is_some() {
+                last_lambda.set(mean_lambda);
+            }
+            let lam = last_lambda
+                .get()
+                .map(|l| format!(" mean lambda {l:.4}"))
+                .unwrap_or_default();
+            let msg = format!("loss {loss:.4} lr {learning_rate:.3e}{lam}");
+            if p.is_hidden() && logged {
+                println!("step {step}/{total} {msg}");
+            }
+            p.set_message(msg);
+            p.set_position(step as u64);
+        }
+    };
+    let report = train::train(&cfg, &opts, &on_event)?;
+    if let Some(p) = pb.borrow().as_ref() {
+        p.finish_and_clear();
+    }
+    println!("metrics ({}):", report.output_dir.join("all_results.json").display());
+    for (k, v) in &report.metrics {
+        println!("  {k}: {v:.6}");
+    }
+    println!(
+        "evaluate again with: diff-transformer evaluate {} --model {}",
+        a.config.display(),
+        report.output_dir.display()
+    );
+    Ok(())
+}
+
+fn run_evaluate(a: &EvaluateArgs) -> Result<()> {
+    let cfg = diffattn::train::TrainConfig::from_file(&a.config)?;
+    let (dir, r) = diffattn::train::evaluate(&cfg, a.model.as_deref())?;
+    println!("model: {}", dir.display());
+    let metrics = r.metrics();
+    for (k, v) in &metrics {
+        println!("  {k}: {v:.6}");
+    }
+    if let Some(p) = &a.json {
+        diffattn::config::write_json(p, &serde_json::json!(metrics))?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -655,6 +779,14 @@ fn main() -> ExitCode {
             dst,
             overwrite,
         } => run_export(to, src, dst, *overwrite),
+        Command::Train(args) => run_train(args),
+        Command::Evaluate(args) => run_evaluate(args),
+        Command::Plot { run_dir, output } => {
+            let out = output.clone().unwrap_or_else(|| run_dir.join("plot.png"));
+            diffattn::train::plot::plot(run_dir, &out)
+                .map(|_| println!("wrote {}", out.display()))
+                .map_err(Into::into)
+        }
         Command::Compare(args) => match run_compare(args) {
             Ok(code) => return code,
             Err(e) => Err(e),

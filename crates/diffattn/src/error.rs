@@ -103,6 +103,9 @@ pub enum Error {
         detail: String,
     },
 
+    #[error("{path}: {msg}")]
+    Dataset { path: PathBuf, msg: String },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -18,5 +18,6 @@ pub mod model;
 pub mod output;
 #[doc(hidden)]
 pub mod testing;
+pub mod train;
 
 pub use error::{Error, Result};

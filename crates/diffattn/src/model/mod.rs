@@ -273,6 +273,31 @@ pub struct Model {
 /// Tensors of a checkpoint by name.
 pub type Weights = HashMap<String, Tensor>;
 
+/// Splits `weights` into trainable [`Var`]s (every tensor but `lambda_init`, by name in
+/// sorted order) and constants; returns the weights to build the model from (the vars'
+/// tensors), the vars and the constants.
+pub fn trainable_weights(
+    weights: Weights,
+) -> Result<(Weights, Vec<(String, Var)>, Vec<(String, Tensor)>)> {
+    let mut vars = Vec::new();
+    let mut constants = Vec::new();
+    let mut w2 = HashMap::new();
+    let mut names: Vec<_> = weights.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let t = &weights[&name];
+        if name.ends_with("lambda_init") {
+            w2.insert(name.clone(), t.clone());
+            constants.push((name, t.clone()));
+        } else {
+            let v = Var::from_tensor(t)?;
+            w2.insert(name.clone(), v.as_tensor().clone());
+            vars.push((name, v));
+        }
+    }
+    Ok((w2, vars, constants))
+}
+
 /// Reads every tensor of the checkpoint in `dir` into memory as `dtype` on `device`.
 pub fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<Weights> {
     let ck = crate::checkpoint::Checkpoint::open(dir)?;
@@ -303,20 +328,7 @@ impl Model {
     pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Self, Vec<(String, Var)>)> {
         let mc = ModelConfig::from_file(&dir.join("config.json"))?;
         let weights = load_weights(dir, DType::F32, device)?;
-        let mut vars = Vec::new();
-        let mut w2 = HashMap::new();
-        let mut names: Vec<_> = weights.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let t = &weights[&name];
-            if name.ends_with("lambda_init") {
-                w2.insert(name, t.clone());
-            } else {
-                let v = Var::from_tensor(t)?;
-                w2.insert(name.clone(), v.as_tensor().clone());
-                vars.push((name, v));
-            }
-        }
+        let (w2, vars, _) = trainable_weights(weights)?;
         Ok((Self::from_weights(&mc, &w2, dir, device)?, vars))
     }
 
@@ -432,7 +444,7 @@ impl Model {
             blocks,
             lm_head,
             rope,
-            mix: 1.0,
+            mix: crate::train::stored_mix(mc)?.unwrap_or(1.0),
             device: device.clone(),
             dtype,
         })

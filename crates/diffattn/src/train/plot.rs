@@ -1,0 +1,164 @@
+//! `diff-transformer plot`: a PNG of a run's `metrics.jsonl` with four panels: train and eval
+//! loss, learning rate, `lambda_full` of the monitored layers, and the warm-up factor `mix`,
+//! all over optimizer steps. Rendered with plotters' bitmap backend and a bundled DejaVu Sans
+//! (assets/, Bitstream Vera licence), so no system font library is needed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+/// Named series of (step, value) points.
+pub type Series = BTreeMap<String, Vec<(f64, f64)>>;
+
+/// Reads `metrics.jsonl` into the series plotted: `loss`, `eval_loss`, `learning_rate`,
+/// `layer_N/lambda_full`, `diff_attn_mix`.
+pub fn read_series(path: &Path) -> Result<Series> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    let mut out: Series = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::Dataset {
+            path: path.to_path_buf(),
+            msg: format!("line {}: not valid JSON: {e}", i + 1),
+        })?;
+        let Some(step) = v.get("step").and_then(Value::as_f64) else {
+            continue;
+        };
+        for (k, x) in v.as_object().into_iter().flatten() {
+            let keep = matches!(
+                k.as_str(),
+                "loss" | "eval_loss" | "learning_rate" | "diff_attn_mix"
+            ) || (k.starts_with("layer_") && k.ends_with("/lambda_full"));
+            if let (true, Some(x)) = (keep, x.as_f64()) {
+                out.entry(k.clone()).or_default().push((step, x));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    series: &[(&str, &Vec<(f64, f64)>)],
+) -> std::result::Result<(), String> {
+    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    let (mut x0, mut x1, mut y0, mut y1) = (0f64, 1f64, 0f64, 1f64);
+    if !pts.is_empty() {
+        x0 = pts.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+        x1 = pts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        y0 = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        y1 = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        if x1 <= x0 {
+            x1 = x0 + 1.0;
+        }
+        let pad = ((y1 - y0) * 0.08).max(1e-9 + y1.abs() * 0.02);
+        y0 -= pad;
+        y1 += pad;
+    }
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    if pts.is_empty() {
+        area.draw(&Text::new(
+            "no data in this run",
+            (120, 100),
+            ("sans-serif", 14).into_font(),
+        ))
+        .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    for (i, (name, s)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name.to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        if s.len() == 1 {
+            chart
+                .draw_series(std::iter::once(Circle::new(s[0], 3, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Renders `run_dir/metrics.jsonl` as a 1200×800 PNG at `out`.
+pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
+    let metrics = run_dir.join(super::METRICS_FILE);
+    if !metrics.is_file() {
+        return Err(Error::InvalidOptions(format!(
+            "{} not found: plot reads the metrics.jsonl that `train` writes into output_dir",
+            metrics.display()
+        )));
+    }
+    let series = read_series(&metrics)?;
+    REGISTER.call_once(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+            .unwrap_or_else(|_| panic!("the bundled font is valid"));
+    });
+    let fail = |e: String| Error::Io {
+        path: out.to_path_buf(),
+        source: std::io::Error::other(e),
+    };
+    let tmp = out.with_file_name(format!(
+        ".{}.partial-{}.png",
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    {
+        let root = BitMapBackend::new(&tmp, (1200, 800)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let areas = root.split_evenly((2, 2));
+        let get = |k: &str| series.get(k);
+        let mut loss = Vec::new();
+        if let Some(s) = get("loss") {
+            loss.push(("train loss", s));
+        }
+        if let Some(s) = get("eval_loss") {
+            loss.push(("eval loss", s));
+        }
+        panel(&areas[0], "loss", &loss).map_err(fail)?;
+        let lr: Vec<_> = get("learning_rate").map(|s| ("learning rate", s)).into_iter().collect();
+        panel(&areas[1], "learning rate", &lr).map_err(fail)?;
+        let lambdas: Vec<(&str, &Vec<(f64, f64)>)> = series
+            .iter()
+            .filter(|(k, _)| k.ends_with("/lambda_full"))
+            .map(|(k, s)| (k.as_str(), s))
+            .collect();
+        panel(&areas[2], "lambda_full (monitored layers, without mix)", &lambdas).map_err(fail)?;
+        let mix: Vec<_> = get("diff_attn_mix").map(|s| ("mix", s)).into_iter().collect();
+        panel(&areas[3], "negative-branch warm-up mix", &mix).map_err(fail)?;
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, out).at(out)?;
+    Ok(())
+}
