@@ -2,7 +2,24 @@
 //! models (Ye et al., arXiv:2410.05258), in the formats the Python ecosystem loads.
 
 use std::path::{Path, PathBuf};
+
 use std::process::ExitCode;
+
+/// mimalloc instead of the system allocator: see [`keep_freed_memory`].
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Training allocates and frees gigabytes per step (candle allocates every op's output and
+/// every gradient). glibc returns large blocks to the kernel at once, so each step pays
+/// ~500 k page faults; telling mimalloc never to purge freed memory makes the blocks reused
+/// instead (4 SmolLM2 steps: 2.0 M -> 3.6 k page faults, about 20% faster). Peak memory is
+/// unchanged, the process simply keeps it.
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` in mimalloc v3's `mimalloc.h` enum `mi_option_e` (-1 = never purge).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a global allocator option; no pointer arguments.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -670,6 +687,7 @@ fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
 }
 
 fn run_train(a: &TrainArgs) -> Result<()> {
+    keep_freed_memory();
     use diffattn::train::{self, Event};
     let cfg = train::TrainConfig::from_file(&a.config)?;
     let opts = train::TrainOptions {

@@ -329,3 +329,49 @@ pub fn permute_rows(hf: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
     }
     out
 }
+
+/// Writes a word-level `tokenizer.json` with `vocab_size` ids into `dir`: `<unk>` = 0,
+/// `<s>` = 1, `</s>` = 2 (special), then common lower-case English words; every other word
+/// maps to `<unk>`. Enough for training tests on the tiny fixture models.
+pub fn write_word_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
+    const WORDS: &str = "the a an of to and in is it that for on with as are was be by this \
+        at from or not but what which one all were when we there can they has more if no \
+        out so up said time about into than them only other new some could these two may \
+        then do first any like now my over such our man me even most made after also did \
+        many before must through back years where much your way well down should because \
+        each just those people how too little state good very make world still own see \
+        men work long get here between both life being under never day same another know";
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), serde_json::json!(i));
+    }
+    for w in WORDS.split_whitespace() {
+        if vocab.len() >= vocab_size {
+            break;
+        }
+        if !vocab.contains_key(w) {
+            let id = vocab.len();
+            vocab.insert(w.to_string(), serde_json::json!(id));
+        }
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    crate::config::write_json(&dir.join("tokenizer.json"), &tok)?;
+    crate::config::write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    )
+}

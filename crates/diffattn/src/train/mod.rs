@@ -705,9 +705,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         let mut step_loss = 0.0;
         for (i, b) in batches.iter().enumerate() {
             let capture = (monitor_now && i == 0).then_some((monitored.as_slice(), &mut probs));
+            let t0 = Instant::now();
             let loss = (nll_sum(&tm.model, b, capture)? / n_targets.max(1) as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
+            let t1 = Instant::now();
             let gs = loss.backward()?;
+            tracing::debug!(
+                step = g,
+                seq = b.seq,
+                forward_s = (t1 - t0).as_secs_f64(),
+                backward_s = t1.elapsed().as_secs_f64(),
+                "micro-batch"
+            );
             match grads.as_mut() {
                 None => grads = Some(gs),
                 Some(acc) => acc.extend(gs)?,
@@ -754,7 +763,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         } else {
             1.0
         };
+        let t0 = Instant::now();
         opt.step(&grads, lr, clip)?;
+        tracing::debug!(step = g, optimizer_s = t0.elapsed().as_secs_f64(), "optimizer step");
         drop(grads);
         let step = g + 1;
         loss_since_log += step_loss;

@@ -79,6 +79,69 @@ pub fn sum_sq(t: &Tensor) -> Result<f64> {
     })
 }
 
+#[derive(Clone, Copy)]
+struct Coeffs {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    gs: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+impl Coeffs {
+    /// `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g²`,
+    /// `θ = θ·decay − step_size · m / (sqrt(v)/sqrt(bc2) + eps)` (torch.optim.AdamW).
+    fn apply(&self, th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        const CHUNK: usize = 1 << 14;
+        let c = *self;
+        th.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((th, m), v), g)| {
+                for i in 0..th.len() {
+                    let gi = g[i] * c.gs;
+                    m[i] = c.b1 * m[i] + (1.0 - c.b1) * gi;
+                    v[i] = c.b2 * v[i] + (1.0 - c.b2) * gi * gi;
+                    let denom = v[i].sqrt() / c.bc2_sqrt + c.eps;
+                    th[i] = th[i] * c.decay - c.step_size * m[i] / denom;
+                }
+            })
+    }
+}
+
+/// The AdamW update applied to a parameter's own CPU storage.
+struct InPlaceUpdate<'a> {
+    grad: &'a [f32],
+    m: std::cell::RefCell<&'a mut Vec<f32>>,
+    v: std::cell::RefCell<&'a mut Vec<f32>>,
+    c: Coeffs,
+}
+
+impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("adamw-update: f32 parameters only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adamw-update: contiguous parameters only");
+        };
+        let mut m = self.m.borrow_mut();
+        let mut v = self.v.borrow_mut();
+        self.c.apply(&mut data[start..end], &mut m[..], &mut v[..], self.grad);
+        Ok(())
+    }
+}
+
 impl AdamW {
     /// One slot per var; weight decay only on tensors of 2 or more dimensions.
     pub fn new(vars: &[(String, Var)], params: AdamWParams) -> Result<Self> {
@@ -148,27 +211,34 @@ impl AdamW {
             } else {
                 1.0
             };
-            let theta = s.var.as_tensor().clone();
-            let shape = theta.shape().clone();
-            let device = theta.device().clone();
-            let mut next = with_f32(&theta, |x| x.to_vec())?;
+            let coeffs = Coeffs {
+                b1,
+                b2,
+                eps,
+                gs,
+                decay,
+                step_size,
+                bc2_sqrt,
+            };
             let (m, v) = (&mut s.m, &mut s.v);
-            with_f32(g, |g| {
-                next.par_chunks_mut(1 << 14)
-                    .zip(m.par_chunks_mut(1 << 14))
-                    .zip(v.par_chunks_mut(1 << 14))
-                    .zip(g.par_chunks(1 << 14))
-                    .for_each(|(((th, m), v), g)| {
-                        for i in 0..th.len() {
-                            let gi = g[i] * gs;
-                            m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                            let denom = v[i].sqrt() / bc2_sqrt + eps;
-                            th[i] = th[i] * decay - step_size * m[i] / denom;
-                        }
+            let theta = s.var.as_tensor();
+            if matches!(theta.device(), Device::Cpu) && theta.is_contiguous() {
+                // In place: no copy of the parameter (hundreds of MB per step otherwise).
+                with_f32(g, |g| {
+                    theta.inplace_op1(&InPlaceUpdate {
+                        grad: g,
+                        m: std::cell::RefCell::new(m),
+                        v: std::cell::RefCell::new(v),
+                        c: coeffs,
                     })
-            })?;
-            s.var.set(&Tensor::from_vec(next, shape, &device)?)?;
+                })??;
+            } else {
+                let shape = theta.shape().clone();
+                let device = theta.device().clone();
+                let mut next = with_f32(theta, |x| x.to_vec())?;
+                with_f32(g, |g| coeffs.apply(&mut next, m, v, g))?;
+                s.var.set(&Tensor::from_vec(next, shape, &device)?)?;
+            }
         }
         Ok(())
     }

@@ -73,9 +73,18 @@ fn panel<DB: DrawingBackend>(
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
+    let small = y1.abs().max(y0.abs()) < 1e-2;
+    let fmt = move |y: &f64| {
+        if small {
+            format!("{y:.1e}")
+        } else {
+            format!("{y:.3}")
+        }
+    };
     chart
         .configure_mesh()
         .x_desc("step")
+        .y_label_formatter(&fmt)
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(|e| e.to_string())?;

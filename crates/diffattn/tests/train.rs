@@ -1,0 +1,502 @@
+//! Training on the tiny fixture models: warm-up persistence, resume, monitoring values,
+//! TensorBoard file, accumulation, format B, refusals, the zero-init warning and the plot.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::tiny as fixture;
+use diffattn::axolotl::AxolotlConfig;
+use diffattn::model::Model;
+use diffattn::train::{self, Event, TrainConfig, TrainOptions};
+use serde_json::Value;
+
+const TEXTS: [&str; 12] = [
+    "the man said that the world was good and the day was long",
+    "we know the way back to the state and the people there",
+    "it is time to work on what we made in the first two years",
+    "they could see the little man at the back of the state",
+    "what can we do now that the day is over and the work is done",
+    "people should know how much good work was made by them",
+    "there was one day when all the men were out of work",
+    "the first life of the world was very long and good",
+    "my own work must be well made and each day is new",
+    "if they may see it then we could make it over there",
+    "after the day the people went back to their own state",
+    "any man can see that the way is long but good",
+];
+
+/// A tmp dir with the fixture model (plus a word tokenizer) and both dataset types.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+}
+
+fn setup(case: &str) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = root.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(fixture(case)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    diffattn::testing::write_word_tokenizer(&model, 64).unwrap();
+    let mut completion = String::new();
+    for t in TEXTS {
+        completion.push_str(&serde_json::json!({ "text": t }).to_string());
+        completion.push('\n');
+    }
+    std::fs::write(root.join("text.jsonl"), completion).unwrap();
+    let alpaca: Vec<Value> = TEXTS
+        .iter()
+        .take(6)
+        .map(|t| serde_json::json!({"instruction": "say it again", "input": "", "output": t}))
+        .collect();
+    std::fs::write(root.join("alpaca.json"), Value::Array(alpaca).to_string()).unwrap();
+    Setup {
+        _tmp: tmp,
+        root,
+        model,
+    }
+}
+
+impl Setup {
+    /// A config with `extra` YAML lines appended; output_dir `out`.
+    fn config(&self, out: &str, extra: &str) -> TrainConfig {
+        let text = format!(
+            "base_model: {}\noutput_dir: {}\nseed: 7\ndatasets:\n  - path: {}\n    type: completion\n  - path: {}\n    type: alpaca\nsequence_len: 32\n{}learning_rate: 0.01\nlogging_steps: 1\ndiff_attn_log_every: 1\n{extra}",
+            self.model.display(),
+            self.root.join(out).display(),
+            self.root.join("text.jsonl").display(),
+            self.root.join("alpaca.json").display(),
+            if extra.contains("val_set_size") { "" } else { "val_set_size: 4\n" },
+        );
+        let path = self.root.join(format!("{out}.yml"));
+        std::fs::write(&path, &text).unwrap();
+        TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap()
+    }
+    fn out(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+fn run(cfg: &TrainConfig) -> (train::TrainReport, Vec<Event>) {
+    let events = RefCell::new(Vec::new());
+    let r = train::train(cfg, &TrainOptions::default(), &|e| events.borrow_mut().push(e)).unwrap();
+    (r, events.into_inner())
+}
+
+fn jsonl(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join(train::METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Records with a train `loss`, by step.
+fn train_records(dir: &Path) -> Vec<Value> {
+    jsonl(dir)
+        .into_iter()
+        .filter(|r| r.get("loss").is_some())
+        .collect()
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut w: Vec<(String, Vec<f32>)> = diffattn::model::load_weights(dir, DType::F32, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f32 {
+    let (wa, wb) = (weights(a), weights(b));
+    assert_eq!(wa.len(), wb.len());
+    wa.iter()
+        .zip(&wb)
+        .map(|((na, xa), (nb, xb))| {
+            assert_eq!(na, nb);
+            xa.iter().zip(xb).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn warmup_mix_is_saved_and_reload_reproduces_eval_loss() {
+    let s = setup("diff_double_subln_gqa");
+    let cfg = s.config("run", "max_steps: 4\ndiff_attn_warmup_steps: 10\n");
+    let (report, events) = run(&cfg);
+    let out = s.out("run");
+    assert_eq!(report.mix, 0.4);
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["diff_attn_mix"], 0.4);
+    assert!(events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("mid-warm-up"))));
+    // The mix of each step: 0, 0.1, 0.2, 0.3.
+    let mixes: Vec<f64> = train_records(&out).iter().map(|r| r["diff_attn_mix"].as_f64().unwrap()).collect();
+    assert_eq!(mixes, vec![0.0, 0.1, 0.2, 0.3]);
+    let before = report.metrics["eval_loss"];
+    let (_, after) = train::evaluate(&cfg, Some(&out)).unwrap();
+    assert!((before - after.loss).abs() <= 1e-6 * before.abs(), "eval loss {before} before save, {} after reload", after.loss);
+    assert_eq!(read_json(&out.join("all_results.json"))["eval_loss"].as_f64().unwrap(), before);
+    // The stored mix matters: the same weights with mix 1 give another loss.
+    let mut m = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(m.mix, 0.4);
+    m.mix = 1.0;
+    let data = train::prepare_data(&cfg, &out, &diffattn::config::ModelConfig::from_file(&out.join("config.json")).unwrap()).unwrap();
+    let other = train::evaluate_samples(&m, &data.val, 1, data.pad_id).unwrap();
+    assert!((other.loss - before).abs() > 1e-4, "{} vs {before}", other.loss);
+    // Metrics a user of axolotl knows.
+    for k in [
+        "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+        "eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+    ] {
+        assert!(report.metrics.contains_key(k), "{k}");
+    }
+}
+
+#[test]
+fn resume_continues_step_count_and_schedule() {
+    let s = setup("diff_split_subln_gqa");
+    let extra = "max_steps: 6\nsave_steps: 3\nwarmup_steps: 2\nlr_scheduler: cosine\ndiff_attn_warmup_steps: 4\nweight_decay: 0.1\nmicro_batch_size: 2\n";
+    let (full, _) = run(&s.config("full", extra));
+    assert_eq!(full.global_step, 6);
+    let ck = s.out("full").join("checkpoint-3");
+    let st = read_json(&ck.join("trainer_state.json"));
+    assert_eq!(st["global_step"], 3);
+    assert_eq!(st["diff_attn_mix"], 0.75);
+    assert_eq!(read_json(&ck.join("config.json"))["diff_attn_mix"], 0.75);
+    let resumed_cfg = s.config(
+        "resumed",
+        &format!("{extra}resume_from_checkpoint: {}\n", ck.display()),
+    );
+    let (resumed, events) = run(&resumed_cfg);
+    assert!(events.iter().any(|e| matches!(e, Event::Info(m) if m.contains("resuming") && m.contains("step 3"))));
+    assert_eq!(resumed.global_step, 6);
+    let a = train_records(&s.out("full"));
+    let b = train_records(&s.out("resumed"));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![4, 5, 6]);
+    for (ra, rb) in a[3..].iter().zip(&b) {
+        for k in ["loss", "learning_rate", "grad_norm", "diff_attn_mix", "epoch"] {
+            let (x, y) = (ra[k].as_f64().unwrap(), rb[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "step {}: {k} {x} vs {y}", ra["step"]);
+        }
+    }
+    let d = max_weight_diff(&s.out("full"), &s.out("resumed"));
+    assert!(d <= 1e-5, "final weights differ by {d}");
+    assert!((full.metrics["eval_loss"] - resumed.metrics["eval_loss"]).abs() <= 1e-5);
+}
+
+/// CRC-32C bit by bit (Castagnoli polynomial, reflected 0x82F63B78), independent of the crate.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+fn masked(c: u32) -> u32 {
+    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+}
+
+fn varint(b: &[u8], i: &mut usize) -> u64 {
+    let (mut v, mut shift) = (0u64, 0);
+    loop {
+        let x = b[*i];
+        *i += 1;
+        v |= ((x & 0x7f) as u64) << shift;
+        if x < 0x80 {
+            return v;
+        }
+        shift += 7;
+    }
+}
+
+/// Protobuf fields of a message: (field number, wire type, payload bytes or varint value).
+fn fields(b: &[u8]) -> Vec<(u64, u64, Vec<u8>, u64)> {
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < b.len() {
+        let key = varint(b, &mut i);
+        let (f, w) = (key >> 3, key & 7);
+        match w {
+            0 => {
+                let v = varint(b, &mut i);
+                out.push((f, w, vec![], v));
+            }
+            1 => {
+                out.push((f, w, b[i..i + 8].to_vec(), 0));
+                i += 8;
+            }
+            2 => {
+                let n = varint(b, &mut i) as usize;
+                out.push((f, w, b[i..i + n].to_vec(), 0));
+                i += n;
+            }
+            5 => {
+                out.push((f, w, b[i..i + 4].to_vec(), 0));
+                i += 4;
+            }
+            _ => panic!("wire type {w}"),
+        }
+    }
+    out
+}
+
+/// Decodes a TensorBoard event file: (file_version, [(step, tag, value)]).
+fn decode_events(path: &Path) -> (String, Vec<(u64, String, f32)>) {
+    let b = std::fs::read(path).unwrap();
+    let mut i = 0;
+    let (mut version, mut scalars) = (String::new(), Vec::new());
+    while i < b.len() {
+        let len_bytes = &b[i..i + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let len_crc = u32::from_le_bytes(b[i + 8..i + 12].try_into().unwrap());
+        assert_eq!(len_crc, masked(crc32c(len_bytes)), "length CRC at {i}");
+        let data = &b[i + 12..i + 12 + len];
+        let data_crc = u32::from_le_bytes(b[i + 12 + len..i + 16 + len].try_into().unwrap());
+        assert_eq!(data_crc, masked(crc32c(data)), "data CRC at {i}");
+        i += 16 + len;
+        let ev = fields(data);
+        let step = ev.iter().find(|f| f.0 == 2).map(|f| f.3).unwrap_or(0);
+        assert!(ev.iter().any(|f| f.0 == 1 && f.1 == 1), "every event has wall_time");
+        for (f, _, payload, _) in &ev {
+            match f {
+                3 => version = String::from_utf8(payload.clone()).unwrap(),
+                5 => {
+                    for (vf, _, value, _) in fields(payload) {
+                        assert_eq!(vf, 1);
+                        let v = fields(&value);
+                        let tag = v.iter().find(|x| x.0 == 1).map(|x| String::from_utf8(x.2.clone()).unwrap()).unwrap();
+                        let val = v.iter().find(|x| x.0 == 2).map(|x| f32::from_le_bytes(x.2.clone().try_into().unwrap())).unwrap();
+                        scalars.push((step, tag, val));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (version, scalars)
+}
+
+/// Monitoring values at step 0 recomputed from the checkpoint's own tensors (SPEC §7), the
+/// TensorBoard file decoded and compared with metrics.jsonl, and the plot.
+#[test]
+fn monitoring_tensorboard_and_plot() {
+    let s = setup("diff_double_subln_gqa");
+    let cfg = s.config("mon", "max_steps: 3\ndiff_attn_warmup_steps: 2\ndiff_attn_num_monitor_layers: 3\nval_set_size: 0\n");
+    run(&cfg);
+    let out = s.out("mon");
+    let recs = jsonl(&out);
+    let step0 = recs.iter().find(|r| r["step"] == 0 && r.get("layer_0/lambda1").is_some()).expect("monitoring at step 0");
+    // L = 2, k = 3 -> layers 0 and 1 only.
+    assert!(step0.get("layer_1/lambda1").is_some() && step0.get("layer_2/lambda1").is_none());
+    let st = safetensors::SafeTensors::deserialize(Box::leak(std::fs::read(s.model.join("model.safetensors")).unwrap().into_boxed_slice())).unwrap();
+    let vec = |name: &str| -> Vec<f64> {
+        st.tensor(name).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut full = Vec::new();
+    for l in 0..2 {
+        let p = format!("model.layers.{l}.self_attn.");
+        let (q1, k1, q2, k2) = (vec(&format!("{p}lambda_q1")), vec(&format!("{p}lambda_k1")), vec(&format!("{p}lambda_q2")), vec(&format!("{p}lambda_k2")));
+        let init = vec(&format!("{p}lambda_init"))[0];
+        let (l1, l2) = (dot(&q1, &k1).exp(), dot(&q2, &k2).exp());
+        let close = |k: &str, want: f64| {
+            let got = step0[format!("layer_{l}/{k}")].as_f64().unwrap();
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "layer {l} {k}: {got} vs {want}");
+        };
+        close("lambda1", l1);
+        close("lambda2", l2);
+        close("lambda_init", init);
+        close("lambda_full", l1 - l2 + init);
+        close("lambda_q1_norm", dot(&q1, &q1).sqrt());
+        close("lambda_k2_norm", dot(&k2, &k2).sqrt());
+        // Causal softmax rows sum to 1: the mean over [b, heads, s, s] is 1/s exactly.
+        let seq = 1.0 / step0[format!("layer_{l}/attn1_mean")].as_f64().unwrap();
+        assert!((seq - seq.round()).abs() < 1e-3, "attn1_mean = 1/{seq}");
+        assert!((step0[format!("layer_{l}/attn2_mean")].as_f64().unwrap() * seq.round() - 1.0).abs() < 1e-4);
+        assert!(step0[format!("layer_{l}/attn1_std")].as_f64().unwrap() > 0.0);
+        full.push(l1 - l2 + init);
+    }
+    // Aggregates with mix (0 at step 0) and the sample std over the two layers.
+    assert_eq!(step0["aggregate/diff_attn_mix"], 0.0);
+    assert_eq!(step0["aggregate/lambda_full_mean"], 0.0);
+    let l1s: Vec<f64> = (0..2).map(|l| step0[format!("layer_{l}/lambda1")].as_f64().unwrap()).collect();
+    let want_std = (l1s[0] - l1s[1]).abs() / 2f64.sqrt();
+    assert!((step0["aggregate/lambda1_std"].as_f64().unwrap() - want_std).abs() < 1e-9);
+    let _ = full;
+
+    // TensorBoard: CRCs verified while decoding; values equal metrics.jsonl.
+    let ev = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents.")).expect("event file");
+    let (version, scalars) = decode_events(&ev);
+    assert_eq!(version, "brain.Event:2");
+    for r in train_records(&out) {
+        let step = r["step"].as_u64().unwrap();
+        let tb = scalars.iter().find(|(s, t, _)| *s == step && t == "train/loss").expect("train/loss");
+        assert_eq!(tb.2, r["loss"].as_f64().unwrap() as f32);
+    }
+    let lam = scalars.iter().find(|(s, t, _)| *s == 0 && t == "diff_attn/layer_1/lambda_full").expect("lambda_full tag");
+    assert_eq!(lam.2, step0["layer_1/lambda_full"].as_f64().unwrap() as f32);
+
+    // plot: a 1200x800 PNG.
+    let png = out.join("plot.png");
+    train::plot::plot(&out, &png).unwrap();
+    let b = std::fs::read(&png).unwrap();
+    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&b[12..16], b"IHDR");
+    assert_eq!(u32::from_be_bytes(b[16..20].try_into().unwrap()), 1200);
+    assert_eq!(u32::from_be_bytes(b[20..24].try_into().unwrap()), 800);
+    assert!(b.len() > 20_000, "{} bytes: text and lines drawn", b.len());
+}
+
+#[test]
+fn accumulation_equals_a_larger_micro_batch() {
+    let s = setup("diff_double_nosubln_mqa_bias");
+    let (a, _) = run(&s.config("mb2", "max_steps: 3\nmicro_batch_size: 2\ngradient_accumulation_steps: 1\n"));
+    let (b, _) = run(&s.config("acc2", "max_steps: 3\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\n"));
+    let (ra, rb) = (train_records(&s.out("mb2")), train_records(&s.out("acc2")));
+    for (x, y) in ra.iter().zip(&rb) {
+        let (x, y) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * x, "{x} vs {y}");
+    }
+    let d = max_weight_diff(&s.out("mb2"), &s.out("acc2"));
+    // Equal up to summation order; AdamW's normalised update turns a 1e-7 gradient
+    // difference into up to ~1% of one lr-sized step.
+    assert!(d <= 1e-4, "{d}");
+    assert!((a.metrics["eval_loss"] - b.metrics["eval_loss"]).abs() <= 1e-5);
+}
+
+#[test]
+fn diffllama_trains_and_saves_diffllama() {
+    let s = setup("diffllama_h4_kv2");
+    let cfg = s.config("b", "max_steps: 2\ndiff_attn_warmup_steps: 4\n");
+    let (r, _) = run(&cfg);
+    let out = s.out("b");
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["architectures"][0], "DiffLlamaForCausalLM");
+    assert_eq!(config["diff_attn_mix"], 0.5);
+    let names: Vec<String> = weights(&out).into_iter().map(|(n, _)| n).collect();
+    assert!(!names.iter().any(|n| n.contains("lambda_init") || n.contains("subln")));
+    assert_eq!(names, weights(&s.model).into_iter().map(|(n, _)| n).collect::<Vec<_>>());
+    assert!(max_weight_diff(&out, &s.model) > 0.0, "training changed the weights");
+    let (_, e) = train::evaluate(&cfg, Some(&out)).unwrap();
+    assert!((e.loss - r.metrics["eval_loss"]).abs() <= 1e-6 * e.loss);
+}
+
+#[test]
+fn llama_trains_without_differential_keys() {
+    let s = setup("llama_mqa_tied_bias");
+    let (r, _) = run(&s.config("l", "max_steps: 2\nnum_epochs: 1\n"));
+    let out = s.out("l");
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert!(config.get("diff_attn_mix").is_none());
+    assert!(!jsonl(&out).iter().any(|r| r.get("aggregate/lambda1_mean").is_some()));
+    assert!(r.metrics["train_loss"].is_finite());
+    // Tied embeddings stay tied: no lm_head written.
+    assert!(!weights(&out).iter().any(|(n, _)| n == "lm_head.weight"));
+}
+
+#[test]
+fn zero_init_start_is_reported_as_stationary() {
+    let s = setup("llama_gqa");
+    let conv = s.root.join("zero");
+    let src = diffattn::convert::Source::from_dir(&s.model).unwrap();
+    let opts = diffattn::convert::ConvertOptions {
+        layout: diffattn::convert::Layout::DoubleHeads,
+        init: diffattn::convert::Init::Zero,
+        sublayer_norm: false,
+        seed: 1,
+        dtype: diffattn::axolotl::DtypeChoice::Keep,
+        max_shard_bytes: u64::MAX,
+        overwrite: false,
+    };
+    let plan = diffattn::convert::plan(&src, &opts).unwrap();
+    diffattn::convert::execute(&src, &plan, &conv, None, &|_| {}).unwrap();
+    let text = format!(
+        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nlearning_rate: 0.01\nmax_steps: 1\n",
+        conv.display(),
+        s.root.join("zout").display(),
+        s.root.join("text.jsonl").display()
+    );
+    let path = s.root.join("z.yml");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+    let (_, events) = run(&cfg);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))),
+        "{events:?}"
+    );
+    // A default (random) conversion is not reported.
+    let s2 = setup("diff_double_subln_gqa");
+    let (_, events) = run(&s2.config("r", "max_steps: 1\n"));
+    assert!(!events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));
+}
+
+#[test]
+fn semantics_changing_keys_are_refused_by_name() {
+    let s = setup("llama_gqa");
+    let base = format!(
+        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nlearning_rate: 0.01\n",
+        s.model.display(),
+        s.root.join("o").display(),
+        s.root.join("text.jsonl").display()
+    );
+    let path = s.root.join("c.yml");
+    for (extra, key) in [
+        ("load_in_8bit: true\n", "load_in_8bit"),
+        ("load_in_4bit: true\n", "load_in_4bit"),
+        ("adapter: lora\n", "adapter"),
+        ("sample_packing: true\n", "sample_packing"),
+        ("deepspeed: ds.json\n", "deepspeed"),
+        ("optimizer: adamw_bnb_8bit\n", "optimizer"),
+        ("lr_scheduler: one_cycle\n", "lr_scheduler"),
+        ("warmup_steps: 2\nwarmup_ratio: 0.1\n", "warmup_ratio"),
+        ("val_set_size: 1.5\n", "val_set_size"),
+        ("micro_batch_size: 0\n", "micro_batch_size"),
+    ] {
+        let text = format!("{base}{extra}");
+        let err = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap_err().to_string();
+        assert!(err.contains(&format!("`{key}`")) && err.contains("c.yml"), "{extra}: {err}");
+    }
+    let text = base.replace("type: completion", "type: sharegpt");
+    let err = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("datasets[0].type") && err.contains("sharegpt"), "{err}");
+    // Disabled values are fine.
+    let text = format!("{base}load_in_8bit: false\nadapter:\nsample_packing: false\n");
+    TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+}
+
+#[test]
+fn alpaca_masks_the_prompt_unless_train_on_inputs() {
+    let s = setup("llama_gqa");
+    let cfg = s.config("a", "max_steps: 1\n");
+    let mc = diffattn::config::ModelConfig::from_file(&s.model.join("config.json")).unwrap();
+    let codec = diffattn::generate::TextCodec::load(&s.model).unwrap();
+    let spec = &cfg.datasets[1];
+    let (samples, _) = train::data::tokenize(std::slice::from_ref(spec), &codec, 2, 64, false).unwrap();
+    let prompt = codec.tokenizer.encode(train::data::alpaca_prompt("say it again", ""), true).unwrap().get_ids().len();
+    let smp = &samples[0];
+    assert!(smp.labels[..prompt].iter().all(|&l| l == train::data::IGNORE));
+    assert!(smp.labels[prompt..].iter().all(|&l| l >= 0));
+    assert_eq!(*smp.input_ids.last().unwrap(), 2, "EOS appended");
+    let (samples, _) = train::data::tokenize(std::slice::from_ref(spec), &codec, 2, 64, true).unwrap();
+    assert!(samples[0].labels.iter().all(|&l| l >= 0));
+    let _ = mc;
+}
