@@ -559,3 +559,106 @@ fn killed_runs_leave_no_lasting_staging_directories() {
     );
     assert!(!stale.exists(), "stale staging directory not swept");
 }
+
+/// A tiny model with a tokenizer in `src/`, a dataset `data.jsonl` and a training config
+/// (`extra` appended).
+fn train_case(extra: &str) -> Case {
+    let c = Case::new();
+    TinyLlama::default().write(&c.path("src"), 1).unwrap();
+    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    std::fs::write(
+        c.path("data.jsonl"),
+        "{\"text\": \"the man said that the day was long\"}\n{\"text\": \"we know the way back\"}\n",
+    )
+    .unwrap();
+    c.write_config(&format!(
+        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nlearning_rate: 0.001\nsequence_len: 16\nmax_steps: 1\n{extra}",
+        c.path("src").display(),
+        c.path("out").display(),
+        c.path("data.jsonl").display()
+    ));
+    c
+}
+
+#[test]
+fn train_missing_dataset_file() {
+    let c = train_case("");
+    std::fs::remove_file(c.path("data.jsonl")).unwrap();
+    c.fails(&["train", &c.config()], &["data.jsonl", "no such local file"]);
+}
+
+#[test]
+fn train_dataset_line_not_json() {
+    let c = train_case("");
+    std::fs::write(c.path("data.jsonl"), "{\"text\": \"ok\"}\n{\"text\": oops}\n").unwrap();
+    c.fails(&["train", &c.config()], &["data.jsonl", "line 2", "not valid JSON"]);
+}
+
+#[test]
+fn train_dataset_field_missing() {
+    let c = train_case("");
+    std::fs::write(c.path("data.jsonl"), "{\"content\": \"the day\"}\n").unwrap();
+    c.fails(&["train", &c.config()], &["data.jsonl", "line 1", "field `text`"]);
+}
+
+#[test]
+fn train_output_dir_is_the_model() {
+    let c = train_case("");
+    let text = std::fs::read_to_string(c.path("config.yml")).unwrap().replace(
+        &format!("output_dir: {}", c.path("out").display()),
+        &format!("output_dir: {}", c.path("src").display()),
+    );
+    c.write_config(&text);
+    c.fails(&["train", &c.config()], &["`output_dir`", "overlaps the model being trained"]);
+}
+
+#[test]
+fn train_refuses_adapter_and_8bit() {
+    let c = train_case("adapter: lora\n");
+    c.fails(&["train", &c.config()], &["config.yml", "`adapter`", "lora", "not supported"]);
+    let c = train_case("load_in_8bit: true\n");
+    c.fails(&["train", &c.config()], &["`load_in_8bit`", "not supported"]);
+}
+
+#[test]
+fn train_sequence_len_beyond_context() {
+    let c = train_case("");
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace("sequence_len: 16", "sequence_len: 100000");
+    c.write_config(&text);
+    c.fails(&["train", &c.config()], &["`sequence_len`", "100000", "max_position_embeddings"]);
+}
+
+#[test]
+fn train_resume_from_missing_checkpoint() {
+    let c = train_case("resume_from_checkpoint: /nonexistent/checkpoint-3\n");
+    c.fails(&["train", &c.config()], &["`resume_from_checkpoint`", "/nonexistent/checkpoint-3"]);
+}
+
+#[test]
+fn train_output_dir_not_empty() {
+    let c = train_case("");
+    std::fs::create_dir(c.path("prev")).unwrap();
+    std::fs::write(c.path("prev/keep.txt"), "x").unwrap();
+    let text = std::fs::read_to_string(c.path("config.yml")).unwrap().replace(
+        &format!("output_dir: {}", c.path("out").display()),
+        &format!("output_dir: {}", c.path("prev").display()),
+    );
+    c.write_config(&text);
+    c.fails(&["train", &c.config()], &["`output_dir`", "not empty", "--overwrite"]);
+    assert!(c.path("prev/keep.txt").is_file(), "the previous run is kept");
+}
+
+#[test]
+fn evaluate_without_validation_split() {
+    let c = train_case("");
+    c.fails(&["evaluate", &c.config()], &["`val_set_size`", "validation split"]);
+}
+
+#[test]
+fn plot_without_metrics() {
+    let c = Case::new();
+    std::fs::create_dir(c.path("run")).unwrap();
+    c.fails(&["plot", c.path("run").to_str().unwrap()], &["metrics.jsonl"]);
+}

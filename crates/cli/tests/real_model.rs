@@ -527,3 +527,99 @@ fn check_import_against_transformers_gguf_loader(hf: &Path) {
         "import-gguf vs transformers' GGUF loader: max |delta| over sampled entries {worst:.2e}"
     );
 }
+
+/// Fine-tuning end to end on the real model: a short run (8 steps, sequence 128) of the
+/// default conversion on the repository's own small datasets, then `plot` and `evaluate`.
+#[test]
+fn smollm2_train_evaluate_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((hf, _)) = import_smollm2(tmp.path()) else {
+        return;
+    };
+    let conv = tmp.path().join("diff");
+    let convert_yml = tmp.path().join("convert.yml");
+    std::fs::write(
+        &convert_yml,
+        format!("base_model: {}\noutput_dir: {}\n", hf.display(), conv.display()),
+    )
+    .unwrap();
+    run(bin().args(["convert", convert_yml.to_str().unwrap()]));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    let out = tmp.path().join("run");
+    let train_yml = tmp.path().join("train.yml");
+    std::fs::write(
+        &train_yml,
+        format!(
+            "base_model: {}\noutput_dir: {}\nseed: 42\ndatasets:\n  - path: {}\n    type: alpaca\n  - path: {}\n    type: completion\nval_set_size: 4\nsequence_len: 128\nmicro_batch_size: 1\nmax_steps: 8\nlearning_rate: 0.0001\nwarmup_steps: 2\nweight_decay: 0.01\nlogging_steps: 1\nsave_steps: 4\ndiff_attention: true\ndiff_attn_warmup_steps: 4\ndiff_attn_log_every: 4\n",
+            conv.display(),
+            out.display(),
+            data.join("alpaca-mini.jsonl").display(),
+            data.join("notes-completion.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let stdout = run(bin().args(["train", train_yml.to_str().unwrap()]));
+    println!("{stdout}");
+    assert!(stdout.contains("step 8/8 loss"), "{stdout}");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap()).unwrap();
+    for k in [
+        "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+        "eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+    ] {
+        let v = all[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {all}"));
+        assert!(v.is_finite() && v > 0.0, "{k} = {v}");
+    }
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = records.iter().filter_map(|r| r["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 8);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    // Monitoring at steps 0 and 4 on layers 0, 14, 29 (SPEC §7: L = 30, k = 3).
+    for step in [0, 4] {
+        let r = records
+            .iter()
+            .find(|r| r["step"] == step && r.get("aggregate/lambda_full_mean").is_some())
+            .unwrap_or_else(|| panic!("no monitoring record at step {step}"));
+        for l in [0, 14, 29] {
+            assert!(r[format!("layer_{l}/lambda_full")].is_number(), "{r}");
+            assert!(r[format!("layer_{l}/attn2_std")].is_number(), "{r}");
+        }
+        assert!(r.get("layer_15/lambda_full").is_none());
+    }
+    let tfevents = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents."))
+        .expect("TensorBoard event file");
+    assert!(tfevents.metadata().unwrap().len() > 1000);
+    assert!(out.join("checkpoint-4/optimizer.safetensors").is_file());
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-4/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 4);
+    assert_eq!(state["diff_attn_mix"], 1.0);
+
+    let png = out.join("plot.png");
+    run(bin().args(["plot", out.to_str().unwrap(), "-o", png.to_str().unwrap()]));
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+
+    let eval_json = tmp.path().join("eval.json");
+    let stdout = run(bin().args([
+        "evaluate",
+        train_yml.to_str().unwrap(),
+        "--model",
+        out.to_str().unwrap(),
+        "--json",
+        eval_json.to_str().unwrap(),
+    ]));
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
+    let (a, b) = (all["eval_loss"].as_f64().unwrap(), e["eval_loss"].as_f64().unwrap());
+    println!("eval_loss at the end of training {a}, after reload {b}\n{stdout}");
+    assert!((a - b).abs() <= 1e-5 * a, "eval_loss {a} at the end of training, {b} after reload");
+}

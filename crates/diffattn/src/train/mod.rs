@@ -553,21 +553,23 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             });
         }
     }
-    if state.is_none() && output_dir.is_dir() && std::fs::read_dir(&output_dir).at(&output_dir)?.next().is_some() {
-        if !opts.overwrite {
-            return Err(Error::InvalidValue {
-                path: cfg.axolotl.path.clone(),
-                key: "output_dir".into(),
-                value: output_dir.display().to_string(),
-                reason: "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into(),
-            });
-        }
-        std::fs::remove_dir_all(&output_dir).at(&output_dir)?;
+    let replace = state.is_none()
+        && output_dir.is_dir()
+        && std::fs::read_dir(&output_dir).at(&output_dir)?.next().is_some();
+    if replace && !opts.overwrite {
+        return Err(Error::InvalidValue {
+            path: cfg.axolotl.path.clone(),
+            key: "output_dir".into(),
+            value: output_dir.display().to_string(),
+            reason: "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into(),
+        });
     }
-    std::fs::create_dir_all(&output_dir).map_err(|source| Error::OutputNotWritable {
-        path: output_dir.clone(),
-        source,
-    })?;
+    if output_dir.exists() && !output_dir.is_dir() {
+        return Err(Error::OutputNotWritable {
+            path: output_dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file with this name exists"),
+        });
+    }
 
     let tokenizer_dir = match (&state, &cfg.axolotl.tokenizer_config) {
         (None, Some(t)) => crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?,
@@ -596,6 +598,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             reason: format!("leaves no training sample out of {}", prepared.stats.samples),
         });
     }
+    // Everything is validated: only now is output_dir touched.
+    if replace {
+        std::fs::remove_dir_all(&output_dir).at(&output_dir)?;
+    }
+    std::fs::create_dir_all(&output_dir).map_err(|source| Error::OutputNotWritable {
+        path: output_dir.clone(),
+        source,
+    })?;
     let (_, per_epoch, total) = step_counts(cfg, n_train);
     let lr_warmup = cfg.lr_warmup(total);
     let log_every = cfg.logging_interval(total);
