@@ -551,6 +551,15 @@ impl Model {
             .to_dtype(DType::F32)?)
     }
 
+    /// Class-major logits `[vocab, n]` (f32) of hidden rows `[n, hidden]`: `lm_head · hᵀ`, the
+    /// form whose weight gradient is contiguous (training).
+    pub fn logits_class_major(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .matmul(&hidden_rows.t()?)?
+            .to_dtype(DType::F32)?)
+    }
+
     /// Logits `[b, s, vocab]`: [`Model::forward_hidden`] then [`Model::logits`].
     pub fn forward_full(
         &self,

@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod data;
+pub mod loss;
 pub mod monitor;
 pub mod optim;
 pub mod plot;
@@ -35,7 +36,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
 use crate::config::{Architecture, ModelConfig};
@@ -126,10 +127,8 @@ pub fn nll_sum(
     let h = hidden
         .reshape((batch.batch * batch.seq, dm))?
         .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let logits = model.logits(&h.unsqueeze(0)?)?.squeeze(0)?;
-    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = lp.gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?;
-    Ok(picked.sum_all()?.neg()?)
+    let logits_t = model.logits_class_major(&h)?;
+    Ok(loss::nll_sum_class_major(&logits_t, &targets)?)
 }
 
 /// Mean loss and timing of `samples` in batches of `batch_size`.
@@ -701,6 +700,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         let lr = cfg.learning_rate * cfg.lr_scheduler.factor(g, total, lr_warmup);
         let (micro, ep) = step_batches(cfg, n_train, g);
         epoch = ep;
+        let t_step = Instant::now();
         let batches: Vec<Batch> = micro
             .iter()
             .map(|idx| {
@@ -798,6 +798,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                 "loss": loss_since_log / steps_since_log as f64,
                 "learning_rate": lr,
                 "grad_norm": grad_norm,
+                "step_time": t_step.elapsed().as_secs_f64(),
             });
             if is_diff {
                 rec["diff_attn_mix"] = json!(mix);
