@@ -148,7 +148,8 @@ fn warmup_mix_is_saved_and_reload_reproduces_eval_loss() {
     let before = report.metrics["eval_loss"];
     let (_, after) = train::evaluate(&cfg, Some(&out)).unwrap();
     assert!((before - after.loss).abs() <= 1e-6 * before.abs(), "eval loss {before} before save, {} after reload", after.loss);
-    assert_eq!(read_json(&out.join("all_results.json"))["eval_loss"].as_f64().unwrap(), before);
+    let written = read_json(&out.join("all_results.json"))["eval_loss"].as_f64().unwrap();
+    assert!((written - before).abs() <= 1e-12 * before, "{written} vs {before}");
     // The stored mix matters: the same weights with mix 1 give another loss.
     let mut m = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(m.mix, 0.4);

@@ -10,6 +10,7 @@
 //! Shapes: input ids `[batch, seq]` (u32), positions `[batch, seq]` (u32), additive mask
 //! `[batch, 1, seq, past + seq]` (f32, 0 or `f32::MIN`), logits `[batch, seq, vocab]` (f32).
 
+pub mod ops;
 pub mod rope;
 
 use std::collections::HashMap;
@@ -606,10 +607,7 @@ impl Model {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        Ok(
-            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-                .to_dtype(self.dtype)?,
-        )
+        Ok(ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?)
     }
 
     /// `p` `[b, nq, s, t]` times values `v` `[b, nv, t, dv]` (nq a multiple of nv).

@@ -73,8 +73,12 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// Sum of squares of a tensor's elements (f64 accumulation).
 pub fn sum_sq(t: &Tensor) -> Result<f64> {
     with_f32(t, |x| {
+        // Partial sums in chunk order, added sequentially: the same bits on every run
+        // (rayon's `sum` would reduce in a work-stealing-dependent order).
         x.par_chunks(1 << 16)
             .map(|c| c.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>())
+            .collect::<Vec<f64>>()
+            .into_iter()
             .sum()
     })
 }
