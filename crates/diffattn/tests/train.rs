@@ -501,3 +501,14 @@ fn alpaca_masks_the_prompt_unless_train_on_inputs() {
     assert!(samples[0].labels.iter().all(|&l| l >= 0));
     let _ = mc;
 }
+
+#[test]
+fn training_is_bit_reproducible() {
+    let s = setup("diff_split_nosubln_linear_mix");
+    let extra = "max_steps: 3\nmicro_batch_size: 2\ndiff_attn_warmup_steps: 2\nweight_decay: 0.1\n";
+    let (a, _) = run(&s.config("r1", extra));
+    let (b, _) = run(&s.config("r2", extra));
+    assert_eq!(max_weight_diff(&s.out("r1"), &s.out("r2")), 0.0);
+    assert_eq!(a.metrics["eval_loss"], b.metrics["eval_loss"]);
+    assert_eq!(a.metrics["train_loss"], b.metrics["train_loss"]);
+}
