@@ -434,11 +434,17 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
     println!("  generations match: {}", r.generations_match);
     print_metrics(r);
     let o = &plan.options;
-    let expected =
-        o.layout == Layout::DoubleHeads && o.init == convert::Init::Zero && !o.sublayer_norm;
+    let expected = o.layout == Layout::DoubleHeads
+        && matches!(o.init, convert::Init::Zero | convert::Init::PreservingMirror)
+        && !o.sublayer_norm;
     if expected {
         println!(
-            "  a match is expected (--zero-init --no-sublayer-norm preserves outputs): {}",
+            "  a match is expected ({} --no-sublayer-norm preserves outputs): {}",
+            if o.init == convert::Init::Zero {
+                "--zero-init"
+            } else {
+                "--preserving-mirror"
+            },
             if r.preserved() {
                 "it holds"
             } else {
@@ -695,7 +701,7 @@ fn run_train(a: &TrainArgs) -> Result<()> {
         output_dir: a.output_dir.clone(),
     };
     let pb = std::cell::RefCell::new(None::<ProgressBar>);
-    let last_lambda = std::cell::Cell::new(None::<f64>);
+    let last_lambda = std::cell::Cell::new(None::<(usize, f64)>);
     let on_event = |e: Event| match e {
         Event::Info(m) => match pb.borrow().as_ref() {
             Some(p) => p.println(m),
@@ -726,12 +732,12 @@ fn run_train(a: &TrainArgs) -> Result<()> {
                 p.set_position((step - 1) as u64);
                 p
             });
-            if mean_lambda.is_some() {
-                last_lambda.set(mean_lambda);
+            if let Some(l) = mean_lambda {
+                last_lambda.set(Some((step, l)));
             }
             let lam = last_lambda
                 .get()
-                .map(|l| format!(" mean lambda {l:.4}"))
+                .map(|(at, l)| format!(" mean lambda {l:.4} (step {at})"))
                 .unwrap_or_default();
             let msg = format!("loss {loss:.4} lr {learning_rate:.3e}{lam}");
             if p.is_hidden() && logged {

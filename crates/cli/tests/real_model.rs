@@ -550,7 +550,7 @@ fn smollm2_train_evaluate_plot() {
     std::fs::write(
         &train_yml,
         format!(
-            "base_model: {}\noutput_dir: {}\nseed: 42\ndatasets:\n  - path: {}\n    type: alpaca\n  - path: {}\n    type: completion\nval_set_size: 4\nsequence_len: 128\nmicro_batch_size: 1\nmax_steps: 8\nlearning_rate: 0.0001\nwarmup_steps: 2\nweight_decay: 0.01\nlogging_steps: 1\nsave_steps: 4\ndiff_attention: true\ndiff_attn_warmup_steps: 4\ndiff_attn_log_every: 4\n",
+            "base_model: {}\noutput_dir: {}\nseed: 42\ndatasets:\n  - path: {}\n    type: alpaca\n  - path: {}\n    type: completion\nval_set_size: 4\nsequence_len: 128\nmicro_batch_size: 1\nmax_steps: 8\nlearning_rate: 0.0001\nwarmup_steps: 2\nweight_decay: 0.01\nlogging_steps: 1\nsave_steps: 5\ndiff_attention: true\ndiff_attn_warmup_steps: 4\ndiff_attn_log_every: 4\n",
             conv.display(),
             out.display(),
             data.join("alpaca-mini.jsonl").display(),
@@ -578,8 +578,9 @@ fn smollm2_train_evaluate_plot() {
     let losses: Vec<f64> = records.iter().filter_map(|r| r["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 8);
     assert!(losses.iter().all(|l| l.is_finite()));
-    // Monitoring at steps 0 and 4 on layers 0, 14, 29 (SPEC §7: L = 30, k = 3).
-    for step in [0, 4] {
+    // Monitoring of the forwards of steps 1 and 5 (g = 0, 4) on layers 0, 14, 29
+    // (SPEC §7: L = 30, k = 3).
+    for step in [1, 5] {
         let r = records
             .iter()
             .find(|r| r["step"] == step && r.get("aggregate/lambda_full_mean").is_some())
@@ -596,12 +597,12 @@ fn smollm2_train_evaluate_plot() {
         .find(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents."))
         .expect("TensorBoard event file");
     assert!(tfevents.metadata().unwrap().len() > 1000);
-    assert!(out.join("checkpoint-4/optimizer.safetensors").is_file());
+    assert!(out.join("checkpoint-5/optimizer.safetensors").is_file());
     let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("checkpoint-4/trainer_state.json")).unwrap(),
+        &std::fs::read_to_string(out.join("checkpoint-5/trainer_state.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(state["global_step"], 4);
+    assert_eq!(state["global_step"], 5);
     assert_eq!(state["diff_attn_mix"], 1.0);
 
     let png = out.join("plot.png");

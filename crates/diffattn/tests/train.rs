@@ -196,6 +196,14 @@ fn resume_continues_step_count_and_schedule() {
     }
     let d = max_weight_diff(&s.out("full"), &s.out("resumed"));
     assert!(d <= 1e-5, "final weights differ by {d}");
+    // train_loss covers all 6 steps in both; the last step is a save step too.
+    assert!((full.metrics["train_loss"] - resumed.metrics["train_loss"]).abs() <= 1e-5 * full.metrics["train_loss"]);
+    assert!(s.out("full").join("checkpoint-6/trainer_state.json").is_file());
+    // No record twice after the resume.
+    let steps: Vec<(u64, bool)> = jsonl(&s.out("resumed")).iter().map(|r| (r["step"].as_u64().unwrap(), r.get("loss").is_some())).collect();
+    let mut dedup = steps.clone();
+    dedup.dedup();
+    assert_eq!(steps, dedup);
     assert!((full.metrics["eval_loss"] - resumed.metrics["eval_loss"]).abs() <= 1e-5);
 }
 
@@ -304,7 +312,8 @@ fn monitoring_tensorboard_and_plot() {
     run(&cfg);
     let out = s.out("mon");
     let recs = jsonl(&out);
-    let step0 = recs.iter().find(|r| r["step"] == 0 && r.get("layer_0/lambda1").is_some()).expect("monitoring at step 0");
+    // The first step's forward (g = 0) is monitored; records carry the 1-based step.
+    let step0 = recs.iter().find(|r| r["step"] == 1 && r.get("layer_0/lambda1").is_some()).expect("monitoring at step 1");
     // L = 2, k = 3 -> layers 0 and 1 only.
     assert!(step0.get("layer_1/lambda1").is_some() && step0.get("layer_2/lambda1").is_none());
     let st = safetensors::SafeTensors::deserialize(Box::leak(std::fs::read(s.model.join("model.safetensors")).unwrap().into_boxed_slice())).unwrap();
@@ -352,7 +361,7 @@ fn monitoring_tensorboard_and_plot() {
         let tb = scalars.iter().find(|(s, t, _)| *s == step && t == "train/loss").expect("train/loss");
         assert_eq!(tb.2, r["loss"].as_f64().unwrap() as f32);
     }
-    let lam = scalars.iter().find(|(s, t, _)| *s == 0 && t == "diff_attn/layer_1/lambda_full").expect("lambda_full tag");
+    let lam = scalars.iter().find(|(s, t, _)| *s == 1 && t == "diff_attn/layer_1/lambda_full").expect("lambda_full tag");
     assert_eq!(lam.2, step0["layer_1/lambda_full"].as_f64().unwrap() as f32);
 
     // plot: a 1200x800 PNG.
@@ -444,6 +453,29 @@ fn zero_init_start_is_reported_as_stationary() {
         events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))),
         "{events:?}"
     );
+    // A --preserving-mirror start with a warm-up is warned about (it preserves only at mix 1).
+    let pm = s.root.join("pm");
+    let plan = diffattn::convert::plan(
+        &src,
+        &diffattn::convert::ConvertOptions {
+            init: diffattn::convert::Init::PreservingMirror,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    diffattn::convert::execute(&src, &plan, &pm, None, &|_| {}).unwrap();
+    let text = text
+        .replace(&conv.display().to_string(), &pm.display().to_string())
+        .replace("zout", "pmout")
+        + "diff_attn_warmup_steps: 4\n";
+    std::fs::write(&path, &text).unwrap();
+    let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+    let (_, events) = run(&cfg);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("--preserving-mirror") && m.contains("mix = 1"))),
+        "{events:?}"
+    );
+    assert!(!events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));
     // A default (random) conversion is not reported.
     let s2 = setup("diff_double_subln_gqa");
     let (_, events) = run(&s2.config("r", "max_steps: 1\n"));

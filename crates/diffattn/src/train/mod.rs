@@ -305,6 +305,9 @@ pub struct TrainerState {
     pub gradient_accumulation_steps: usize,
     pub sequence_len: usize,
     pub train_samples: usize,
+    /// Sum of the losses of every step so far (train_loss = total_loss / global_step).
+    #[serde(default)]
+    pub total_loss: f64,
     pub log_history: Vec<Value>,
 }
 
@@ -509,6 +512,8 @@ impl Sinks {
                             format!("diff_attn/{k}")
                         } else if let Some(e) = k.strip_prefix("eval_") {
                             format!("eval/{e}")
+                        } else if k == "perplexity" {
+                            "eval/perplexity".to_string()
                         } else {
                             format!("train/{k}")
                         };
@@ -633,11 +638,24 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         cfg.learning_rate,
         cfg.lr_scheduler
     )));
+    if cfg.axolotl.dtype != crate::axolotl::DtypeChoice::Keep {
+        on_event(Event::Info(format!(
+            "bf16/fp16 mixed precision is not used: training computes in f32 and checkpoints keep the loaded dtype ({})",
+            tm.dtype.torch_name()
+        )));
+    }
     if is_diff && is_stationary_start(&tm.model)? {
         on_event(Event::Warning(
             "this model starts at a stationary point (every lambda vector is zero, as after --zero-init): \
              the gradient of each lambda vector is proportional to its partner, so the negative branch \
              never learns; convert with --preserving-mirror for an output-preserving start that learns"
+                .into(),
+        ));
+    }
+    let preserving = tm.config.raw.get("preserving_mirror").and_then(Value::as_bool) == Some(true);
+    if preserving && cfg.diff_attn_warmup_steps.is_some() && is_diff {
+        on_event(Event::Warning(
+            "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it              computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first              steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
                 .into(),
         ));
     }
@@ -690,7 +708,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
 
     let run_t0 = Instant::now();
     let (mut loss_since_log, mut steps_since_log) = (0.0, 0usize);
-    let (mut loss_total, mut steps_run, mut samples_run) = (0.0, 0usize, 0usize);
+    let (mut steps_run, mut samples_run) = (0usize, 0usize);
+    let mut loss_total = state.as_ref().map(|s| s.total_loss).unwrap_or(0.0);
     let mut out_of_range: std::collections::HashSet<usize> = Default::default();
     let mut epoch = start as f64 / per_epoch as f64;
     let mut last_eval: Option<EvalResult> = None;
@@ -750,7 +769,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             for (l, v) in monitor::lambda_out_of_range(&lambdas)? {
                 if out_of_range.insert(l) {
                     on_event(Event::Warning(format!(
-                        "step {g}: layer {l} lambda_full = {v:.4} is outside [0, 1.5] (not clamped)"
+                        "step {}: layer {l} lambda_full = {v:.4} is outside [0, 1.5] (not clamped)",
+                        g + 1
                     )));
                 }
             }
@@ -760,8 +780,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                     .map(|v| !(0.0..=1.5).contains(&v))
                     .unwrap_or(false)
             });
+            // Labelled with the step this forward belongs to (1-based, as the train loss).
             let mut rec = serde_json::Map::new();
-            rec.insert("step".into(), json!(g));
+            rec.insert("step".into(), json!(g + 1));
             for (k, v) in std::mem::take(&mut m) {
                 rec.insert(k, json!(v));
             }
@@ -821,7 +842,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             }
         }
         if let Some(s) = cfg.save_steps {
-            if step % s == 0 && step != total {
+            if step % s == 0 {
                 let dir = output_dir.join(format!("checkpoint-{step}"));
                 let st = TrainerState {
                     global_step: step,
@@ -833,6 +854,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                     gradient_accumulation_steps: cfg.gradient_accumulation_steps,
                     sequence_len: cfg.sequence_len,
                     train_samples: n_train,
+                    total_loss: loss_total,
                     log_history: sinks.history.clone(),
                 };
                 save_checkpoint(&dir, &tm, &opt, &st, is_diff, &tokenizer_dir)?;
@@ -844,8 +866,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
     let final_mix = schedule::mix(total, warmup);
     tm.model.mix = final_mix;
     let mut metrics = BTreeMap::new();
-    if steps_run > 0 {
-        metrics.insert("train_loss".to_string(), loss_total / steps_run as f64);
+    if total > 0 {
+        // Over every step of the run, resumed or not.
+        metrics.insert("train_loss".to_string(), loss_total / total as f64);
     }
     metrics.insert("train_runtime".into(), train_runtime);
     metrics.insert("train_samples_per_second".into(), samples_run as f64 / train_runtime.max(1e-9));
@@ -871,6 +894,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         gradient_accumulation_steps: cfg.gradient_accumulation_steps,
         sequence_len: cfg.sequence_len,
         train_samples: n_train,
+        total_loss: loss_total,
         log_history: sinks.history.clone(),
     };
     save_final(&output_dir, &tm, &st, is_diff, &tokenizer_dir)?;
@@ -936,8 +960,13 @@ fn save_final(output_dir: &Path, tm: &TrainableModel, st: &TrainerState, is_diff
         std::fs::remove_dir_all(&stage).at(&stage)?;
     }
     std::fs::create_dir(&stage).at(&stage)?;
-    write_model(&stage, tm, st.diff_attn_mix, is_diff, side_dir)?;
-    crate::config::write_json(&stage.join(STATE_FILE), &serde_json::to_value(st).expect("serialisable"))?;
+    let written = write_model(&stage, tm, st.diff_attn_mix, is_diff, side_dir).and_then(|_| {
+        crate::config::write_json(&stage.join(STATE_FILE), &serde_json::to_value(st).expect("serialisable"))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&stage);
+        return Err(e);
+    }
     let old = output_dir.join("config.json");
     if old.exists() {
         std::fs::remove_file(&old).at(&old)?;

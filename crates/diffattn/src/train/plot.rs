@@ -62,6 +62,9 @@ fn panel<DB: DrawingBackend>(
         if x1 <= x0 {
             x1 = x0 + 1.0;
         }
+        let xpad = (x1 - x0) * 0.03;
+        x0 -= xpad;
+        x1 += xpad;
         let pad = ((y1 - y0) * 0.08).max(1e-9 + y1.abs() * 0.02);
         y0 -= pad;
         y1 += pad;
@@ -84,6 +87,7 @@ fn panel<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x: &f64| format!("{x:.0}"))
         .y_label_formatter(&fmt)
         .label_style(("sans-serif", 12))
         .draw()
@@ -124,10 +128,13 @@ fn panel<DB: DrawingBackend>(
 pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
     let metrics = run_dir.join(super::METRICS_FILE);
     if !metrics.is_file() {
-        return Err(Error::InvalidOptions(format!(
-            "{} not found: plot reads the metrics.jsonl that `train` writes into output_dir",
-            metrics.display()
-        )));
+        return Err(Error::Io {
+            path: metrics,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not found (plot reads the metrics.jsonl that `train` writes into output_dir)",
+            ),
+        });
     }
     let series = read_series(&metrics)?;
     REGISTER.call_once(|| {
