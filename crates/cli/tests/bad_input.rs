@@ -662,3 +662,103 @@ fn plot_without_metrics() {
     std::fs::create_dir(c.path("run")).unwrap();
     c.fails(&["plot", c.path("run").to_str().unwrap()], &["metrics.jsonl"]);
 }
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Runs a 1-step training into `out` (the case's config); returns nothing, asserts success.
+fn train_ok(c: &Case) {
+    let (ok, err) = cli(&["train", &c.config()]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn train_overwrite_never_deletes_an_input() {
+    let c = train_case("");
+    // The dataset lives inside output_dir.
+    std::fs::create_dir(c.path("out")).unwrap();
+    std::fs::rename(c.path("data.jsonl"), c.path("out/data.jsonl")).unwrap();
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace(&c.path("data.jsonl").display().to_string(), &c.path("out/data.jsonl").display().to_string());
+    c.write_config(&text);
+    let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
+    assert!(!ok && err.contains("`output_dir`") && err.contains("--overwrite would delete it"), "{err}");
+    assert!(c.path("out/data.jsonl").is_file(), "the dataset is kept");
+}
+
+#[test]
+fn train_resume_refuses_foreign_or_in_place_output() {
+    let c = train_case("save_steps: 1\n");
+    train_ok(&c);
+    let ck = c.path("out/checkpoint-1");
+    assert!(ck.join("trainer_state.json").is_file());
+    // Another finished run's directory is not overwritten by a resume.
+    std::fs::create_dir(c.path("other")).unwrap();
+    std::fs::write(c.path("other/model.safetensors"), "precious").unwrap();
+    let base = std::fs::read_to_string(c.path("config.yml")).unwrap();
+    for (out, needle) in [
+        (c.path("other"), "does not hold the checkpoint being resumed"),
+        (ck.clone(), "checkpoint being resumed"),
+    ] {
+        let text = base.replace(
+            &format!("output_dir: {}", c.path("out").display()),
+            &format!("output_dir: {}\nresume_from_checkpoint: {}", out.display(), ck.display()),
+        );
+        c.write_config(&text);
+        let (ok, err) = cli(&["train", &c.config()]);
+        assert!(!ok && err.contains("`output_dir`") && err.contains(needle), "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(c.path("other/model.safetensors")).unwrap(), "precious");
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(st["global_step"], 1, "the checkpoint is untouched");
+}
+
+#[test]
+fn train_divergence_is_an_error_not_a_saved_model() {
+    let c = train_case("max_grad_norm: 0\n");
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace("learning_rate: 0.001", "learning_rate: 1.0e39");
+    c.write_config(&text);
+    let (ok, err) = cli(&["train", &c.config()]);
+    assert!(!ok && err.contains("non-finite") && err.contains("learning_rate"), "{err}");
+    assert!(!c.path("out/config.json").exists(), "no final model saved");
+}
+
+#[test]
+fn train_absurd_step_count_and_inconsistent_batch() {
+    let c = train_case("");
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace("max_steps: 1\n", "num_epochs: 1.0e30\n");
+    c.write_config(&text);
+    c.fails(&["train", &c.config()], &["`num_epochs`", "optimizer steps"]);
+    let c = train_case("gradient_accumulation_steps: 2\nbatch_size: 7\n");
+    c.fails(&["train", &c.config()], &["`batch_size`", "7", "micro_batch_size"]);
+    let c = train_case("special_tokens:\n  eos_token: 5\n");
+    c.fails(&["train", &c.config()], &["`special_tokens.eos_token`", "5"]);
+}
+
+#[test]
+fn plot_refuses_to_overwrite_a_non_png() {
+    let c = train_case("");
+    train_ok(&c);
+    let target = c.path("out/model.safetensors");
+    let before = std::fs::read(&target).unwrap();
+    let (ok, err) = cli(&["plot", c.path("out").to_str().unwrap(), "-o", target.to_str().unwrap()]);
+    assert!(!ok && err.contains(".png"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), before);
+    let png = c.path("out/p.png");
+    let (ok, err) = cli(&["plot", c.path("out").to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // Re-plotting over our own PNG is fine.
+    let (ok, err) = cli(&["plot", c.path("out").to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert!(ok, "{err}");
+}

@@ -173,7 +173,7 @@ impl Drop for StagedDir {
 
 /// Removes `.NAME.partial-PID` / `.NAME.old-PID` siblings left by runs that were killed (their
 /// process no longer exists), so interrupted runs do not accumulate disk usage.
-fn sweep_dead_partials(parent: &Path, name: &str) {
+pub(crate) fn sweep_dead_partials(parent: &Path, name: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };

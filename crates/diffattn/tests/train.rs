@@ -220,7 +220,7 @@ fn crc32c(data: &[u8]) -> u32 {
 }
 
 fn masked(c: u32) -> u32 {
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 fn varint(b: &[u8], i: &mut usize) -> u64 {

@@ -72,6 +72,8 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub logging_steps: Option<usize>,
     pub save_steps: Option<usize>,
+    /// Keep at most this many `checkpoint-N` directories (the oldest are deleted).
+    pub save_total_limit: Option<usize>,
     pub eval_steps: Option<usize>,
     pub output_dir: PathBuf,
     pub resume_from_checkpoint: Option<Resume>,
@@ -253,7 +255,7 @@ impl TrainConfig {
         let val_set_size = match r.get("val_set_size") {
             None => None,
             Some(v) => match r.number("val_set_size")? {
-                Some(x) if x == 0.0 => None,
+                Some(0.0) => None,
                 Some(x) if x > 0.0 && x < 1.0 => Some(ValSetSize::Fraction(x)),
                 Some(x) if x >= 1.0 && x.fract() == 0.0 => Some(ValSetSize::Count(x as usize)),
                 _ => {
@@ -270,6 +272,15 @@ impl TrainConfig {
             r.count("gradient_accumulation_steps", 1)?,
             r.count("batch_size", 1)?,
         ) {
+            (Some(g), Some(b)) if b != g * micro_batch_size => {
+                return Err(r.invalid(
+                    "batch_size",
+                    &Value::from(b as u64),
+                    &format!(
+                        "disagrees with micro_batch_size ({micro_batch_size}) x gradient_accumulation_steps ({g}); set one of them"
+                    ),
+                ))
+            }
             (Some(g), _) => g,
             (None, Some(b)) => {
                 if b % micro_batch_size != 0 {
@@ -364,10 +375,23 @@ impl TrainConfig {
         };
         let special_tokens = match r.get("special_tokens") {
             None => Vec::new(),
-            Some(Value::Mapping(m)) => m
-                .iter()
-                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
-                .collect(),
+            Some(Value::Mapping(m)) => {
+                let mut out = Vec::new();
+                for (k, v) in m {
+                    let name = k.as_str().unwrap_or_default().to_string();
+                    match v.as_str() {
+                        Some(tok) if !name.is_empty() => out.push((name, tok.to_string())),
+                        _ => {
+                            return Err(r.invalid(
+                                &format!("special_tokens.{name}"),
+                                v,
+                                "expected a token string such as \"</s>\"",
+                            ))
+                        }
+                    }
+                }
+                out
+            }
             Some(v) => return Err(r.invalid("special_tokens", v, "expected a mapping such as {eos_token: \"</s>\"}")),
         };
         let sequence_len = r.count("sequence_len", 2)?.unwrap_or(2048);
@@ -392,6 +416,7 @@ impl TrainConfig {
             max_grad_norm,
             logging_steps: r.count("logging_steps", 1)?,
             save_steps: r.count("save_steps", 1)?,
+            save_total_limit: r.count("save_total_limit", 1)?,
             eval_steps: r.count("eval_steps", 1)?,
             output_dir,
             resume_from_checkpoint,

@@ -47,6 +47,9 @@ use crate::output::{write_safetensors, PlannedTensor, StagedDir, TensorProducer}
 pub use config::{Resume, TrainConfig};
 use data::{Batch, Sample, IGNORE};
 
+/// Upper bound on a run's optimizer steps (a guard against `num_epochs: 1e30`).
+pub const MAX_STEPS: usize = 100_000_000;
+
 /// Key of config.json holding the warm-up factor in force when the checkpoint was written
 /// (the plugin's module attribute name). Our loader applies it; see [`Model`]'s `mix`.
 pub const MIX_KEY: &str = "diff_attn_mix";
@@ -317,6 +320,22 @@ fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|source| Error::Json { path: p, source })
 }
 
+/// `checkpoint-N` directories of `dir` beyond the newest `keep` (oldest first).
+fn old_checkpoints(dir: &Path, keep: usize) -> Vec<PathBuf> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n: usize = e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    all.sort();
+    let n = all.len().saturating_sub(keep);
+    all.into_iter().take(n).map(|(_, p)| p).collect()
+}
+
 /// The `checkpoint-N` directory with the largest N in `dir`.
 pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
     std::fs::read_dir(dir)
@@ -373,6 +392,19 @@ pub fn prepare_data(cfg: &TrainConfig, tokenizer_dir: &Path, model_cfg: &ModelCo
             msg: format!(
                 "no usable sample: {} records, {} longer than sequence_len {}, {} without a target",
                 stats.records, stats.dropped_too_long, cfg.sequence_len, stats.dropped_no_labels
+            ),
+        });
+    }
+    let vocab = model_cfg.typed.vocab_size;
+    let max_id = samples.iter().flat_map(|s| s.input_ids.iter()).copied().max().unwrap_or(0).max(pad_id);
+    if max_id as usize >= vocab {
+        return Err(Error::InvalidValue {
+            path: model_cfg.path.clone(),
+            key: "vocab_size".into(),
+            value: vocab.to_string(),
+            reason: format!(
+                "the tokenizer of {} produces id {max_id} (or pad_token_id / eos is that large): tokenizer and model do not match",
+                tokenizer_dir.display()
             ),
         });
     }
@@ -466,7 +498,8 @@ fn append_jsonl(path: &Path, v: &Value) -> Result<()> {
         .append(true)
         .open(path)
         .at(path)?;
-    writeln!(f, "{v}").at(path)
+    // One write per record, so that an interrupted run leaves whole lines.
+    f.write_all(format!("{v}\n").as_bytes()).at(path)
 }
 
 /// Keeps only the records of `metrics.jsonl` up to `step` (a resumed run rewrites the rest).
@@ -538,13 +571,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
     let device = default_device();
     let (model_dir, state) = model_source(cfg, &output_dir)?;
     let model_dir = crate::output::absolutize(&model_dir)?;
-    // The model being trained (or the run's base model) must not be overwritten.
+    // The model being trained (or the run's base model) must not be overwritten, nor the
+    // checkpoint being resumed (output_dir may contain it, as transformers' layout has it).
     let base = crate::hub::resolve_model(&cfg.axolotl.base_model, true, "base_model", &cfg.axolotl.path)
         .ok()
         .map(|p| crate::output::absolutize(&p))
         .transpose()?;
+    let overlap = |input: &Path| output_dir == input || output_dir.starts_with(input) || input.starts_with(&output_dir);
     for input in base.iter().chain(state.is_none().then_some(&model_dir)) {
-        if output_dir == *input || output_dir.starts_with(input) || input.starts_with(&output_dir) {
+        if overlap(input) {
             return Err(Error::InvalidValue {
                 path: cfg.axolotl.path.clone(),
                 key: "output_dir".into(),
@@ -557,16 +592,49 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             });
         }
     }
-    let replace = state.is_none()
-        && output_dir.is_dir()
-        && std::fs::read_dir(&output_dir).at(&output_dir)?.next().is_some();
+    if state.is_some() && (output_dir == model_dir || output_dir.starts_with(&model_dir)) {
+        return Err(Error::InvalidValue {
+            path: cfg.axolotl.path.clone(),
+            key: "output_dir".into(),
+            value: output_dir.display().to_string(),
+            reason: format!("is (inside) the checkpoint being resumed ({}); use the run's directory", model_dir.display()),
+        });
+    }
+    let non_empty = output_dir.is_dir() && std::fs::read_dir(&output_dir).at(&output_dir)?.next().is_some();
+    // Resuming continues the run that owns the checkpoint: output_dir must be that run's
+    // directory (or empty / new).
+    let resuming_here = state.is_some() && model_dir.starts_with(&output_dir);
+    let replace = non_empty && !resuming_here;
     if replace && !opts.overwrite {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
             key: "output_dir".into(),
             value: output_dir.display().to_string(),
-            reason: "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into(),
+            reason: if state.is_some() {
+                format!("is not empty and does not hold the checkpoint being resumed ({}); use the checkpoint's run directory or a new one", model_dir.display())
+            } else {
+                "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into()
+            },
         });
+    }
+    if replace {
+        // --overwrite deletes output_dir: never with an input inside it.
+        let mut inputs: Vec<PathBuf> = vec![cfg.axolotl.path.clone(), model_dir.clone()];
+        inputs.extend(cfg.datasets.iter().map(|d| d.path.clone()));
+        if let Some(t) = &cfg.axolotl.tokenizer_config {
+            inputs.push(PathBuf::from(t));
+        }
+        for input in inputs {
+            let abs = crate::output::absolutize(&input)?;
+            if abs.starts_with(&output_dir) {
+                return Err(Error::InvalidValue {
+                    path: cfg.axolotl.path.clone(),
+                    key: "output_dir".into(),
+                    value: output_dir.display().to_string(),
+                    reason: format!("holds an input of this run ({}); --overwrite would delete it", abs.display()),
+                });
+            }
+        }
     }
     if output_dir.exists() && !output_dir.is_dir() {
         return Err(Error::OutputNotWritable {
@@ -598,9 +666,32 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
             key: "val_set_size".into(),
-            value: format!("{:?}", cfg.val_set_size),
+            value: match cfg.val_set_size {
+                Some(data::ValSetSize::Fraction(f)) => f.to_string(),
+                Some(data::ValSetSize::Count(c)) => c.to_string(),
+                None => "0".into(),
+            },
             reason: format!("leaves no training sample out of {}", prepared.stats.samples),
         });
+    }
+    let (_, per_epoch, total) = step_counts(cfg, n_train);
+    if total > MAX_STEPS {
+        return Err(Error::InvalidValue {
+            path: cfg.axolotl.path.clone(),
+            key: if cfg.max_steps.is_some() { "max_steps" } else { "num_epochs" }.into(),
+            value: cfg.max_steps.map(|m| m.to_string()).unwrap_or_else(|| cfg.num_epochs.to_string()),
+            reason: format!("gives {total} optimizer steps; at most {MAX_STEPS} are accepted"),
+        });
+    }
+    if let Some(st) = &state {
+        if st.global_step > total {
+            return Err(Error::InvalidValue {
+                path: model_dir.join(STATE_FILE),
+                key: "global_step".into(),
+                value: st.global_step.to_string(),
+                reason: format!("is beyond this run's {total} steps"),
+            });
+        }
     }
     // Everything is validated: only now is output_dir touched.
     if replace {
@@ -610,7 +701,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         path: output_dir.clone(),
         source,
     })?;
-    let (_, per_epoch, total) = step_counts(cfg, n_train);
+    crate::output::sweep_dead_partials(&output_dir, "final");
     let lr_warmup = cfg.lr_warmup(total);
     let log_every = cfg.logging_interval(total);
     on_event(Event::Info(format!(
@@ -658,6 +749,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it              computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first              steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
                 .into(),
         ));
+    }
+    if cfg.eval_steps.is_some() && prepared.val.is_empty() {
+        on_event(Event::Warning("eval_steps is set but there is no validation split (val_set_size): no evaluation".into()));
     }
     if !is_diff && cfg.diff_attn_warmup_steps.is_some() {
         on_event(Event::Warning(
@@ -755,10 +849,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         let grads = grads.expect("a step has at least one micro-batch");
         let grad_norm = opt.grad_norm(&grads)?;
         if !step_loss.is_finite() || !grad_norm.is_finite() {
+            let why = if g == start {
+                format!("before any update: the model in {} already computes non-finite values", model_dir.display())
+            } else {
+                format!(
+                    "the weights diverged (learning_rate {}, adam_epsilon {}, max_grad_norm {}); checkpoints written so far are kept",
+                    cfg.learning_rate, cfg.adamw.eps, cfg.max_grad_norm
+                )
+            };
             return Err(Error::InvalidOptions(format!(
-                "step {}: loss {step_loss} / gradient norm {grad_norm} is not finite; lower learning_rate (now {}) or check the data",
-                g + 1,
-                cfg.learning_rate
+                "step {}: loss {step_loss} / gradient norm {grad_norm} is not finite: {why}",
+                g + 1
             )));
         }
         let mut mean_lambda = None;
@@ -859,10 +960,26 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                 };
                 save_checkpoint(&dir, &tm, &opt, &st, is_diff, &tokenizer_dir)?;
                 on_event(Event::Info(format!("saved {}", dir.display())));
+                if let Some(limit) = cfg.save_total_limit {
+                    for old in old_checkpoints(&output_dir, limit) {
+                        std::fs::remove_dir_all(&old).at(&old)?;
+                        on_event(Event::Info(format!("removed {} (save_total_limit {limit})", old.display())));
+                    }
+                }
             }
         }
     }
     let train_runtime = run_t0.elapsed().as_secs_f64();
+    let mut weights_sq = 0.0;
+    for (_, v) in &tm.vars {
+        weights_sq += optim::sum_sq(v.as_tensor())?;
+    }
+    if !weights_sq.is_finite() {
+        return Err(Error::InvalidOptions(format!(
+            "the last update made the weights non-finite (learning_rate {}, adam_epsilon {}, max_grad_norm {}); the final model is not saved, checkpoints written so far are kept",
+            cfg.learning_rate, cfg.adamw.eps, cfg.max_grad_norm
+        )));
+    }
     let final_mix = schedule::mix(total, warmup);
     tm.model.mix = final_mix;
     let mut metrics = BTreeMap::new();
@@ -876,6 +993,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
     metrics.insert("epoch".into(), epoch);
     if !prepared.val.is_empty() {
         let r = evaluate_samples(&tm.model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
+        if !r.loss.is_finite() {
+            return Err(Error::InvalidOptions(format!(
+                "the final model's eval loss is {}: the weights diverged (learning_rate {}, adam_epsilon {}, max_grad_norm {}); the final model is not saved, checkpoints written so far are kept",
+                r.loss, cfg.learning_rate, cfg.adamw.eps, cfg.max_grad_norm
+            )));
+        }
         let mut rec = json!({"step": total, "epoch": epoch});
         for (k, v) in r.metrics() {
             rec[k.clone()] = json!(v);
@@ -1009,6 +1132,14 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
     };
     let prepared = prepare_data(cfg, &tokenizer_dir, &mc)?;
     let model = Model::load(&dir, DType::F32, &device)?;
+    if cfg.sequence_len > model.config.max_position_embeddings {
+        return Err(Error::InvalidValue {
+            path: cfg.axolotl.path.clone(),
+            key: "sequence_len".into(),
+            value: cfg.sequence_len.to_string(),
+            reason: format!("longer than the model's max_position_embeddings ({})", model.config.max_position_embeddings),
+        });
+    }
     let r = evaluate_samples(&model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
     Ok((dir, r))
 }

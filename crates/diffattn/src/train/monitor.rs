@@ -128,17 +128,18 @@ pub fn metrics(
     }
     let all: Vec<LambdaValues> = values.iter().flatten().copied().collect();
     if !all.is_empty() {
-        let series: [(&str, Box<dyn Fn(&LambdaValues) -> f64>); 7] = [
-            ("lambda_q1_norm", Box::new(|v| v.q1_norm)),
-            ("lambda_k1_norm", Box::new(|v| v.k1_norm)),
-            ("lambda_q2_norm", Box::new(|v| v.q2_norm)),
-            ("lambda_k2_norm", Box::new(|v| v.k2_norm)),
-            ("lambda1", Box::new(|v| v.lambda1)),
-            ("lambda2", Box::new(|v| v.lambda2)),
-            ("lambda_full", Box::new(move |v| v.lambda_full * mix)),
+        type Pick = fn(&LambdaValues, f64) -> f64;
+        let series: [(&str, Pick); 7] = [
+            ("lambda_q1_norm", |v, _| v.q1_norm),
+            ("lambda_k1_norm", |v, _| v.k1_norm),
+            ("lambda_q2_norm", |v, _| v.q2_norm),
+            ("lambda_k2_norm", |v, _| v.k2_norm),
+            ("lambda1", |v, _| v.lambda1),
+            ("lambda2", |v, _| v.lambda2),
+            ("lambda_full", |v, mix| v.lambda_full * mix),
         ];
-        for (name, f) in series.iter() {
-            let xs: Vec<f64> = all.iter().map(|v| f(v)).collect();
+        for (name, pick) in series {
+            let xs: Vec<f64> = all.iter().map(|v| pick(v, mix)).collect();
             let (m, s) = mean_std(&xs);
             out.insert(format!("aggregate/{name}_mean"), m);
             out.insert(format!("aggregate/{name}_std"), s);

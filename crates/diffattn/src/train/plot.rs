@@ -23,14 +23,22 @@ pub type Series = BTreeMap<String, Vec<(f64, f64)>>;
 pub fn read_series(path: &Path) -> Result<Series> {
     let text = std::fs::read_to_string(path).at(path)?;
     let mut out: Series = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| Error::Dataset {
-            path: path.to_path_buf(),
-            msg: format!("line {}: not valid JSON: {e}", i + 1),
-        })?;
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            // A run killed while appending leaves a torn last line: skip it.
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => continue,
+            Err(e) => {
+                return Err(Error::Dataset {
+                    path: path.to_path_buf(),
+                    msg: format!("line {}: not valid JSON: {e}", i + 1),
+                })
+            }
+        };
         let Some(step) = v.get("step").and_then(Value::as_f64) else {
             continue;
         };
@@ -136,6 +144,21 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             ),
         });
     }
+    if out.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
+        return Err(Error::InvalidOptions(format!(
+            "-o {}: the output must be a .png file",
+            out.display()
+        )));
+    }
+    if out.exists() {
+        let head = std::fs::read(out).at(out)?;
+        if !head.starts_with(b"\x89PNG") {
+            return Err(Error::InvalidOptions(format!(
+                "-o {}: exists and is not a PNG; refusing to overwrite it",
+                out.display()
+            )));
+        }
+    }
     let series = read_series(&metrics)?;
     REGISTER.call_once(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
@@ -150,6 +173,14 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
         out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         std::process::id()
     ));
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::OutputNotWritable {
+                path: out.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "its directory does not exist"),
+            });
+        }
+    }
     {
         let root = BitMapBackend::new(&tmp, (1200, 800)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
