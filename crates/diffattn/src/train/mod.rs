@@ -314,6 +314,34 @@ pub struct TrainerState {
     pub log_history: Vec<Value>,
 }
 
+impl TrainerState {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &TrainConfig,
+        global_step: usize,
+        max_steps: usize,
+        epoch: f64,
+        diff_attn_mix: f64,
+        train_samples: usize,
+        total_loss: f64,
+        log_history: &[Value],
+    ) -> Self {
+        Self {
+            global_step,
+            max_steps,
+            epoch,
+            diff_attn_mix,
+            seed: cfg.seed,
+            micro_batch_size: cfg.micro_batch_size,
+            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+            sequence_len: cfg.sequence_len,
+            train_samples,
+            total_loss,
+            log_history: log_history.to_vec(),
+        }
+    }
+}
+
 fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).at(&p)?;
@@ -945,19 +973,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         if let Some(s) = cfg.save_steps {
             if step % s == 0 {
                 let dir = output_dir.join(format!("checkpoint-{step}"));
-                let st = TrainerState {
-                    global_step: step,
-                    max_steps: total,
-                    epoch,
-                    diff_attn_mix: next_mix,
-                    seed: cfg.seed,
-                    micro_batch_size: cfg.micro_batch_size,
-                    gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-                    sequence_len: cfg.sequence_len,
-                    train_samples: n_train,
-                    total_loss: loss_total,
-                    log_history: sinks.history.clone(),
-                };
+                let st = TrainerState::new(cfg, step, total, epoch, next_mix, n_train, loss_total, &sinks.history);
                 save_checkpoint(&dir, &tm, &opt, &st, is_diff, &tokenizer_dir)?;
                 on_event(Event::Info(format!("saved {}", dir.display())));
                 if let Some(limit) = cfg.save_total_limit {
@@ -1007,19 +1023,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         sinks.log(rec)?;
         last_eval = Some(r);
     }
-    let st = TrainerState {
-        global_step: total,
-        max_steps: total,
-        epoch,
-        diff_attn_mix: final_mix,
-        seed: cfg.seed,
-        micro_batch_size: cfg.micro_batch_size,
-        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-        sequence_len: cfg.sequence_len,
-        train_samples: n_train,
-        total_loss: loss_total,
-        log_history: sinks.history.clone(),
-    };
+    let st = TrainerState::new(cfg, total, total, epoch, final_mix, n_train, loss_total, &sinks.history);
     save_final(&output_dir, &tm, &st, is_diff, &tokenizer_dir)?;
     let train_only: BTreeMap<_, _> = metrics.iter().filter(|(k, _)| !k.starts_with("eval_") && *k != "perplexity").collect();
     crate::config::write_json(&output_dir.join("train_results.json"), &json!(train_only))?;
