@@ -166,7 +166,13 @@ impl Linear {
 
 /// RMS norm over the last dimension (as LlamaRMSNorm: f32, `x * rsqrt(mean(x²) + eps) * w`).
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
-    let y = ops::rms_normalize(x, eps)?;
+    let norm = x
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
+    let y = x.broadcast_mul(&norm)?;
     match weight {
         Some(w) => y.broadcast_mul(w),
         None => Ok(y),

@@ -1,4 +1,4 @@
-//! A softmax over the last dimension and an RMS normalisation, each with its own backward.
+//! A softmax over the last dimension with its own backward, for the attention maps.
 //!
 //! candle's differentiable `ops::softmax` is composed of five ops (max, sub, exp, sum, div), each
 //! allocating a `[batch, heads, seq, keys]` tensor, and its backward walks them all again; the
@@ -86,105 +86,10 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x · rsqrt(mean(x²) + eps)` over the last dimension, with its backward
-/// `dx = r · (g − y · mean(g ⊙ y))` (r the row's rsqrt, y the output).
-struct RmsNormalize {
-    eps: f32,
-}
-
-fn row_rsqrt(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / x.len().max(1) as f64;
-    (1.0 / (ms + eps as f64).sqrt()) as f32
-}
-
-impl CustomOp1 for RmsNormalize {
-    fn name(&self) -> &'static str {
-        "rms-normalize-with-backward"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "rms norm")?;
-        let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n * ROWS_PER_TASK)
-            .zip(x.par_chunks(n * ROWS_PER_TASK))
-            .for_each(|(o, xb)| {
-                for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
-                    let r = row_rsqrt(xrow, self.eps);
-                    for (oj, &xj) in orow.iter_mut().zip(xrow) {
-                        *oj = xj * r;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = arg.dims().last().copied().unwrap_or(1).max(1);
-        let x = arg.contiguous()?;
-        let g = grad_res.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
-            candle_core::bail!("rms norm backward: CPU tensors only");
-        };
-        let xv = contiguous_f32(xs, xl, "rms norm backward")?;
-        let gv = contiguous_f32(gs, gl, "rms norm backward")?;
-        let mut out = vec![0f32; xv.len()];
-        out.par_chunks_mut(n * ROWS_PER_TASK)
-            .zip(xv.par_chunks(n * ROWS_PER_TASK).zip(gv.par_chunks(n * ROWS_PER_TASK)))
-            .for_each(|(o, (xb, gb))| {
-                for ((orow, xrow), grow) in o.chunks_mut(n).zip(xb.chunks(n)).zip(gb.chunks(n)) {
-                    let r = row_rsqrt(xrow, self.eps);
-                    let dot: f32 = xrow.iter().zip(grow).map(|(a, b)| a * r * b).sum::<f32>() / n as f32;
-                    for ((oj, &xj), &gj) in orow.iter_mut().zip(xrow).zip(grow) {
-                        *oj = r * (gj - xj * r * dot);
-                    }
-                }
-            });
-        let shape = arg.shape().clone();
-        let device = arg.device().clone();
-        Ok(Some(Tensor::from_vec(out, shape, &device)?))
-    }
-}
-
-/// `x · rsqrt(mean(x²) + eps)` over the last dimension (LlamaRMSNorm without its weight),
-/// differentiable. CPU f32: the fused op above; otherwise the composed candle ops.
-pub fn rms_normalize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1(RmsNormalize { eps: eps as f32 })
-    } else {
-        let norm = x
-            .sqr()?
-            .mean_keepdim(candle_core::D::Minus1)?
-            .affine(1.0, eps)?
-            .sqrt()?
-            .recip()?;
-        x.broadcast_mul(&norm)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
-
-    #[test]
-    fn rms_normalize_equals_composed_and_its_gradient() {
-        let d = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 5, 70), &d).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (2, 5, 70), &d).unwrap();
-        let a = rms_normalize(x.as_tensor(), 1e-5).unwrap();
-        let norm = x.as_tensor().sqr().unwrap().mean_keepdim(D::Minus1).unwrap().affine(1.0, 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
-        let b = x.as_tensor().broadcast_mul(&norm).unwrap();
-        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "{diff}");
-        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (ga, gb) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
-        let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "{diff}");
-    }
 
     #[test]
     fn equals_composed_softmax_and_its_gradient() {
