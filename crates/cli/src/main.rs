@@ -435,7 +435,10 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
     print_metrics(r);
     let o = &plan.options;
     let expected = o.layout == Layout::DoubleHeads
-        && matches!(o.init, convert::Init::Zero | convert::Init::PreservingMirror)
+        && matches!(
+            o.init,
+            convert::Init::Zero | convert::Init::PreservingMirror
+        )
         && !o.sublayer_norm;
     if expected {
         println!(
@@ -751,7 +754,10 @@ fn run_train(a: &TrainArgs) -> Result<()> {
     if let Some(p) = pb.borrow().as_ref() {
         p.finish_and_clear();
     }
-    println!("metrics ({}):", report.output_dir.join("all_results.json").display());
+    println!(
+        "metrics ({}):",
+        report.output_dir.join("all_results.json").display()
+    );
     for (k, v) in &report.metrics {
         println!("  {k}: {v:.6}");
     }

@@ -584,40 +584,64 @@ fn train_case(extra: &str) -> Case {
 fn train_missing_dataset_file() {
     let c = train_case("");
     std::fs::remove_file(c.path("data.jsonl")).unwrap();
-    c.fails(&["train", &c.config()], &["data.jsonl", "no such local file"]);
+    c.fails(
+        &["train", &c.config()],
+        &["data.jsonl", "no such local file"],
+    );
 }
 
 #[test]
 fn train_dataset_line_not_json() {
     let c = train_case("");
-    std::fs::write(c.path("data.jsonl"), "{\"text\": \"ok\"}\n{\"text\": oops}\n").unwrap();
-    c.fails(&["train", &c.config()], &["data.jsonl", "line 2", "not valid JSON"]);
+    std::fs::write(
+        c.path("data.jsonl"),
+        "{\"text\": \"ok\"}\n{\"text\": oops}\n",
+    )
+    .unwrap();
+    c.fails(
+        &["train", &c.config()],
+        &["data.jsonl", "line 2", "not valid JSON"],
+    );
 }
 
 #[test]
 fn train_dataset_field_missing() {
     let c = train_case("");
     std::fs::write(c.path("data.jsonl"), "{\"content\": \"the day\"}\n").unwrap();
-    c.fails(&["train", &c.config()], &["data.jsonl", "line 1", "field `text`"]);
+    c.fails(
+        &["train", &c.config()],
+        &["data.jsonl", "line 1", "field `text`"],
+    );
 }
 
 #[test]
 fn train_output_dir_is_the_model() {
     let c = train_case("");
-    let text = std::fs::read_to_string(c.path("config.yml")).unwrap().replace(
-        &format!("output_dir: {}", c.path("out").display()),
-        &format!("output_dir: {}", c.path("src").display()),
-    );
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace(
+            &format!("output_dir: {}", c.path("out").display()),
+            &format!("output_dir: {}", c.path("src").display()),
+        );
     c.write_config(&text);
-    c.fails(&["train", &c.config()], &["`output_dir`", "overlaps the model being trained"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`output_dir`", "overlaps the model being trained"],
+    );
 }
 
 #[test]
 fn train_refuses_adapter_and_8bit() {
     let c = train_case("adapter: lora\n");
-    c.fails(&["train", &c.config()], &["config.yml", "`adapter`", "lora", "not supported"]);
+    c.fails(
+        &["train", &c.config()],
+        &["config.yml", "`adapter`", "lora", "not supported"],
+    );
     let c = train_case("load_in_8bit: true\n");
-    c.fails(&["train", &c.config()], &["`load_in_8bit`", "not supported"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`load_in_8bit`", "not supported"],
+    );
 }
 
 #[test]
@@ -627,13 +651,19 @@ fn train_sequence_len_beyond_context() {
         .unwrap()
         .replace("sequence_len: 16", "sequence_len: 100000");
     c.write_config(&text);
-    c.fails(&["train", &c.config()], &["`sequence_len`", "100000", "max_position_embeddings"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`sequence_len`", "100000", "max_position_embeddings"],
+    );
 }
 
 #[test]
 fn train_resume_from_missing_checkpoint() {
     let c = train_case("resume_from_checkpoint: /nonexistent/checkpoint-3\n");
-    c.fails(&["train", &c.config()], &["`resume_from_checkpoint`", "/nonexistent/checkpoint-3"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`resume_from_checkpoint`", "/nonexistent/checkpoint-3"],
+    );
 }
 
 #[test]
@@ -641,26 +671,40 @@ fn train_output_dir_not_empty() {
     let c = train_case("");
     std::fs::create_dir(c.path("prev")).unwrap();
     std::fs::write(c.path("prev/keep.txt"), "x").unwrap();
-    let text = std::fs::read_to_string(c.path("config.yml")).unwrap().replace(
-        &format!("output_dir: {}", c.path("out").display()),
-        &format!("output_dir: {}", c.path("prev").display()),
-    );
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace(
+            &format!("output_dir: {}", c.path("out").display()),
+            &format!("output_dir: {}", c.path("prev").display()),
+        );
     c.write_config(&text);
-    c.fails(&["train", &c.config()], &["`output_dir`", "not empty", "--overwrite"]);
-    assert!(c.path("prev/keep.txt").is_file(), "the previous run is kept");
+    c.fails(
+        &["train", &c.config()],
+        &["`output_dir`", "not empty", "--overwrite"],
+    );
+    assert!(
+        c.path("prev/keep.txt").is_file(),
+        "the previous run is kept"
+    );
 }
 
 #[test]
 fn evaluate_without_validation_split() {
     let c = train_case("");
-    c.fails(&["evaluate", &c.config()], &["`val_set_size`", "validation split"]);
+    c.fails(
+        &["evaluate", &c.config()],
+        &["`val_set_size`", "validation split"],
+    );
 }
 
 #[test]
 fn plot_without_metrics() {
     let c = Case::new();
     std::fs::create_dir(c.path("run")).unwrap();
-    c.fails(&["plot", c.path("run").to_str().unwrap()], &["metrics.jsonl"]);
+    c.fails(
+        &["plot", c.path("run").to_str().unwrap()],
+        &["metrics.jsonl"],
+    );
 }
 
 fn cli(args: &[&str]) -> (bool, String) {
@@ -668,7 +712,10 @@ fn cli(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 /// Runs a 1-step training into `out` (the case's config); returns nothing, asserts success.
@@ -685,10 +732,16 @@ fn train_overwrite_never_deletes_an_input() {
     std::fs::rename(c.path("data.jsonl"), c.path("out/data.jsonl")).unwrap();
     let text = std::fs::read_to_string(c.path("config.yml"))
         .unwrap()
-        .replace(&c.path("data.jsonl").display().to_string(), &c.path("out/data.jsonl").display().to_string());
+        .replace(
+            &c.path("data.jsonl").display().to_string(),
+            &c.path("out/data.jsonl").display().to_string(),
+        );
     c.write_config(&text);
     let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
-    assert!(!ok && err.contains("`output_dir`") && err.contains("--overwrite would delete it"), "{err}");
+    assert!(
+        !ok && err.contains("`output_dir`") && err.contains("--overwrite would delete it"),
+        "{err}"
+    );
     assert!(c.path("out/data.jsonl").is_file(), "the dataset is kept");
 }
 
@@ -703,20 +756,34 @@ fn train_resume_refuses_foreign_or_in_place_output() {
     std::fs::write(c.path("other/model.safetensors"), "precious").unwrap();
     let base = std::fs::read_to_string(c.path("config.yml")).unwrap();
     for (out, needle) in [
-        (c.path("other"), "does not hold the checkpoint being resumed"),
+        (
+            c.path("other"),
+            "does not hold the checkpoint being resumed",
+        ),
         (ck.clone(), "checkpoint being resumed"),
     ] {
         let text = base.replace(
             &format!("output_dir: {}", c.path("out").display()),
-            &format!("output_dir: {}\nresume_from_checkpoint: {}", out.display(), ck.display()),
+            &format!(
+                "output_dir: {}\nresume_from_checkpoint: {}",
+                out.display(),
+                ck.display()
+            ),
         );
         c.write_config(&text);
         let (ok, err) = cli(&["train", &c.config()]);
-        assert!(!ok && err.contains("`output_dir`") && err.contains(needle), "{err}");
+        assert!(
+            !ok && err.contains("`output_dir`") && err.contains(needle),
+            "{err}"
+        );
     }
-    assert_eq!(std::fs::read_to_string(c.path("other/model.safetensors")).unwrap(), "precious");
+    assert_eq!(
+        std::fs::read_to_string(c.path("other/model.safetensors")).unwrap(),
+        "precious"
+    );
     let st: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap())
+            .unwrap();
     assert_eq!(st["global_step"], 1, "the checkpoint is untouched");
 }
 
@@ -728,7 +795,10 @@ fn train_divergence_is_an_error_not_a_saved_model() {
         .replace("learning_rate: 0.001", "learning_rate: 1.0e39");
     c.write_config(&text);
     let (ok, err) = cli(&["train", &c.config()]);
-    assert!(!ok && err.contains("non-finite") && err.contains("learning_rate"), "{err}");
+    assert!(
+        !ok && err.contains("non-finite") && err.contains("learning_rate"),
+        "{err}"
+    );
     assert!(!c.path("out/config.json").exists(), "no final model saved");
 }
 
@@ -739,11 +809,20 @@ fn train_absurd_step_count_and_inconsistent_batch() {
         .unwrap()
         .replace("max_steps: 1\n", "num_epochs: 1.0e30\n");
     c.write_config(&text);
-    c.fails(&["train", &c.config()], &["`num_epochs`", "optimizer steps"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`num_epochs`", "optimizer steps"],
+    );
     let c = train_case("gradient_accumulation_steps: 2\nbatch_size: 7\n");
-    c.fails(&["train", &c.config()], &["`batch_size`", "7", "micro_batch_size"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`batch_size`", "7", "micro_batch_size"],
+    );
     let c = train_case("special_tokens:\n  eos_token: 5\n");
-    c.fails(&["train", &c.config()], &["`special_tokens.eos_token`", "5"]);
+    c.fails(
+        &["train", &c.config()],
+        &["`special_tokens.eos_token`", "5"],
+    );
 }
 
 #[test]
@@ -752,13 +831,28 @@ fn plot_refuses_to_overwrite_a_non_png() {
     train_ok(&c);
     let target = c.path("out/model.safetensors");
     let before = std::fs::read(&target).unwrap();
-    let (ok, err) = cli(&["plot", c.path("out").to_str().unwrap(), "-o", target.to_str().unwrap()]);
+    let (ok, err) = cli(&[
+        "plot",
+        c.path("out").to_str().unwrap(),
+        "-o",
+        target.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains(".png"), "{err}");
     assert_eq!(std::fs::read(&target).unwrap(), before);
     let png = c.path("out/p.png");
-    let (ok, err) = cli(&["plot", c.path("out").to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    let (ok, err) = cli(&[
+        "plot",
+        c.path("out").to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     // Re-plotting over our own PNG is fine.
-    let (ok, err) = cli(&["plot", c.path("out").to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    let (ok, err) = cli(&[
+        "plot",
+        c.path("out").to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
 }

@@ -540,7 +540,11 @@ fn smollm2_train_evaluate_plot() {
     let convert_yml = tmp.path().join("convert.yml");
     std::fs::write(
         &convert_yml,
-        format!("base_model: {}\noutput_dir: {}\n", hf.display(), conv.display()),
+        format!(
+            "base_model: {}\noutput_dir: {}\n",
+            hf.display(),
+            conv.display()
+        ),
     )
     .unwrap();
     run(bin().args(["convert", convert_yml.to_str().unwrap()]));
@@ -562,12 +566,21 @@ fn smollm2_train_evaluate_plot() {
     println!("{stdout}");
     assert!(stdout.contains("step 8/8 loss"), "{stdout}");
     let all: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
     for k in [
-        "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-        "eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "eval_loss",
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
     ] {
-        let v = all[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {all}"));
+        let v = all[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {all}"));
         assert!(v.is_finite() && v > 0.0, "{k} = {v}");
     }
     let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -594,7 +607,11 @@ fn smollm2_train_evaluate_plot() {
     let tfevents = std::fs::read_dir(&out)
         .unwrap()
         .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents."))
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
         .expect("TensorBoard event file");
     assert!(tfevents.metadata().unwrap().len() > 1000);
     assert!(out.join("checkpoint-5/optimizer.safetensors").is_file());
@@ -620,7 +637,13 @@ fn smollm2_train_evaluate_plot() {
     ]));
     let e: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
-    let (a, b) = (all["eval_loss"].as_f64().unwrap(), e["eval_loss"].as_f64().unwrap());
+    let (a, b) = (
+        all["eval_loss"].as_f64().unwrap(),
+        e["eval_loss"].as_f64().unwrap(),
+    );
     println!("eval_loss at the end of training {a}, after reload {b}\n{stdout}");
-    assert!((a - b).abs() <= 1e-5 * a, "eval_loss {a} at the end of training, {b} after reload");
+    assert!(
+        (a - b).abs() <= 1e-5 * a,
+        "eval_loss {a} at the end of training, {b} after reload"
+    );
 }

@@ -239,9 +239,8 @@ fn loss_and_gradient_norms_match_torch_autograd() {
             labels: ids.iter().map(|&t| t as i64).collect(),
         };
         let batch = diffattn::train::data::collate(&[&sample], 0);
-        let loss = (diffattn::train::nll_sum(&m, &batch, None).unwrap()
-            / batch.n_targets as f64)
-            .unwrap();
+        let loss =
+            (diffattn::train::nll_sum(&m, &batch, None).unwrap() / batch.n_targets as f64).unwrap();
         let ours = loss.to_scalar::<f32>().unwrap() as f64;
         let theirs = g["loss"].as_f64().unwrap();
         assert!(

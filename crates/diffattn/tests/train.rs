@@ -86,7 +86,10 @@ impl Setup {
 
 fn run(cfg: &TrainConfig) -> (train::TrainReport, Vec<Event>) {
     let events = RefCell::new(Vec::new());
-    let r = train::train(cfg, &TrainOptions::default(), &|e| events.borrow_mut().push(e)).unwrap();
+    let r = train::train(cfg, &TrainOptions::default(), &|e| {
+        events.borrow_mut().push(e)
+    })
+    .unwrap();
     (r, events.into_inner())
 }
 
@@ -111,11 +114,12 @@ fn train_records(dir: &Path) -> Vec<Value> {
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut w: Vec<(String, Vec<f32>)> = diffattn::model::load_weights(dir, DType::F32, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
+    let mut w: Vec<(String, Vec<f32>)> =
+        diffattn::model::load_weights(dir, DType::F32, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
     w.sort_by(|a, b| a.0.cmp(&b.0));
     w
 }
@@ -127,7 +131,10 @@ fn max_weight_diff(a: &Path, b: &Path) -> f32 {
         .zip(&wb)
         .map(|((na, xa), (nb, xb))| {
             assert_eq!(na, nb);
-            xa.iter().zip(xb).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+            xa.iter()
+                .zip(xb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
         })
         .fold(0.0, f32::max)
 }
@@ -141,26 +148,55 @@ fn warmup_mix_is_saved_and_reload_reproduces_eval_loss() {
     assert_eq!(report.mix, 0.4);
     let config = read_json(&out.join("config.json"));
     assert_eq!(config["diff_attn_mix"], 0.4);
-    assert!(events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("mid-warm-up"))));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Warning(m) if m.contains("mid-warm-up"))));
     // The mix of each step: 0, 0.1, 0.2, 0.3.
-    let mixes: Vec<f64> = train_records(&out).iter().map(|r| r["diff_attn_mix"].as_f64().unwrap()).collect();
+    let mixes: Vec<f64> = train_records(&out)
+        .iter()
+        .map(|r| r["diff_attn_mix"].as_f64().unwrap())
+        .collect();
     assert_eq!(mixes, vec![0.0, 0.1, 0.2, 0.3]);
     let before = report.metrics["eval_loss"];
     let (_, after) = train::evaluate(&cfg, Some(&out)).unwrap();
-    assert!((before - after.loss).abs() <= 1e-6 * before.abs(), "eval loss {before} before save, {} after reload", after.loss);
-    let written = read_json(&out.join("all_results.json"))["eval_loss"].as_f64().unwrap();
-    assert!((written - before).abs() <= 1e-12 * before, "{written} vs {before}");
+    assert!(
+        (before - after.loss).abs() <= 1e-6 * before.abs(),
+        "eval loss {before} before save, {} after reload",
+        after.loss
+    );
+    let written = read_json(&out.join("all_results.json"))["eval_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (written - before).abs() <= 1e-12 * before,
+        "{written} vs {before}"
+    );
     // The stored mix matters: the same weights with mix 1 give another loss.
     let mut m = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(m.mix, 0.4);
     m.mix = 1.0;
-    let data = train::prepare_data(&cfg, &out, &diffattn::config::ModelConfig::from_file(&out.join("config.json")).unwrap()).unwrap();
+    let data = train::prepare_data(
+        &cfg,
+        &out,
+        &diffattn::config::ModelConfig::from_file(&out.join("config.json")).unwrap(),
+    )
+    .unwrap();
     let other = train::evaluate_samples(&m, &data.val, 1, data.pad_id).unwrap();
-    assert!((other.loss - before).abs() > 1e-4, "{} vs {before}", other.loss);
+    assert!(
+        (other.loss - before).abs() > 1e-4,
+        "{} vs {before}",
+        other.loss
+    );
     // Metrics a user of axolotl knows.
     for k in [
-        "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-        "eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "eval_loss",
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
     ] {
         assert!(report.metrics.contains_key(k), "{k}");
     }
@@ -182,25 +218,51 @@ fn resume_continues_step_count_and_schedule() {
         &format!("{extra}resume_from_checkpoint: {}\n", ck.display()),
     );
     let (resumed, events) = run(&resumed_cfg);
-    assert!(events.iter().any(|e| matches!(e, Event::Info(m) if m.contains("resuming") && m.contains("step 3"))));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Info(m) if m.contains("resuming") && m.contains("step 3"))));
     assert_eq!(resumed.global_step, 6);
     let a = train_records(&s.out("full"));
     let b = train_records(&s.out("resumed"));
     assert_eq!(a.len(), 6);
-    assert_eq!(b.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert_eq!(
+        b.iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
     for (ra, rb) in a[3..].iter().zip(&b) {
-        for k in ["loss", "learning_rate", "grad_norm", "diff_attn_mix", "epoch"] {
+        for k in [
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "diff_attn_mix",
+            "epoch",
+        ] {
             let (x, y) = (ra[k].as_f64().unwrap(), rb[k].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "step {}: {k} {x} vs {y}", ra["step"]);
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+                "step {}: {k} {x} vs {y}",
+                ra["step"]
+            );
         }
     }
     let d = max_weight_diff(&s.out("full"), &s.out("resumed"));
     assert!(d <= 1e-5, "final weights differ by {d}");
     // train_loss covers all 6 steps in both; the last step is a save step too.
-    assert!((full.metrics["train_loss"] - resumed.metrics["train_loss"]).abs() <= 1e-5 * full.metrics["train_loss"]);
-    assert!(s.out("full").join("checkpoint-6/trainer_state.json").is_file());
+    assert!(
+        (full.metrics["train_loss"] - resumed.metrics["train_loss"]).abs()
+            <= 1e-5 * full.metrics["train_loss"]
+    );
+    assert!(s
+        .out("full")
+        .join("checkpoint-6/trainer_state.json")
+        .is_file());
     // No record twice after the resume.
-    let steps: Vec<(u64, bool)> = jsonl(&s.out("resumed")).iter().map(|r| (r["step"].as_u64().unwrap(), r.get("loss").is_some())).collect();
+    let steps: Vec<(u64, bool)> = jsonl(&s.out("resumed"))
+        .iter()
+        .map(|r| (r["step"].as_u64().unwrap(), r.get("loss").is_some()))
+        .collect();
     let mut dedup = steps.clone();
     dedup.dedup();
     assert_eq!(steps, dedup);
@@ -213,7 +275,11 @@ fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -283,7 +349,10 @@ fn decode_events(path: &Path) -> (String, Vec<(u64, String, f32)>) {
         i += 16 + len;
         let ev = fields(data);
         let step = ev.iter().find(|f| f.0 == 2).map(|f| f.3).unwrap_or(0);
-        assert!(ev.iter().any(|f| f.0 == 1 && f.1 == 1), "every event has wall_time");
+        assert!(
+            ev.iter().any(|f| f.0 == 1 && f.1 == 1),
+            "every event has wall_time"
+        );
         for (f, _, payload, _) in &ev {
             match f {
                 3 => version = String::from_utf8(payload.clone()).unwrap(),
@@ -291,8 +360,16 @@ fn decode_events(path: &Path) -> (String, Vec<(u64, String, f32)>) {
                     for (vf, _, value, _) in fields(payload) {
                         assert_eq!(vf, 1);
                         let v = fields(&value);
-                        let tag = v.iter().find(|x| x.0 == 1).map(|x| String::from_utf8(x.2.clone()).unwrap()).unwrap();
-                        let val = v.iter().find(|x| x.0 == 2).map(|x| f32::from_le_bytes(x.2.clone().try_into().unwrap())).unwrap();
+                        let tag = v
+                            .iter()
+                            .find(|x| x.0 == 1)
+                            .map(|x| String::from_utf8(x.2.clone()).unwrap())
+                            .unwrap();
+                        let val = v
+                            .iter()
+                            .find(|x| x.0 == 2)
+                            .map(|x| f32::from_le_bytes(x.2.clone().try_into().unwrap()))
+                            .unwrap();
                         scalars.push((step, tag, val));
                     }
                 }
@@ -313,23 +390,44 @@ fn monitoring_tensorboard_and_plot() {
     let out = s.out("mon");
     let recs = jsonl(&out);
     // The first step's forward (g = 0) is monitored; records carry the 1-based step.
-    let step0 = recs.iter().find(|r| r["step"] == 1 && r.get("layer_0/lambda1").is_some()).expect("monitoring at step 1");
+    let step0 = recs
+        .iter()
+        .find(|r| r["step"] == 1 && r.get("layer_0/lambda1").is_some())
+        .expect("monitoring at step 1");
     // L = 2, k = 3 -> layers 0 and 1 only.
     assert!(step0.get("layer_1/lambda1").is_some() && step0.get("layer_2/lambda1").is_none());
-    let st = safetensors::SafeTensors::deserialize(Box::leak(std::fs::read(s.model.join("model.safetensors")).unwrap().into_boxed_slice())).unwrap();
+    let st = safetensors::SafeTensors::deserialize(Box::leak(
+        std::fs::read(s.model.join("model.safetensors"))
+            .unwrap()
+            .into_boxed_slice(),
+    ))
+    .unwrap();
     let vec = |name: &str| -> Vec<f64> {
-        st.tensor(name).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect()
     };
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut full = Vec::new();
     for l in 0..2 {
         let p = format!("model.layers.{l}.self_attn.");
-        let (q1, k1, q2, k2) = (vec(&format!("{p}lambda_q1")), vec(&format!("{p}lambda_k1")), vec(&format!("{p}lambda_q2")), vec(&format!("{p}lambda_k2")));
+        let (q1, k1, q2, k2) = (
+            vec(&format!("{p}lambda_q1")),
+            vec(&format!("{p}lambda_k1")),
+            vec(&format!("{p}lambda_q2")),
+            vec(&format!("{p}lambda_k2")),
+        );
         let init = vec(&format!("{p}lambda_init"))[0];
         let (l1, l2) = (dot(&q1, &k1).exp(), dot(&q2, &k2).exp());
         let close = |k: &str, want: f64| {
             let got = step0[format!("layer_{l}/{k}")].as_f64().unwrap();
-            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "layer {l} {k}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "layer {l} {k}: {got} vs {want}"
+            );
         };
         close("lambda1", l1);
         close("lambda2", l2);
@@ -340,28 +438,49 @@ fn monitoring_tensorboard_and_plot() {
         // Causal softmax rows sum to 1: the mean over [b, heads, s, s] is 1/s exactly.
         let seq = 1.0 / step0[format!("layer_{l}/attn1_mean")].as_f64().unwrap();
         assert!((seq - seq.round()).abs() < 1e-3, "attn1_mean = 1/{seq}");
-        assert!((step0[format!("layer_{l}/attn2_mean")].as_f64().unwrap() * seq.round() - 1.0).abs() < 1e-4);
+        assert!(
+            (step0[format!("layer_{l}/attn2_mean")].as_f64().unwrap() * seq.round() - 1.0).abs()
+                < 1e-4
+        );
         assert!(step0[format!("layer_{l}/attn1_std")].as_f64().unwrap() > 0.0);
         full.push(l1 - l2 + init);
     }
     // Aggregates with mix (0 at step 0) and the sample std over the two layers.
     assert_eq!(step0["aggregate/diff_attn_mix"], 0.0);
     assert_eq!(step0["aggregate/lambda_full_mean"], 0.0);
-    let l1s: Vec<f64> = (0..2).map(|l| step0[format!("layer_{l}/lambda1")].as_f64().unwrap()).collect();
+    let l1s: Vec<f64> = (0..2)
+        .map(|l| step0[format!("layer_{l}/lambda1")].as_f64().unwrap())
+        .collect();
     let want_std = (l1s[0] - l1s[1]).abs() / 2f64.sqrt();
     assert!((step0["aggregate/lambda1_std"].as_f64().unwrap() - want_std).abs() < 1e-9);
     let _ = full;
 
     // TensorBoard: CRCs verified while decoding; values equal metrics.jsonl.
-    let ev = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents.")).expect("event file");
+    let ev = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .expect("event file");
     let (version, scalars) = decode_events(&ev);
     assert_eq!(version, "brain.Event:2");
     for r in train_records(&out) {
         let step = r["step"].as_u64().unwrap();
-        let tb = scalars.iter().find(|(s, t, _)| *s == step && t == "train/loss").expect("train/loss");
+        let tb = scalars
+            .iter()
+            .find(|(s, t, _)| *s == step && t == "train/loss")
+            .expect("train/loss");
         assert_eq!(tb.2, r["loss"].as_f64().unwrap() as f32);
     }
-    let lam = scalars.iter().find(|(s, t, _)| *s == 1 && t == "diff_attn/layer_1/lambda_full").expect("lambda_full tag");
+    let lam = scalars
+        .iter()
+        .find(|(s, t, _)| *s == 1 && t == "diff_attn/layer_1/lambda_full")
+        .expect("lambda_full tag");
     assert_eq!(lam.2, step0["layer_1/lambda_full"].as_f64().unwrap() as f32);
 
     // plot: a 1200x800 PNG.
@@ -378,8 +497,14 @@ fn monitoring_tensorboard_and_plot() {
 #[test]
 fn accumulation_equals_a_larger_micro_batch() {
     let s = setup("diff_double_nosubln_mqa_bias");
-    let (a, _) = run(&s.config("mb2", "max_steps: 3\nmicro_batch_size: 2\ngradient_accumulation_steps: 1\n"));
-    let (b, _) = run(&s.config("acc2", "max_steps: 3\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\n"));
+    let (a, _) = run(&s.config(
+        "mb2",
+        "max_steps: 3\nmicro_batch_size: 2\ngradient_accumulation_steps: 1\n",
+    ));
+    let (b, _) = run(&s.config(
+        "acc2",
+        "max_steps: 3\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\n",
+    ));
     let (ra, rb) = (train_records(&s.out("mb2")), train_records(&s.out("acc2")));
     for (x, y) in ra.iter().zip(&rb) {
         let (x, y) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
@@ -402,9 +527,20 @@ fn diffllama_trains_and_saves_diffllama() {
     assert_eq!(config["architectures"][0], "DiffLlamaForCausalLM");
     assert_eq!(config["diff_attn_mix"], 0.5);
     let names: Vec<String> = weights(&out).into_iter().map(|(n, _)| n).collect();
-    assert!(!names.iter().any(|n| n.contains("lambda_init") || n.contains("subln")));
-    assert_eq!(names, weights(&s.model).into_iter().map(|(n, _)| n).collect::<Vec<_>>());
-    assert!(max_weight_diff(&out, &s.model) > 0.0, "training changed the weights");
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("lambda_init") || n.contains("subln")));
+    assert_eq!(
+        names,
+        weights(&s.model)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        max_weight_diff(&out, &s.model) > 0.0,
+        "training changed the weights"
+    );
     let (_, e) = train::evaluate(&cfg, Some(&out)).unwrap();
     assert!((e.loss - r.metrics["eval_loss"]).abs() <= 1e-6 * e.loss);
 }
@@ -417,7 +553,9 @@ fn llama_trains_without_differential_keys() {
     let config = read_json(&out.join("config.json"));
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
     assert!(config.get("diff_attn_mix").is_none());
-    assert!(!jsonl(&out).iter().any(|r| r.get("aggregate/lambda1_mean").is_some()));
+    assert!(!jsonl(&out)
+        .iter()
+        .any(|r| r.get("aggregate/lambda1_mean").is_some()));
     assert!(r.metrics["train_loss"].is_finite());
     // Tied embeddings stay tied: no lm_head written.
     assert!(!weights(&out).iter().any(|(n, _)| n == "lm_head.weight"));
@@ -450,7 +588,9 @@ fn zero_init_start_is_reported_as_stationary() {
     let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
     let (_, events) = run(&cfg);
     assert!(
-        events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))),
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))),
         "{events:?}"
     );
     // A --preserving-mirror start with a warm-up is warned about (it preserves only at mix 1).
@@ -475,11 +615,15 @@ fn zero_init_start_is_reported_as_stationary() {
         events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("--preserving-mirror") && m.contains("mix = 1"))),
         "{events:?}"
     );
-    assert!(!events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));
     // A default (random) conversion is not reported.
     let s2 = setup("diff_double_subln_gqa");
     let (_, events) = run(&s2.config("r", "max_steps: 1\n"));
-    assert!(!events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));
 }
 
 #[test]
@@ -505,12 +649,22 @@ fn semantics_changing_keys_are_refused_by_name() {
         ("micro_batch_size: 0\n", "micro_batch_size"),
     ] {
         let text = format!("{base}{extra}");
-        let err = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap_err().to_string();
-        assert!(err.contains(&format!("`{key}`")) && err.contains("c.yml"), "{extra}: {err}");
+        let err = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains("c.yml"),
+            "{extra}: {err}"
+        );
     }
     let text = base.replace("type: completion", "type: sharegpt");
-    let err = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("datasets[0].type") && err.contains("sharegpt"), "{err}");
+    let err = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("datasets[0].type") && err.contains("sharegpt"),
+        "{err}"
+    );
     // Disabled values are fine.
     let text = format!("{base}load_in_8bit: false\nadapter:\nsample_packing: false\n");
     TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
@@ -523,13 +677,22 @@ fn alpaca_masks_the_prompt_unless_train_on_inputs() {
     let mc = diffattn::config::ModelConfig::from_file(&s.model.join("config.json")).unwrap();
     let codec = diffattn::generate::TextCodec::load(&s.model).unwrap();
     let spec = &cfg.datasets[1];
-    let (samples, _) = train::data::tokenize(std::slice::from_ref(spec), &codec, 2, 64, false).unwrap();
-    let prompt = codec.tokenizer.encode(train::data::alpaca_prompt("say it again", ""), true).unwrap().get_ids().len();
+    let (samples, _) =
+        train::data::tokenize(std::slice::from_ref(spec), &codec, 2, 64, false).unwrap();
+    let prompt = codec
+        .tokenizer
+        .encode(train::data::alpaca_prompt("say it again", ""), true)
+        .unwrap()
+        .get_ids()
+        .len();
     let smp = &samples[0];
-    assert!(smp.labels[..prompt].iter().all(|&l| l == train::data::IGNORE));
+    assert!(smp.labels[..prompt]
+        .iter()
+        .all(|&l| l == train::data::IGNORE));
     assert!(smp.labels[prompt..].iter().all(|&l| l >= 0));
     assert_eq!(*smp.input_ids.last().unwrap(), 2, "EOS appended");
-    let (samples, _) = train::data::tokenize(std::slice::from_ref(spec), &codec, 2, 64, true).unwrap();
+    let (samples, _) =
+        train::data::tokenize(std::slice::from_ref(spec), &codec, 2, 64, true).unwrap();
     assert!(samples[0].labels.iter().all(|&l| l >= 0));
     let _ = mc;
 }

@@ -28,7 +28,11 @@ impl CustomOp1 for Softmax {
         "softmax-last-dim-with-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "softmax")?;
         let t = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
@@ -49,7 +53,12 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let t = res.dims().last().copied().unwrap_or(1).max(1);
         let g = grad_res.contiguous()?;
         let (ys, yl) = res.storage_and_layout();
@@ -61,7 +70,10 @@ impl CustomOp1 for Softmax {
         let gv = contiguous_f32(gs, gl, "softmax backward")?;
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(t * ROWS_PER_TASK)
-            .zip(y.par_chunks(t * ROWS_PER_TASK).zip(gv.par_chunks(t * ROWS_PER_TASK)))
+            .zip(
+                y.par_chunks(t * ROWS_PER_TASK)
+                    .zip(gv.par_chunks(t * ROWS_PER_TASK)),
+            )
             .for_each(|(o, (yb, gb))| {
                 for ((orow, yrow), grow) in o.chunks_mut(t).zip(yb.chunks(t)).zip(gb.chunks(t)) {
                     let dot: f32 = yrow.iter().zip(grow).map(|(a, b)| a * b).sum();
@@ -98,12 +110,29 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (2, 3, 70), &d).unwrap();
         let a = softmax_last_dim(x.as_tensor()).unwrap();
         let b = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
-        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{diff}");
         let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (ga, gb) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
-        let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let (ga, gb) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        let diff = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{diff}");
     }
 }

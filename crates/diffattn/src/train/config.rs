@@ -15,28 +15,70 @@ use crate::error::{Error, Result};
 
 /// Keys refused when set to anything but null / false / empty, with the reason.
 pub const REFUSED_KEYS: &[(&str, &str)] = &[
-    ("load_in_8bit", "8-bit quantised training is not implemented"),
-    ("load_in_4bit", "4-bit quantised training is not implemented"),
-    ("adapter", "LoRA / QLoRA adapters are not implemented; training updates every weight"),
+    (
+        "load_in_8bit",
+        "8-bit quantised training is not implemented",
+    ),
+    (
+        "load_in_4bit",
+        "4-bit quantised training is not implemented",
+    ),
+    (
+        "adapter",
+        "LoRA / QLoRA adapters are not implemented; training updates every weight",
+    ),
     ("lora_model_dir", "LoRA adapters are not implemented"),
     ("peft_use_dora", "DoRA adapters are not implemented"),
     ("gptq", "GPTQ models are not supported"),
-    ("sample_packing", "sample packing is not implemented (each sequence holds one sample)"),
-    ("deepspeed", "DeepSpeed runs in axolotl, not here: train there with our checkpoint"),
-    ("fsdp", "FSDP runs in axolotl, not here: train there with our checkpoint"),
-    ("fsdp_config", "FSDP runs in axolotl, not here: train there with our checkpoint"),
+    (
+        "sample_packing",
+        "sample packing is not implemented (each sequence holds one sample)",
+    ),
+    (
+        "deepspeed",
+        "DeepSpeed runs in axolotl, not here: train there with our checkpoint",
+    ),
+    (
+        "fsdp",
+        "FSDP runs in axolotl, not here: train there with our checkpoint",
+    ),
+    (
+        "fsdp_config",
+        "FSDP runs in axolotl, not here: train there with our checkpoint",
+    ),
     ("rl", "preference / RL training is not implemented"),
-    ("neftune_noise_alpha", "NEFTune embedding noise is not implemented"),
-    ("noisy_embedding_alpha", "NEFTune embedding noise is not implemented"),
+    (
+        "neftune_noise_alpha",
+        "NEFTune embedding noise is not implemented",
+    ),
+    (
+        "noisy_embedding_alpha",
+        "NEFTune embedding noise is not implemented",
+    ),
     ("relora_steps", "ReLoRA is not implemented"),
     ("unfrozen_parameters", "partial freezing is not implemented"),
-    ("lr_quadratic_warmup", "quadratic warm-up is not implemented"),
+    (
+        "lr_quadratic_warmup",
+        "quadratic warm-up is not implemented",
+    ),
     ("cosine_min_lr_ratio", "a cosine floor is not implemented"),
-    ("cosine_constant_lr_ratio", "a constant cosine tail is not implemented"),
-    ("pretraining_dataset", "streaming pre-training datasets are not implemented"),
+    (
+        "cosine_constant_lr_ratio",
+        "a constant cosine tail is not implemented",
+    ),
+    (
+        "pretraining_dataset",
+        "streaming pre-training datasets are not implemented",
+    ),
     ("loraplus_lr_ratio", "LoRA+ is not implemented"),
-    ("embedding_lr", "per-group learning rates are not implemented"),
-    ("embedding_lr_scale", "per-group learning rates are not implemented"),
+    (
+        "embedding_lr",
+        "per-group learning rates are not implemented",
+    ),
+    (
+        "embedding_lr_scale",
+        "per-group learning rates are not implemented",
+    ),
 ];
 
 /// Optimizer names that mean PyTorch AdamW.
@@ -178,7 +220,10 @@ impl TrainConfig {
     /// Reads the training keys of an already parsed axolotl config.
     pub fn from_axolotl(axolotl: AxolotlConfig) -> Result<Self> {
         let path = axolotl.path.clone();
-        let map = axolotl.value.as_mapping().expect("checked by AxolotlConfig");
+        let map = axolotl
+            .value
+            .as_mapping()
+            .expect("checked by AxolotlConfig");
         let r = Reader { map, path: &path };
         for (key, why) in REFUSED_KEYS {
             if let Some(v) = map.get(*key) {
@@ -194,16 +239,28 @@ impl TrainConfig {
         let list = datasets_v
             .as_sequence()
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| r.invalid("datasets", datasets_v, "expected a non-empty list of {path, type}"))?;
+            .ok_or_else(|| {
+                r.invalid(
+                    "datasets",
+                    datasets_v,
+                    "expected a non-empty list of {path, type}",
+                )
+            })?;
         let mut datasets = Vec::new();
         for (i, d) in list.iter().enumerate() {
             let key = |k: &str| format!("datasets[{i}].{k}");
-            let m = d
-                .as_mapping()
-                .ok_or_else(|| r.invalid(&format!("datasets[{i}]"), d, "expected a mapping with `path` and `type`"))?;
+            let m = d.as_mapping().ok_or_else(|| {
+                r.invalid(
+                    &format!("datasets[{i}]"),
+                    d,
+                    "expected a mapping with `path` and `type`",
+                )
+            })?;
             let dp = match m.get("path") {
                 Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-                Some(v) => return Err(r.invalid(&key("path"), v, "expected a file or directory path")),
+                Some(v) => {
+                    return Err(r.invalid(&key("path"), v, "expected a file or directory path"))
+                }
                 None => {
                     return Err(Error::MissingKey {
                         path: path.clone(),
@@ -219,13 +276,19 @@ impl TrainConfig {
                 }
             }
             if let Some(v) = m.get("ds_type") {
-                if !matches!(v.as_str(), Some("json") | None) || !matches!(v, Value::String(_) | Value::Null) {
+                if !matches!(v.as_str(), Some("json") | None)
+                    || !matches!(v, Value::String(_) | Value::Null)
+                {
                     return Err(r.invalid(&key("ds_type"), v, "only json datasets are supported"));
                 }
             }
             if let Some(v) = m.get("split") {
                 if active(v) && v.as_str() != Some("train") {
-                    return Err(r.invalid(&key("split"), v, "only the `train` split of a local file exists"));
+                    return Err(r.invalid(
+                        &key("split"),
+                        v,
+                        "only the `train` split of a local file exists",
+                    ));
                 }
             }
             let kind = match m.get("type") {
@@ -234,11 +297,17 @@ impl TrainConfig {
                     field: match m.get("field") {
                         None | Some(Value::Null) => "text".into(),
                         Some(Value::String(f)) if !f.is_empty() => f.clone(),
-                        Some(v) => return Err(r.invalid(&key("field"), v, "expected a field name")),
+                        Some(v) => {
+                            return Err(r.invalid(&key("field"), v, "expected a field name"))
+                        }
                     },
                 },
                 Some(v) => {
-                    return Err(r.invalid(&key("type"), v, "supported dataset types: alpaca, completion"))
+                    return Err(r.invalid(
+                        &key("type"),
+                        v,
+                        "supported dataset types: alpaca, completion",
+                    ))
                 }
                 None => {
                     return Err(Error::MissingKey {
@@ -294,27 +363,45 @@ impl TrainConfig {
             }
             (None, None) => 1,
         };
-        let learning_rate = r.number("learning_rate")?.ok_or_else(|| Error::MissingKey {
-            path: path.clone(),
-            key: "learning_rate".into(),
-        })?;
+        let learning_rate = r
+            .number("learning_rate")?
+            .ok_or_else(|| Error::MissingKey {
+                path: path.clone(),
+                key: "learning_rate".into(),
+            })?;
         if learning_rate < 0.0 {
-            return Err(r.invalid("learning_rate", r.get("learning_rate").unwrap(), "must be >= 0"));
+            return Err(r.invalid(
+                "learning_rate",
+                r.get("learning_rate").unwrap(),
+                "must be >= 0",
+            ));
         }
         let lr_scheduler = match r.string("lr_scheduler")? {
             None => Scheduler::Cosine,
             Some(s) => Scheduler::parse(&s).ok_or_else(|| {
-                r.invalid("lr_scheduler", &Value::String(s.clone()), "supported: cosine, linear, constant")
+                r.invalid(
+                    "lr_scheduler",
+                    &Value::String(s.clone()),
+                    "supported: cosine, linear, constant",
+                )
             })?,
         };
         let warmup_steps = r.count("warmup_steps", 0)?;
         let warmup_ratio = r.number("warmup_ratio")?;
         if let Some(w) = warmup_ratio {
             if !(0.0..1.0).contains(&w) {
-                return Err(r.invalid("warmup_ratio", r.get("warmup_ratio").unwrap(), "expected a fraction in [0, 1)"));
+                return Err(r.invalid(
+                    "warmup_ratio",
+                    r.get("warmup_ratio").unwrap(),
+                    "expected a fraction in [0, 1)",
+                ));
             }
             if warmup_steps.is_some() {
-                return Err(r.invalid("warmup_ratio", r.get("warmup_ratio").unwrap(), "set warmup_steps or warmup_ratio, not both"));
+                return Err(r.invalid(
+                    "warmup_ratio",
+                    r.get("warmup_ratio").unwrap(),
+                    "set warmup_steps or warmup_ratio, not both",
+                ));
             }
         }
         if let Some(o) = r.string("optimizer")? {
@@ -351,7 +438,11 @@ impl TrainConfig {
         }
         let max_grad_norm = r.number("max_grad_norm")?.unwrap_or(1.0);
         if max_grad_norm < 0.0 {
-            return Err(r.invalid("max_grad_norm", r.get("max_grad_norm").unwrap(), "must be >= 0 (0 disables clipping)"));
+            return Err(r.invalid(
+                "max_grad_norm",
+                r.get("max_grad_norm").unwrap(),
+                "must be >= 0 (0 disables clipping)",
+            ));
         }
         let num_epochs = r.number("num_epochs")?.unwrap_or(1.0);
         if num_epochs <= 0.0 {
@@ -361,16 +452,23 @@ impl TrainConfig {
             Some(Value::Number(n)) if n.as_i64() == Some(-1) => None,
             _ => r.count("max_steps", 1)?,
         };
-        let output_dir = axolotl.output_dir.clone().ok_or_else(|| Error::MissingKey {
-            path: path.clone(),
-            key: "output_dir".into(),
-        })?;
+        let output_dir = axolotl
+            .output_dir
+            .clone()
+            .ok_or_else(|| Error::MissingKey {
+                path: path.clone(),
+                key: "output_dir".into(),
+            })?;
         let resume_from_checkpoint = match r.get("resume_from_checkpoint") {
             None | Some(Value::Bool(false)) => None,
             Some(Value::Bool(true)) => Some(Resume::Latest),
             Some(Value::String(s)) if !s.trim().is_empty() => Some(Resume::Path(PathBuf::from(s))),
             Some(v) => {
-                return Err(r.invalid("resume_from_checkpoint", v, "expected a checkpoint directory or true (the latest in output_dir)"))
+                return Err(r.invalid(
+                    "resume_from_checkpoint",
+                    v,
+                    "expected a checkpoint directory or true (the latest in output_dir)",
+                ))
             }
         };
         let special_tokens = match r.get("special_tokens") {
@@ -392,7 +490,13 @@ impl TrainConfig {
                 }
                 out
             }
-            Some(v) => return Err(r.invalid("special_tokens", v, "expected a mapping such as {eos_token: \"</s>\"}")),
+            Some(v) => {
+                return Err(r.invalid(
+                    "special_tokens",
+                    v,
+                    "expected a mapping such as {eos_token: \"</s>\"}",
+                ))
+            }
         };
         let sequence_len = r.count("sequence_len", 2)?.unwrap_or(2048);
         let diff_attn_warmup_steps = match r.count("diff_attn_warmup_steps", 0)? {

@@ -53,11 +53,7 @@ pub struct Sample {
 impl Sample {
     /// Number of positions that contribute to the loss (shifted labels != -100).
     pub fn n_targets(&self) -> usize {
-        self.labels
-            .iter()
-            .skip(1)
-            .filter(|&&l| l != IGNORE)
-            .count()
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
     }
 }
 
@@ -149,7 +145,13 @@ pub struct DatasetStats {
     pub dropped_no_labels: usize,
 }
 
-fn field<'a>(rec: &'a Value, file: &Path, line: usize, key: &str, required: bool) -> Result<&'a str> {
+fn field<'a>(
+    rec: &'a Value,
+    file: &Path,
+    line: usize,
+    key: &str,
+    required: bool,
+) -> Result<&'a str> {
     match rec.get(key) {
         Some(Value::String(s)) => Ok(s),
         None | Some(Value::Null) if !required => Ok(""),
@@ -162,7 +164,9 @@ fn field<'a>(rec: &'a Value, file: &Path, line: usize, key: &str, required: bool
                 } else {
                     String::new()
                 },
-                other.map(|v| v.to_string()).unwrap_or_else(|| "nothing".into())
+                other
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "nothing".into())
             ),
         }),
     }

@@ -54,8 +54,14 @@ fn column_lse(x: &[f32], v: usize, n: usize) -> Vec<f32> {
     let _ = v;
     (0..n)
         .map(|j| {
-            let m = partial.iter().map(|p| p.0[j]).fold(f32::NEG_INFINITY, f32::max);
-            let s: f64 = partial.iter().map(|p| p.1[j] * ((p.0[j] - m) as f64).exp()).sum();
+            let m = partial
+                .iter()
+                .map(|p| p.0[j])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let s: f64 = partial
+                .iter()
+                .map(|p| p.1[j] * ((p.0[j] - m) as f64).exp())
+                .sum();
             m + s.ln() as f32
         })
         .collect()
@@ -66,7 +72,11 @@ impl CustomOp1 for CrossEntropyT {
         "cross-entropy-class-major"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("cross-entropy: f32 logits only");
         };
@@ -79,14 +89,23 @@ impl CustomOp1 for CrossEntropyT {
         }
         let x = &data[start..end];
         let lse = column_lse(x, v, n);
-        let out = (0..n).map(|j| lse[j] - x[self.targets[j] as usize * n + j]).collect();
+        let out = (0..n)
+            .map(|j| lse[j] - x[self.targets[j] as usize * n + j])
+            .collect();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (v, n) = arg.dims2()?;
         let arg = arg.contiguous()?;
-        let g = grad_res.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let g = grad_res
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
         let (storage, layout) = arg.storage_and_layout();
         let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
             candle_core::bail!("cross-entropy backward: f32 CPU logits only");
@@ -138,12 +157,26 @@ mod tests {
         let targets = [0u32, 1099, 3, 3, 700];
         let composed = nll_sum(x.as_tensor(), &targets).unwrap();
         let b = composed.to_scalar::<f32>().unwrap();
-        let gb = composed.backward().unwrap().get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let gb = composed
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let xt = Var::from_tensor(&x.as_tensor().t().unwrap().contiguous().unwrap()).unwrap();
         let cm = nll_sum_class_major(xt.as_tensor(), &targets).unwrap();
         let a = cm.to_scalar::<f32>().unwrap();
         assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
-        let gt = cm.backward().unwrap().get(xt.as_tensor()).unwrap().t().unwrap().to_vec2::<f32>().unwrap();
+        let gt = cm
+            .backward()
+            .unwrap()
+            .get(xt.as_tensor())
+            .unwrap()
+            .t()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for (ra, rb) in gt.iter().zip(&gb) {
             for (p, q) in ra.iter().zip(rb) {
                 assert!((p - q).abs() < 1e-6, "{p} vs {q}");

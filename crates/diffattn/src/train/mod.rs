@@ -124,7 +124,10 @@ pub fn nll_sum(
     let rows: Vec<u32> = (0..batch.labels.len() as u32)
         .filter(|&i| batch.labels[i as usize] != IGNORE)
         .collect();
-    let targets: Vec<u32> = rows.iter().map(|&i| batch.labels[i as usize] as u32).collect();
+    let targets: Vec<u32> = rows
+        .iter()
+        .map(|&i| batch.labels[i as usize] as u32)
+        .collect();
     let n = rows.len();
     let dm = model.config.hidden_size;
     let h = hidden
@@ -355,7 +358,12 @@ fn old_checkpoints(dir: &Path, keep: usize) -> Vec<PathBuf> {
         .flatten()
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let n: usize = e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse().ok()?;
+            let n: usize = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
             Some((n, e.path()))
         })
         .collect();
@@ -387,7 +395,11 @@ pub struct PreparedData {
 }
 
 /// Tokenises the datasets with the tokenizer of `tokenizer_dir` and splits them (seeded).
-pub fn prepare_data(cfg: &TrainConfig, tokenizer_dir: &Path, model_cfg: &ModelConfig) -> Result<PreparedData> {
+pub fn prepare_data(
+    cfg: &TrainConfig,
+    tokenizer_dir: &Path,
+    model_cfg: &ModelConfig,
+) -> Result<PreparedData> {
     let codec = TextCodec::load(tokenizer_dir)?;
     for (name, tok) in &cfg.special_tokens {
         if codec.tokenizer.token_to_id(tok).is_none() {
@@ -413,7 +425,13 @@ pub fn prepare_data(cfg: &TrainConfig, tokenizer_dir: &Path, model_cfg: &ModelCo
         .first()
         .copied()
         .unwrap_or(eos);
-    let (samples, stats) = data::tokenize(&cfg.datasets, &codec, eos, cfg.sequence_len, cfg.train_on_inputs)?;
+    let (samples, stats) = data::tokenize(
+        &cfg.datasets,
+        &codec,
+        eos,
+        cfg.sequence_len,
+        cfg.train_on_inputs,
+    )?;
     if samples.is_empty() {
         return Err(Error::Dataset {
             path: cfg.datasets[0].path.clone(),
@@ -424,7 +442,13 @@ pub fn prepare_data(cfg: &TrainConfig, tokenizer_dir: &Path, model_cfg: &ModelCo
         });
     }
     let vocab = model_cfg.typed.vocab_size;
-    let max_id = samples.iter().flat_map(|s| s.input_ids.iter()).copied().max().unwrap_or(0).max(pad_id);
+    let max_id = samples
+        .iter()
+        .flat_map(|s| s.input_ids.iter())
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(pad_id);
     if max_id as usize >= vocab {
         return Err(Error::InvalidValue {
             path: model_cfg.path.clone(),
@@ -436,7 +460,10 @@ pub fn prepare_data(cfg: &TrainConfig, tokenizer_dir: &Path, model_cfg: &ModelCo
             ),
         });
     }
-    let n_val = cfg.val_set_size.map(|v| v.count(samples.len())).unwrap_or(0);
+    let n_val = cfg
+        .val_set_size
+        .map(|v| v.count(samples.len()))
+        .unwrap_or(0);
     let (train, val) = data::split(samples, n_val, cfg.seed);
     Ok(PreparedData {
         train,
@@ -481,7 +508,12 @@ pub fn is_stationary_start(model: &Model) -> Result<bool> {
     }
     for lam in lambdas.into_iter().flatten() {
         for v in [&lam.q1, &lam.k1, &lam.q2, &lam.k2] {
-            if v.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? != 0.0 {
+            if v.abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?
+                != 0.0
+            {
                 return Ok(false);
             }
         }
@@ -495,12 +527,17 @@ fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option
         Some(r) => {
             let dir = match r {
                 Resume::Path(p) => p.clone(),
-                Resume::Latest => latest_checkpoint(output_dir).ok_or_else(|| Error::InvalidValue {
-                    path: cfg.axolotl.path.clone(),
-                    key: "resume_from_checkpoint".into(),
-                    value: "true".into(),
-                    reason: format!("no checkpoint-N directory with {STATE_FILE} in {}", output_dir.display()),
-                })?,
+                Resume::Latest => {
+                    latest_checkpoint(output_dir).ok_or_else(|| Error::InvalidValue {
+                        path: cfg.axolotl.path.clone(),
+                        key: "resume_from_checkpoint".into(),
+                        value: "true".into(),
+                        reason: format!(
+                            "no checkpoint-N directory with {STATE_FILE} in {}",
+                            output_dir.display()
+                        ),
+                    })?
+                }
             };
             if !dir.join(STATE_FILE).is_file() {
                 return Err(Error::InvalidValue {
@@ -514,7 +551,12 @@ fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option
             Ok((dir, Some(state)))
         }
         None => Ok((
-            crate::hub::resolve_model(&cfg.axolotl.base_model, true, "base_model", &cfg.axolotl.path)?,
+            crate::hub::resolve_model(
+                &cfg.axolotl.base_model,
+                true,
+                "base_model",
+                &cfg.axolotl.path,
+            )?,
             None,
         )),
     }
@@ -593,19 +635,31 @@ impl Sinks {
 }
 
 /// Runs training as configured. `on_event` receives progress, information and warnings.
-pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -> Result<TrainReport> {
+pub fn train(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    on_event: &dyn Fn(Event),
+) -> Result<TrainReport> {
     let t_start = Instant::now();
-    let output_dir = crate::output::absolutize(opts.output_dir.as_ref().unwrap_or(&cfg.output_dir))?;
+    let output_dir =
+        crate::output::absolutize(opts.output_dir.as_ref().unwrap_or(&cfg.output_dir))?;
     let device = default_device();
     let (model_dir, state) = model_source(cfg, &output_dir)?;
     let model_dir = crate::output::absolutize(&model_dir)?;
     // The model being trained (or the run's base model) must not be overwritten, nor the
     // checkpoint being resumed (output_dir may contain it, as transformers' layout has it).
-    let base = crate::hub::resolve_model(&cfg.axolotl.base_model, true, "base_model", &cfg.axolotl.path)
-        .ok()
-        .map(|p| crate::output::absolutize(&p))
-        .transpose()?;
-    let overlap = |input: &Path| output_dir == input || output_dir.starts_with(input) || input.starts_with(&output_dir);
+    let base = crate::hub::resolve_model(
+        &cfg.axolotl.base_model,
+        true,
+        "base_model",
+        &cfg.axolotl.path,
+    )
+    .ok()
+    .map(|p| crate::output::absolutize(&p))
+    .transpose()?;
+    let overlap = |input: &Path| {
+        output_dir == input || output_dir.starts_with(input) || input.starts_with(&output_dir)
+    };
     for input in base.iter().chain(state.is_none().then_some(&model_dir)) {
         if overlap(input) {
             return Err(Error::InvalidValue {
@@ -625,10 +679,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
             path: cfg.axolotl.path.clone(),
             key: "output_dir".into(),
             value: output_dir.display().to_string(),
-            reason: format!("is (inside) the checkpoint being resumed ({}); use the run's directory", model_dir.display()),
+            reason: format!(
+                "is (inside) the checkpoint being resumed ({}); use the run's directory",
+                model_dir.display()
+            ),
         });
     }
-    let non_empty = output_dir.is_dir() && std::fs::read_dir(&output_dir).at(&output_dir)?.next().is_some();
+    let non_empty = output_dir.is_dir()
+        && std::fs::read_dir(&output_dir)
+            .at(&output_dir)?
+            .next()
+            .is_some();
     // Resuming continues the run that owns the checkpoint: output_dir must be that run's
     // directory (or empty / new).
     let resuming_here = state.is_some() && model_dir.starts_with(&output_dir);
@@ -659,7 +720,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                     path: cfg.axolotl.path.clone(),
                     key: "output_dir".into(),
                     value: output_dir.display().to_string(),
-                    reason: format!("holds an input of this run ({}); --overwrite would delete it", abs.display()),
+                    reason: format!(
+                        "holds an input of this run ({}); --overwrite would delete it",
+                        abs.display()
+                    ),
                 });
             }
         }
@@ -667,12 +731,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
     if output_dir.exists() && !output_dir.is_dir() {
         return Err(Error::OutputNotWritable {
             path: output_dir.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file with this name exists"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file with this name exists",
+            ),
         });
     }
 
     let tokenizer_dir = match (&state, &cfg.axolotl.tokenizer_config) {
-        (None, Some(t)) => crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?,
+        (None, Some(t)) => {
+            crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?
+        }
         _ => model_dir.clone(),
     };
     let mut tm = TrainableModel::load(&model_dir, &device)?;
@@ -699,15 +768,26 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                 Some(data::ValSetSize::Count(c)) => c.to_string(),
                 None => "0".into(),
             },
-            reason: format!("leaves no training sample out of {}", prepared.stats.samples),
+            reason: format!(
+                "leaves no training sample out of {}",
+                prepared.stats.samples
+            ),
         });
     }
     let (_, per_epoch, total) = step_counts(cfg, n_train);
     if total > MAX_STEPS {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
-            key: if cfg.max_steps.is_some() { "max_steps" } else { "num_epochs" }.into(),
-            value: cfg.max_steps.map(|m| m.to_string()).unwrap_or_else(|| cfg.num_epochs.to_string()),
+            key: if cfg.max_steps.is_some() {
+                "max_steps"
+            } else {
+                "num_epochs"
+            }
+            .into(),
+            value: cfg
+                .max_steps
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| cfg.num_epochs.to_string()),
             reason: format!("gives {total} optimizer steps; at most {MAX_STEPS} are accepted"),
         });
     }
@@ -771,7 +851,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
                 .into(),
         ));
     }
-    let preserving = tm.config.raw.get("preserving_mirror").and_then(Value::as_bool) == Some(true);
+    let preserving = tm
+        .config
+        .raw
+        .get("preserving_mirror")
+        .and_then(Value::as_bool)
+        == Some(true);
     if preserving && cfg.diff_attn_warmup_steps.is_some() && is_diff {
         on_event(Event::Warning(
             "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it              computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first              steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
@@ -779,7 +864,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         ));
     }
     if cfg.eval_steps.is_some() && prepared.val.is_empty() {
-        on_event(Event::Warning("eval_steps is set but there is no validation split (val_set_size): no evaluation".into()));
+        on_event(Event::Warning(
+            "eval_steps is set but there is no validation split (val_set_size): no evaluation"
+                .into(),
+        ));
     }
     if !is_diff && cfg.diff_attn_warmup_steps.is_some() {
         on_event(Event::Warning(
@@ -791,21 +879,28 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
     let start = match &state {
         Some(s) => {
             let p = model_dir.join(OPTIMIZER_FILE);
-            let st = candle_core::safetensors::load(&p, &device).map_err(|e| Error::Safetensors {
-                path: p.clone(),
-                msg: e.to_string(),
-            })?;
+            let st =
+                candle_core::safetensors::load(&p, &device).map_err(|e| Error::Safetensors {
+                    path: p.clone(),
+                    msg: e.to_string(),
+                })?;
             opt.load_state(&st, s.global_step as u64, &p)?;
-            if s.max_steps != total || s.micro_batch_size != cfg.micro_batch_size
+            if s.max_steps != total
+                || s.micro_batch_size != cfg.micro_batch_size
                 || s.gradient_accumulation_steps != cfg.gradient_accumulation_steps
-                || s.seed != cfg.seed || s.train_samples != n_train
+                || s.seed != cfg.seed
+                || s.train_samples != n_train
             {
                 on_event(Event::Warning(format!(
                     "the checkpoint was written by a run with other settings (steps {}, micro batch {}, accumulation {}, seed {}, {} train samples): the schedule and data order now follow this config",
                     s.max_steps, s.micro_batch_size, s.gradient_accumulation_steps, s.seed, s.train_samples
                 )));
             }
-            on_event(Event::Info(format!("resuming from {} at step {}", model_dir.display(), s.global_step)));
+            on_event(Event::Info(format!(
+                "resuming from {} at step {}",
+                model_dir.display(),
+                s.global_step
+            )));
             s.global_step
         }
         None => 0,
@@ -817,10 +912,25 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         std::fs::remove_file(&metrics_path).at(&metrics_path)?;
     }
     let tb = tensorboard::EventWriter::create(&output_dir)?;
-    let monitored = schedule::monitored_layers(tm.model.config.num_hidden_layers, cfg.diff_attn_num_monitor_layers);
-    let warmup = if is_diff { cfg.diff_attn_warmup_steps } else { None };
-    let mut log_history: Vec<Value> = state.as_ref().map(|s| s.log_history.clone()).unwrap_or_default();
-    log_history.retain(|v| v.get("step").and_then(Value::as_u64).map(|s| s as usize <= start).unwrap_or(false));
+    let monitored = schedule::monitored_layers(
+        tm.model.config.num_hidden_layers,
+        cfg.diff_attn_num_monitor_layers,
+    );
+    let warmup = if is_diff {
+        cfg.diff_attn_warmup_steps
+    } else {
+        None
+    };
+    let mut log_history: Vec<Value> = state
+        .as_ref()
+        .map(|s| s.log_history.clone())
+        .unwrap_or_default();
+    log_history.retain(|v| {
+        v.get("step")
+            .and_then(Value::as_u64)
+            .map(|s| s as usize <= start)
+            .unwrap_or(false)
+    });
 
     let mut sinks = Sinks {
         tb,
@@ -878,7 +988,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         let grad_norm = opt.grad_norm(&grads)?;
         if !step_loss.is_finite() || !grad_norm.is_finite() {
             let why = if g == start {
-                format!("before any update: the model in {} already computes non-finite values", model_dir.display())
+                format!(
+                    "before any update: the model in {} already computes non-finite values",
+                    model_dir.display()
+                )
             } else {
                 format!(
                     "the weights diverged (learning_rate {}, adam_epsilon {}, max_grad_norm {}); checkpoints written so far are kept",
@@ -925,7 +1038,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         };
         let t0 = Instant::now();
         opt.step(&grads, lr, clip)?;
-        tracing::debug!(step = g, optimizer_s = t0.elapsed().as_secs_f64(), "optimizer step");
+        tracing::debug!(
+            step = g,
+            optimizer_s = t0.elapsed().as_secs_f64(),
+            "optimizer step"
+        );
         drop(grads);
         let step = g + 1;
         loss_since_log += step_loss;
@@ -961,7 +1078,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         if let Some(e) = cfg.eval_steps {
             if step % e == 0 && step != total && !prepared.val.is_empty() {
                 tm.model.mix = next_mix;
-                let r = evaluate_samples(&tm.model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
+                let r = evaluate_samples(
+                    &tm.model,
+                    &prepared.val,
+                    cfg.eval_batch_size,
+                    prepared.pad_id,
+                )?;
                 let mut rec = json!({"step": step, "epoch": epoch});
                 for (k, v) in r.metrics() {
                     rec[k] = json!(v);
@@ -973,13 +1095,25 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         if let Some(s) = cfg.save_steps {
             if step % s == 0 {
                 let dir = output_dir.join(format!("checkpoint-{step}"));
-                let st = TrainerState::new(cfg, step, total, epoch, next_mix, n_train, loss_total, &sinks.history);
+                let st = TrainerState::new(
+                    cfg,
+                    step,
+                    total,
+                    epoch,
+                    next_mix,
+                    n_train,
+                    loss_total,
+                    &sinks.history,
+                );
                 save_checkpoint(&dir, &tm, &opt, &st, is_diff, &tokenizer_dir)?;
                 on_event(Event::Info(format!("saved {}", dir.display())));
                 if let Some(limit) = cfg.save_total_limit {
                     for old in old_checkpoints(&output_dir, limit) {
                         std::fs::remove_dir_all(&old).at(&old)?;
-                        on_event(Event::Info(format!("removed {} (save_total_limit {limit})", old.display())));
+                        on_event(Event::Info(format!(
+                            "removed {} (save_total_limit {limit})",
+                            old.display()
+                        )));
                     }
                 }
             }
@@ -1004,11 +1138,22 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         metrics.insert("train_loss".to_string(), loss_total / total as f64);
     }
     metrics.insert("train_runtime".into(), train_runtime);
-    metrics.insert("train_samples_per_second".into(), samples_run as f64 / train_runtime.max(1e-9));
-    metrics.insert("train_steps_per_second".into(), steps_run as f64 / train_runtime.max(1e-9));
+    metrics.insert(
+        "train_samples_per_second".into(),
+        samples_run as f64 / train_runtime.max(1e-9),
+    );
+    metrics.insert(
+        "train_steps_per_second".into(),
+        steps_run as f64 / train_runtime.max(1e-9),
+    );
     metrics.insert("epoch".into(), epoch);
     if !prepared.val.is_empty() {
-        let r = evaluate_samples(&tm.model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
+        let r = evaluate_samples(
+            &tm.model,
+            &prepared.val,
+            cfg.eval_batch_size,
+            prepared.pad_id,
+        )?;
         if !r.loss.is_finite() {
             return Err(Error::InvalidOptions(format!(
                 "the final model's eval loss is {}: the weights diverged (learning_rate {}, adam_epsilon {}, max_grad_norm {}); the final model is not saved, checkpoints written so far are kept",
@@ -1023,9 +1168,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, on_event: &dyn Fn(Event)) -
         sinks.log(rec)?;
         last_eval = Some(r);
     }
-    let st = TrainerState::new(cfg, total, total, epoch, final_mix, n_train, loss_total, &sinks.history);
+    let st = TrainerState::new(
+        cfg,
+        total,
+        total,
+        epoch,
+        final_mix,
+        n_train,
+        loss_total,
+        &sinks.history,
+    );
     save_final(&output_dir, &tm, &st, is_diff, &tokenizer_dir)?;
-    let train_only: BTreeMap<_, _> = metrics.iter().filter(|(k, _)| !k.starts_with("eval_") && *k != "perplexity").collect();
+    let train_only: BTreeMap<_, _> = metrics
+        .iter()
+        .filter(|(k, _)| !k.starts_with("eval_") && *k != "perplexity")
+        .collect();
     crate::config::write_json(&output_dir.join("train_results.json"), &json!(train_only))?;
     if let Some(r) = last_eval {
         crate::config::write_json(&output_dir.join("eval_results.json"), &json!(r.metrics()))?;
@@ -1073,7 +1230,10 @@ fn save_checkpoint(
         path: p.clone(),
         msg: e.to_string(),
     })?;
-    crate::config::write_json(&staged.path().join(STATE_FILE), &serde_json::to_value(st).expect("serialisable"))?;
+    crate::config::write_json(
+        &staged.path().join(STATE_FILE),
+        &serde_json::to_value(st).expect("serialisable"),
+    )?;
     staged.commit()?;
     Ok(())
 }
@@ -1081,14 +1241,23 @@ fn save_checkpoint(
 /// Writes the final model into `output_dir` itself: staged in a hidden sibling directory,
 /// then moved file by file with config.json last, so an interrupted save never leaves a
 /// directory that looks like a complete model.
-fn save_final(output_dir: &Path, tm: &TrainableModel, st: &TrainerState, is_diff: bool, side_dir: &Path) -> Result<()> {
+fn save_final(
+    output_dir: &Path,
+    tm: &TrainableModel,
+    st: &TrainerState,
+    is_diff: bool,
+    side_dir: &Path,
+) -> Result<()> {
     let stage = output_dir.join(format!(".final.partial-{}", std::process::id()));
     if stage.exists() {
         std::fs::remove_dir_all(&stage).at(&stage)?;
     }
     std::fs::create_dir(&stage).at(&stage)?;
     let written = write_model(&stage, tm, st.diff_attn_mix, is_diff, side_dir).and_then(|_| {
-        crate::config::write_json(&stage.join(STATE_FILE), &serde_json::to_value(st).expect("serialisable"))
+        crate::config::write_json(
+            &stage.join(STATE_FILE),
+            &serde_json::to_value(st).expect("serialisable"),
+        )
     });
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&stage);
@@ -1104,7 +1273,11 @@ fn save_final(output_dir: &Path, tm: &TrainableModel, st: &TrainerState, is_diff
             std::fs::remove_file(e.path()).at(e.path())?;
         }
     }
-    let mut names: Vec<_> = std::fs::read_dir(&stage).at(&stage)?.flatten().map(|e| e.file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(&stage)
+        .at(&stage)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     names.sort_by_key(|n| n == "config.json");
     for n in names {
         std::fs::rename(stage.join(&n), output_dir.join(&n)).at(output_dir.join(&n))?;
@@ -1118,20 +1291,28 @@ fn save_final(output_dir: &Path, tm: &TrainableModel, st: &TrainerState, is_diff
 pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf, EvalResult)> {
     let dir = match model_dir {
         Some(d) => d.to_path_buf(),
-        None => crate::hub::resolve_model(&cfg.axolotl.base_model, true, "base_model", &cfg.axolotl.path)?,
+        None => crate::hub::resolve_model(
+            &cfg.axolotl.base_model,
+            true,
+            "base_model",
+            &cfg.axolotl.path,
+        )?,
     };
     if cfg.val_set_size.is_none() {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
             key: "val_set_size".into(),
             value: "0".into(),
-            reason: "evaluate needs a validation split: set val_set_size (a fraction or a count)".into(),
+            reason: "evaluate needs a validation split: set val_set_size (a fraction or a count)"
+                .into(),
         });
     }
     let device = default_device();
     let mc = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer_dir = match (&cfg.axolotl.tokenizer_config, model_dir) {
-        (Some(t), None) => crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?,
+        (Some(t), None) => {
+            crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?
+        }
         _ => dir.clone(),
     };
     let prepared = prepare_data(cfg, &tokenizer_dir, &mc)?;
@@ -1141,7 +1322,10 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
             path: cfg.axolotl.path.clone(),
             key: "sequence_len".into(),
             value: cfg.sequence_len.to_string(),
-            reason: format!("longer than the model's max_position_embeddings ({})", model.config.max_position_embeddings),
+            reason: format!(
+                "longer than the model's max_position_embeddings ({})",
+                model.config.max_position_embeddings
+            ),
         });
     }
     let r = evaluate_samples(&model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;

@@ -72,7 +72,11 @@ impl LambdaValues {
 
 /// Mean and sample std of every element of a probability tensor.
 fn prob_stats(p: &Tensor) -> Result<(f64, f64)> {
-    let v = p.detach().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let v = p
+        .detach()
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
     let n = v.len();
     let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64;
     let var = if n > 1 {

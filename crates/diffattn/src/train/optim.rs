@@ -141,7 +141,8 @@ impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
         };
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
-        self.c.apply(&mut data[start..end], &mut m[..], &mut v[..], self.grad);
+        self.c
+            .apply(&mut data[start..end], &mut m[..], &mut v[..], self.grad);
         Ok(())
     }
 }

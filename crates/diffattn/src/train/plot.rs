@@ -115,7 +115,9 @@ fn panel<DB: DrawingBackend>(
             .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
             .label(name.to_string())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
         if s.len() == 1 {
             chart
                 .draw_series(std::iter::once(Circle::new(s[0], 3, color.filled())))
@@ -144,7 +146,12 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             ),
         });
     }
-    if out.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
+    if out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.eq_ignore_ascii_case("png"))
+        != Some(true)
+    {
         return Err(Error::InvalidOptions(format!(
             "-o {}: the output must be a .png file",
             out.display()
@@ -170,14 +177,19 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
     };
     let tmp = out.with_file_name(format!(
         ".{}.partial-{}.png",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
             return Err(Error::OutputNotWritable {
                 path: out.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "its directory does not exist"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "its directory does not exist",
+                ),
             });
         }
     }
@@ -194,15 +206,26 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             loss.push(("eval loss", s));
         }
         panel(&areas[0], "loss", &loss).map_err(fail)?;
-        let lr: Vec<_> = get("learning_rate").map(|s| ("learning rate", s)).into_iter().collect();
+        let lr: Vec<_> = get("learning_rate")
+            .map(|s| ("learning rate", s))
+            .into_iter()
+            .collect();
         panel(&areas[1], "learning rate", &lr).map_err(fail)?;
         let lambdas: Vec<(&str, &Vec<(f64, f64)>)> = series
             .iter()
             .filter(|(k, _)| k.ends_with("/lambda_full"))
             .map(|(k, s)| (k.as_str(), s))
             .collect();
-        panel(&areas[2], "lambda_full (monitored layers, without mix)", &lambdas).map_err(fail)?;
-        let mix: Vec<_> = get("diff_attn_mix").map(|s| ("mix", s)).into_iter().collect();
+        panel(
+            &areas[2],
+            "lambda_full (monitored layers, without mix)",
+            &lambdas,
+        )
+        .map_err(fail)?;
+        let mix: Vec<_> = get("diff_attn_mix")
+            .map(|s| ("mix", s))
+            .into_iter()
+            .collect();
         panel(&areas[3], "negative-branch warm-up mix", &mix).map_err(fail)?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }

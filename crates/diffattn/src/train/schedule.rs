@@ -33,10 +33,9 @@ impl Scheduler {
         }
         match self {
             Scheduler::Constant => 1.0,
-            Scheduler::Linear => {
-                ((total as f64 - step as f64) / (total.saturating_sub(warmup)).max(1) as f64)
-                    .max(0.0)
-            }
+            Scheduler::Linear => ((total as f64 - step as f64)
+                / (total.saturating_sub(warmup)).max(1) as f64)
+                .max(0.0),
             Scheduler::Cosine => {
                 let progress =
                     (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
@@ -101,14 +100,23 @@ mod tests {
         // Values of transformers' get_{linear,cosine,constant}_schedule_with_warmup(
         // num_warmup_steps=2, num_training_steps=10) lr_lambda at steps 0, 1, 2, 6, 9, 10.
         let steps = [0, 1, 2, 6, 9, 10];
-        let lin: Vec<f64> = steps.iter().map(|&s| Scheduler::Linear.factor(s, 10, 2)).collect();
+        let lin: Vec<f64> = steps
+            .iter()
+            .map(|&s| Scheduler::Linear.factor(s, 10, 2))
+            .collect();
         assert_eq!(lin, vec![0.0, 0.5, 1.0, 0.5, 0.125, 0.0]);
-        let cos: Vec<f64> = steps.iter().map(|&s| Scheduler::Cosine.factor(s, 10, 2)).collect();
+        let cos: Vec<f64> = steps
+            .iter()
+            .map(|&s| Scheduler::Cosine.factor(s, 10, 2))
+            .collect();
         let expect = [0.0, 0.5, 1.0, 0.5, 0.03806023374435663, 0.0];
         for (a, b) in cos.iter().zip(expect) {
             assert!((a - b).abs() < 1e-12, "{cos:?}");
         }
-        let con: Vec<f64> = steps.iter().map(|&s| Scheduler::Constant.factor(s, 10, 2)).collect();
+        let con: Vec<f64> = steps
+            .iter()
+            .map(|&s| Scheduler::Constant.factor(s, 10, 2))
+            .collect();
         assert_eq!(con, vec![0.0, 0.5, 1.0, 1.0, 1.0, 1.0]);
     }
 }

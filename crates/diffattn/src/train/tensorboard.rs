@@ -86,9 +86,13 @@ impl EventWriter {
         let len = (data.len() as u64).to_le_bytes();
         let p = self.path.clone();
         self.out.write_all(&len).at(&p)?;
-        self.out.write_all(&masked_crc32c(&len).to_le_bytes()).at(&p)?;
+        self.out
+            .write_all(&masked_crc32c(&len).to_le_bytes())
+            .at(&p)?;
         self.out.write_all(data).at(&p)?;
-        self.out.write_all(&masked_crc32c(data).to_le_bytes()).at(&p)?;
+        self.out
+            .write_all(&masked_crc32c(data).to_le_bytes())
+            .at(&p)?;
         Ok(())
     }
 
