@@ -657,33 +657,29 @@ pub fn train(
     .ok()
     .map(|p| crate::output::absolutize(&p))
     .transpose()?;
+    let refuse_output = |reason: String| Error::InvalidValue {
+        path: cfg.axolotl.path.clone(),
+        key: "output_dir".into(),
+        value: output_dir.display().to_string(),
+        reason,
+    };
     let overlap = |input: &Path| {
         output_dir == input || output_dir.starts_with(input) || input.starts_with(&output_dir)
     };
     for input in base.iter().chain(state.is_none().then_some(&model_dir)) {
         if overlap(input) {
-            return Err(Error::InvalidValue {
-                path: cfg.axolotl.path.clone(),
-                key: "output_dir".into(),
-                value: output_dir.display().to_string(),
-                reason: format!(
-                    "overlaps the model being trained ({}); choose a new directory, e.g. {}-finetuned",
-                    input.display(),
-                    input.display()
-                ),
-            });
+            return Err(refuse_output(format!(
+                "overlaps the model being trained ({}); choose a new directory, e.g. {}-finetuned",
+                input.display(),
+                input.display()
+            )));
         }
     }
     if state.is_some() && (output_dir == model_dir || output_dir.starts_with(&model_dir)) {
-        return Err(Error::InvalidValue {
-            path: cfg.axolotl.path.clone(),
-            key: "output_dir".into(),
-            value: output_dir.display().to_string(),
-            reason: format!(
-                "is (inside) the checkpoint being resumed ({}); use the run's directory",
-                model_dir.display()
-            ),
-        });
+        return Err(refuse_output(format!(
+            "is (inside) the checkpoint being resumed ({}); use the run's directory",
+            model_dir.display()
+        )));
     }
     let non_empty = output_dir.is_dir()
         && std::fs::read_dir(&output_dir)
@@ -695,16 +691,11 @@ pub fn train(
     let resuming_here = state.is_some() && model_dir.starts_with(&output_dir);
     let replace = non_empty && !resuming_here;
     if replace && !opts.overwrite {
-        return Err(Error::InvalidValue {
-            path: cfg.axolotl.path.clone(),
-            key: "output_dir".into(),
-            value: output_dir.display().to_string(),
-            reason: if state.is_some() {
-                format!("is not empty and does not hold the checkpoint being resumed ({}); use the checkpoint's run directory or a new one", model_dir.display())
-            } else {
-                "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into()
-            },
-        });
+        return Err(refuse_output(if state.is_some() {
+            format!("is not empty and does not hold the checkpoint being resumed ({}); use the checkpoint's run directory or a new one", model_dir.display())
+        } else {
+            "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into()
+        }));
     }
     if replace {
         // --overwrite deletes output_dir: never with an input inside it.
@@ -716,15 +707,10 @@ pub fn train(
         for input in inputs {
             let abs = crate::output::absolutize(&input)?;
             if abs.starts_with(&output_dir) {
-                return Err(Error::InvalidValue {
-                    path: cfg.axolotl.path.clone(),
-                    key: "output_dir".into(),
-                    value: output_dir.display().to_string(),
-                    reason: format!(
-                        "holds an input of this run ({}); --overwrite would delete it",
-                        abs.display()
-                    ),
-                });
+                return Err(refuse_output(format!(
+                    "holds an input of this run ({}); --overwrite would delete it",
+                    abs.display()
+                )));
             }
         }
     }
