@@ -568,16 +568,7 @@ fn smollm2_train_evaluate_plot() {
     let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
             .unwrap();
-    for k in [
-        "train_loss",
-        "train_runtime",
-        "train_samples_per_second",
-        "train_steps_per_second",
-        "eval_loss",
-        "eval_runtime",
-        "eval_samples_per_second",
-        "eval_steps_per_second",
-    ] {
+    for k in diffattn::train::TRAINER_METRICS {
         let v = all[k]
             .as_f64()
             .unwrap_or_else(|| panic!("{k} missing: {all}"));

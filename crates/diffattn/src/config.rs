@@ -298,6 +298,23 @@ impl ModelConfig {
 
     /// `tie_word_embeddings`, default false as in transformers' LlamaConfig... except that a
     /// checkpoint without `lm_head.weight` is tied whatever the flag says.
+    /// `diff_attn_mix` (the warm-up factor in force when a training checkpoint was written;
+    /// see [`MIX_KEY`]), validated to lie in [0, 1]; None when absent.
+    pub fn diff_attn_mix(&self) -> Result<Option<f64>> {
+        match self.raw.get(MIX_KEY) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if (0.0..=1.0).contains(&x) => Ok(Some(x)),
+                _ => Err(Error::InvalidValue {
+                    path: self.path.clone(),
+                    key: MIX_KEY.into(),
+                    value: v.to_string(),
+                    reason: "expected a number in [0, 1]".into(),
+                }),
+            },
+        }
+    }
+
     pub fn tie_word_embeddings(&self) -> bool {
         self.typed.tie_word_embeddings.unwrap_or(false)
     }
@@ -347,6 +364,10 @@ fn short(v: &Value) -> String {
         s
     }
 }
+
+/// Key of config.json holding the negative-branch warm-up factor in force when a training
+/// checkpoint was written (the plugin's module attribute name); our loader applies it.
+pub const MIX_KEY: &str = "diff_attn_mix";
 
 /// `lambda_init(l) = 0.8 - 0.6 * exp(-0.3 * l)`, l the 0-based decoder-layer index
 /// (paper eq. 2 and section 2.1; SPEC §2). Computed in f64 like Python's `math.exp`,

@@ -657,15 +657,25 @@ pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
 
 /// Copies the tokenizer files and generation_config.json that exist in the source.
 pub fn copy_side_files(src: &Source, dst: &Path) -> Result<Vec<String>> {
+    copy_tokenizer_files(&src.tokenizer_dir, &[&src.model_dir, &src.config_dir], dst)
+}
+
+/// Copies the [`TOKENIZER_FILES`] present in `tokenizer_dir`, and the first
+/// `generation_config.json` found in `generation_dirs`, into `dst`; returns the names copied.
+pub fn copy_tokenizer_files(
+    tokenizer_dir: &Path,
+    generation_dirs: &[&Path],
+    dst: &Path,
+) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     for name in TOKENIZER_FILES {
-        let from = src.tokenizer_dir.join(name);
+        let from = tokenizer_dir.join(name);
         if from.is_file() {
             std::fs::copy(&from, dst.join(name)).at(&from)?;
             copied.push(name.to_string());
         }
     }
-    for dir in [&src.model_dir, &src.config_dir] {
+    for dir in generation_dirs {
         let from = dir.join("generation_config.json");
         if from.is_file() {
             std::fs::copy(&from, dst.join("generation_config.json")).at(&from)?;

@@ -445,7 +445,7 @@ impl Model {
             blocks,
             lm_head,
             rope,
-            mix: crate::train::stored_mix(mc)?.unwrap_or(1.0),
+            mix: mc.diff_attn_mix()?.unwrap_or(1.0),
             device: device.clone(),
             dtype,
         })

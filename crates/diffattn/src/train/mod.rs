@@ -50,9 +50,7 @@ use data::{Batch, Sample, IGNORE};
 /// Upper bound on a run's optimizer steps (a guard against `num_epochs: 1e30`).
 pub const MAX_STEPS: usize = 100_000_000;
 
-/// Key of config.json holding the warm-up factor in force when the checkpoint was written
-/// (the plugin's module attribute name). Our loader applies it; see [`Model`]'s `mix`.
-pub const MIX_KEY: &str = "diff_attn_mix";
+pub use crate::config::MIX_KEY;
 /// Training metrics, one JSON object per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 const STATE_FILE: &str = "trainer_state.json";
@@ -98,6 +96,19 @@ pub struct TrainOptions {
     /// Override `output_dir`.
     pub output_dir: Option<PathBuf>,
 }
+
+/// The metrics transformers' Trainer reports at the end of `train` (+ `evaluate`), all
+/// written by `train` into `all_results.json`.
+pub const TRAINER_METRICS: [&str; 8] = [
+    "train_loss",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "eval_loss",
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+];
 
 /// Final figures of a run (the keys transformers' Trainer reports).
 #[derive(Debug, Clone)]
@@ -212,8 +223,8 @@ impl TrainableModel {
             .unwrap_or(crate::dtype::DType::F32);
         let weights = crate::model::load_weights(dir, DType::F32, device)?;
         let (w2, vars, constants) = crate::model::trainable_weights(weights)?;
-        let mut model = Model::from_weights(&config, &w2, dir, device)?;
-        model.mix = stored_mix(&config)?.unwrap_or(1.0);
+        // from_weights applies the stored diff_attn_mix.
+        let model = Model::from_weights(&config, &w2, dir, device)?;
         Ok(Self {
             model,
             vars,
@@ -221,22 +232,6 @@ impl TrainableModel {
             config,
             dtype,
         })
-    }
-}
-
-/// The `diff_attn_mix` of a config.json, validated to lie in [0, 1].
-pub fn stored_mix(config: &ModelConfig) -> Result<Option<f64>> {
-    match config.raw.get(MIX_KEY) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_f64() {
-            Some(x) if (0.0..=1.0).contains(&x) => Ok(Some(x)),
-            _ => Err(Error::InvalidValue {
-                path: config.path.clone(),
-                key: MIX_KEY.into(),
-                value: v.to_string(),
-                reason: "expected a number in [0, 1]".into(),
-            }),
-        },
     }
 }
 
@@ -287,15 +282,7 @@ fn write_model(
         raw.remove(MIX_KEY);
     }
     crate::config::write_json(&dir.join("config.json"), &Value::Object(raw))?;
-    for name in crate::convert::TOKENIZER_FILES
-        .iter()
-        .chain(&["generation_config.json"])
-    {
-        let from = side_dir.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, dir.join(name)).at(&from)?;
-        }
-    }
+    crate::convert::copy_tokenizer_files(side_dir, &[side_dir], dir)?;
     Ok(())
 }
 
