@@ -10,6 +10,8 @@
 //! Shapes: input ids `[batch, seq]` (u32), positions `[batch, seq]` (u32), additive mask
 //! `[batch, 1, seq, past + seq]` (f32, 0 or `f32::MIN`), logits `[batch, seq, vocab]` (f32).
 
+pub mod attend;
+pub mod layout;
 pub mod ops;
 pub mod rope;
 
@@ -145,17 +147,10 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `x` `[b, s, in]` -> `[b, s, out]`.
+    /// `x` `[b, s, in]` -> `[b, s, out]` (see [`layout::linear`] for how the product is formed).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, i) = x.dims3()?;
-        let x2 = x.reshape((b * s, i))?;
-        // Many rows: (W x^T)^T reads W in its stored layout, which is the faster case of the
-        // CPU matmul for prefill; one or few rows (decode): x W^T.
-        let y = if b * s >= 16 {
-            self.weight.matmul(&x2.t()?)?.t()?
-        } else {
-            x2.matmul(&self.weight.t()?)?
-        };
+        let y = layout::linear(&x.reshape((b * s, i))?, &self.weight)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -509,8 +504,6 @@ impl Model {
             )));
         }
         let (cos, sin) = self.rope.tables(positions)?;
-        let cos = cos.to_dtype(self.dtype)?;
-        let sin = sin.to_dtype(self.dtype)?;
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
@@ -586,13 +579,6 @@ impl Model {
         self.blocks.iter().map(|b| b.attn.lambda.as_ref()).collect()
     }
 
-    fn heads(&self, t: &Tensor, n: usize) -> Result<Tensor> {
-        let (b, s, _) = t.dims3()?;
-        Ok(t.reshape((b, s, n, self.config.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     /// Softmax attention probabilities `[b, nq, s, t]` of `q` `[b, nq, s, d]` over `k`
     /// `[b, nk, t, d]` (GQA: query head i reads key head i / (nq / nk)), in f32.
     fn probs(&self, q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
@@ -620,6 +606,16 @@ impl Model {
             .reshape((b, nq, s, dv))?)
     }
 
+    /// The per-head normalisation after differential attention (`o` `[b, heads, s, dv]`).
+    fn sublayer_norm(&self, at: &Attention, lam: &Lambda, o: Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        Ok(match self.config.sublayer_norm {
+            SubLayerNorm::None => o,
+            SubLayerNorm::Affine => rms_norm(&o, lam.subln.as_ref(), eps)?,
+            SubLayerNorm::ScaledPlain => rms_norm(&o, None, eps)?.affine(at.out_scale, 0.0)?,
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -632,19 +628,19 @@ impl Model {
         want_probs: bool,
     ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
         let c = &self.config;
-        let (b, s, _) = x.dims3()?;
+        let b = x.dim(0)?;
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
         let q = at.q_proj.forward(x)?;
         let k = at.k_proj.forward(x)?;
-        let v = self.heads(&at.v_proj.forward(x)?, kv)?;
+        let v = layout::split_heads(&at.v_proj.forward(x)?, kv)?;
         let qk_heads = if c.attention == AttentionKind::DoubleHeads {
             2
         } else {
             1
         };
         // Double heads: features [q1 | q2] become heads [0, H) and [H, 2H).
-        let q = rope::apply(&self.heads(&q, qk_heads * h)?, cos, sin)?;
-        let k = rope::apply(&self.heads(&k, qk_heads * kv)?, cos, sin)?;
+        let q = layout::rope_heads(&q, cos, sin, qk_heads * h)?;
+        let k = layout::rope_heads(&k, cos, sin, qk_heads * kv)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let kv_pair = match slot.take() {
@@ -656,7 +652,19 @@ impl Model {
             }
             None => (k, v),
         };
+        let fused = !want_probs && attend::applies(&[&q, &k, &v]);
         let (out, probs) = match (&at.lambda, c.attention) {
+            (None, _) | (_, AttentionKind::Standard) if fused => (
+                attend::attend(&q, &k, &v, mask, AttentionKind::Standard, 0.0)?,
+                None,
+            ),
+            (Some(lam), kind) if fused && attend::applies(&[&lam.q1, &lam.init]) => {
+                // As the composed path: lambda_full in f32, times mix in f32.
+                let lambda =
+                    lam.full()?.to_dtype(DType::F32)?.to_scalar::<f32>()? * self.mix as f32;
+                let o = attend::attend(&q, &k, &v, mask, kind, lambda)?;
+                (self.sublayer_norm(at, lam, o)?, None)
+            }
             (None, _) | (_, AttentionKind::Standard) => {
                 let p = self.probs(&q, &k, mask)?;
                 let o = self.apply(&p, &v)?;
@@ -692,17 +700,12 @@ impl Model {
                         p.matmul(&vw.contiguous()?)?
                     }
                 };
-                let o = match c.sublayer_norm {
-                    SubLayerNorm::None => o,
-                    SubLayerNorm::Affine => rms_norm(&o, lam.subln.as_ref(), c.rms_norm_eps)?,
-                    SubLayerNorm::ScaledPlain => {
-                        rms_norm(&o, None, c.rms_norm_eps)?.affine(at.out_scale, 0.0)?
-                    }
-                };
-                (o, want_probs.then(|| (a1, Some(a2))))
+                (
+                    self.sublayer_norm(at, lam, o)?,
+                    want_probs.then(|| (a1, Some(a2))),
+                )
             }
         };
-        let out = out.transpose(1, 2)?.reshape((b, s, ()))?;
-        Ok((at.o_proj.forward(&out)?, probs))
+        Ok((at.o_proj.forward(&layout::merge_heads(&out)?)?, probs))
     }
 }

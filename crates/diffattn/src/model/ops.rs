@@ -23,6 +23,18 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
     Ok(&d[a..b])
 }
 
+/// Softmax of one row in place: `exp(x − max) / Σ exp(x − max)`.
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-last-dim-with-backward"
@@ -40,14 +52,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(t * ROWS_PER_TASK))
             .for_each(|(o, xb)| {
                 for (orow, xrow) in o.chunks_mut(t).zip(xb.chunks(t)) {
-                    let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (oj, &xj) in orow.iter_mut().zip(xrow) {
-                        *oj = (xj - max).exp();
-                        sum += *oj;
-                    }
-                    let inv = 1.0 / sum;
-                    orow.iter_mut().for_each(|v| *v *= inv);
+                    orow.copy_from_slice(xrow);
+                    softmax_row(orow);
                 }
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))

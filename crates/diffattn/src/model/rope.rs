@@ -96,20 +96,20 @@ impl Rope {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// `cos`, `sin` for `positions` `[b, s]` (u32), shaped `[b, 1, s, head_dim]` (halves
-    /// repeated, as `torch.cat((freqs, freqs), -1)`).
+    /// `cos`, `sin` for `positions` `[b, s]` (u32), shaped `[b, s, head_dim / 2]` (f32; the
+    /// two halves of a head share them, as `torch.cat((freqs, freqs), -1)`).
     pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, s) = positions.dims2()?;
         let flat = positions.flatten_all()?;
         let get = |t: &Tensor| -> Result<Tensor> {
-            let x = t.index_select(&flat, 0)?;
-            Tensor::cat(&[&x, &x], D::Minus1)?.reshape((b, 1, s, self.head_dim))
+            t.index_select(&flat, 0)?.reshape((b, s, self.head_dim / 2))
         };
         Ok((get(&self.cos)?, get(&self.sin)?))
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x` `[b, heads, s, head_dim]` (differentiable).
+/// `x * cos + rotate_half(x) * sin` for `x` `[b, heads, s, head_dim]`, `cos`/`sin`
+/// `[b, 1, s, head_dim]` (differentiable; the composed form of [`super::layout::rope_heads`]).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;

@@ -1,0 +1,635 @@
+//! Differentiable CPU kernels for the linear maps and the head layout changes of a transformer
+//! block, each with its own backward.
+//!
+//! Why: composed in candle, `x Wᵀ` with many rows either runs the matrix library in its slow
+//! orientation (few rows of output, one thread busy) or returns a transposed view that the next
+//! op copies with candle's generic strided copy, and splitting `[b, s, n·d]` into heads then
+//! applying RoPE is six ops each allocating a tensor. Here:
+//! - [`linear`]: `y = x Wᵀ`, `x` `[n, in]`, `W` `[out, in]` -> `[n, out]`. With 16 rows or more
+//!   the product is computed as `W xᵀ` (`[out, n]`, the orientation in which the `gemm` crate
+//!   splits work over both threads) and transposed by a blocked copy; the backward does the same
+//!   for `dx = g W` (as `Wᵀ gᵀ`) and computes `dW = gᵀ x` directly.
+//! - [`rope_heads`]: `[b, s, n·d]` -> `[b, n, s, d]` with rotary embeddings applied
+//!   (Hugging Face `rotate_half` convention: `x·cos + rotate_half(x)·sin`), one pass; backward
+//!   rotates the gradient back (the transpose of the rotation) in one pass.
+//! - [`split_heads`] / [`merge_heads`]: `[b, s, n·d]` <-> `[b, n, s, d]`, each the other's
+//!   backward.
+//!
+//! Rounding: products and sums are formed in the same order as the composed candle ops (no
+//! fused multiply-add), so forward values are bit-identical to the composed path; the matrix
+//! products go through the same `gemm` crate candle itself uses. Tensors that are not f32 on the
+//! CPU take the composed candle ops.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("{what}: f32 only");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: contiguous input only");
+    };
+    Ok(&d[a..b])
+}
+
+/// Runs `f` on the contiguous f32 data of each tensor (CPU).
+fn with_f32<R>(
+    ts: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (s, l) in &guards {
+        let candle_core::Storage::Cpu(s) = &**s else {
+            candle_core::bail!("{what}: CPU tensors only");
+        };
+        slices.push(f32_slice(s, l, what)?);
+    }
+    f(&slices)
+}
+
+fn uses_kernels(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+/// An uninitialised f32 buffer that the caller overwrites completely.
+#[allow(clippy::uninit_vec)]
+fn buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns and every caller writes all `len` elements
+    // (gemm with `read_dst = false`, or a full permutation) before reading.
+    unsafe { v.set_len(len) };
+    v
+}
+
+fn threads() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// A matrix operand: base slice with row and column strides (in elements).
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: isize,
+    cs: isize,
+}
+
+/// `dst` `[m, n]` (row-major, contiguous) `= a [m, k] · b [k, n]`.
+fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
+    assert_eq!(dst.len(), m * n);
+    // Bounds of the strided operands (the last element each can address).
+    let last = |x: &Mat, r: usize, c: usize| {
+        (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
+    };
+    if m > 0 && n > 0 && k > 0 {
+        assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
+    }
+    // SAFETY: the operands cover every address the strides reach (checked above); dst is
+    // contiguous [m, n].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs,
+            a.rs,
+            b.data.as_ptr(),
+            b.cs,
+            b.rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads(),
+        )
+    }
+}
+
+/// `dst [cols, rows] = srcᵀ` for `src [rows, cols]`, blocked for the caches, in parallel.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const B: usize = 32;
+    dst.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(cb, out)| {
+            let c0 = cb * B;
+            let nc = out.len() / rows;
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    let row = &src[r * cols + c0..r * cols + c0 + nc];
+                    for (c, &v) in row.iter().enumerate() {
+                        out[c * rows + r] = v;
+                    }
+                }
+            }
+        });
+}
+
+/// Rows from which the product is formed transposed (see the module docs).
+const TRANSPOSED_FROM_ROWS: usize = 16;
+
+struct LinearOp;
+
+impl LinearOp {
+    /// `x [n, in] · Wᵀ` -> `[n, out]`.
+    fn forward(x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
+        let mut y = buffer(n * out);
+        let xs = Mat {
+            data: x,
+            rs: inp as isize,
+            cs: 1,
+        };
+        let xt = Mat {
+            data: x,
+            rs: 1,
+            cs: inp as isize,
+        };
+        let ws = Mat {
+            data: w,
+            rs: inp as isize,
+            cs: 1,
+        };
+        let wt = Mat {
+            data: w,
+            rs: 1,
+            cs: inp as isize,
+        };
+        if n >= TRANSPOSED_FROM_ROWS {
+            let mut tmp = buffer(out * n);
+            gemm_into(&mut tmp, out, n, inp, ws, xt);
+            transpose_into(&tmp, out, n, &mut y);
+        } else {
+            gemm_into(&mut y, n, out, inp, xs, wt);
+        }
+        y
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear")?;
+        let w = f32_slice(s2, l2, "linear")?;
+        let (n, inp) = l1.shape().dims2()?;
+        let (out, inp2) = l2.shape().dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("linear: x [{n}, {inp}] and weight [{out}, {inp2}] do not match");
+        }
+        Ok((
+            CpuStorage::F32(Self::forward(x, w, n, inp, out)),
+            Shape::from((n, out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, inp) = x.dims2()?;
+        let (out, _) = w.dims2()?;
+        let g = g.contiguous()?;
+        let (dx, dw) = with_f32(&[x, w, &g], "linear backward", |s| {
+            let (x, w, g) = (s[0], s[1], s[2]);
+            // dW [out, in] = gᵀ [out, n] · x [n, in].
+            let mut dw = buffer(out * inp);
+            let gt = Mat {
+                data: g,
+                rs: 1,
+                cs: out as isize,
+            };
+            let xs = Mat {
+                data: x,
+                rs: inp as isize,
+                cs: 1,
+            };
+            gemm_into(&mut dw, out, inp, n, gt, xs);
+            // dx [n, in] = g [n, out] · W [out, in].
+            let mut dx = buffer(n * inp);
+            if n >= TRANSPOSED_FROM_ROWS {
+                let mut tmp = buffer(inp * n);
+                let wt = Mat {
+                    data: w,
+                    rs: 1,
+                    cs: inp as isize,
+                };
+                gemm_into(&mut tmp, inp, n, out, wt, gt);
+                transpose_into(&tmp, inp, n, &mut dx);
+            } else {
+                let gs = Mat {
+                    data: g,
+                    rs: out as isize,
+                    cs: 1,
+                };
+                let ws = Mat {
+                    data: w,
+                    rs: inp as isize,
+                    cs: 1,
+                };
+                gemm_into(&mut dx, n, inp, out, gs, ws);
+            }
+            Ok((dx, dw))
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, inp), dev)?),
+            Some(Tensor::from_vec(dw, (out, inp), dev)?),
+        ))
+    }
+}
+
+/// `y = x Wᵀ` for `x` `[n, in]` and `weight` `[out, in]`: `[n, out]`, differentiable in both.
+pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    if uses_kernels(&[x, weight]) {
+        x.contiguous()?.apply_op2(&weight.contiguous()?, LinearOp)
+    } else {
+        x.matmul(&weight.t()?)
+    }
+}
+
+/// Layout change between `[b, s, n·d]` (rows of tokens) and `[b, n, s, d]` (heads).
+struct Heads {
+    n: usize,
+    /// true: `[b, s, n·d]` -> `[b, n, s, d]`; false: the inverse.
+    split: bool,
+}
+
+fn permute_heads(src: &[f32], s: usize, n: usize, d: usize, split: bool) -> Vec<f32> {
+    let mut out = buffer(src.len());
+    // One task per (batch, head) block of the head-major side.
+    let per = s * d;
+    if split {
+        out.par_chunks_mut(per).enumerate().for_each(|(bh, o)| {
+            let (bi, h) = (bh / n, bh % n);
+            for t in 0..s {
+                let from = ((bi * s + t) * n + h) * d;
+                o[t * d..(t + 1) * d].copy_from_slice(&src[from..from + d]);
+            }
+        });
+    } else {
+        out.par_chunks_mut(s * n * d)
+            .enumerate()
+            .for_each(|(bi, o)| {
+                for h in 0..n {
+                    for t in 0..s {
+                        let from = ((bi * n + h) * s + t) * d;
+                        o[(t * n + h) * d..(t * n + h + 1) * d]
+                            .copy_from_slice(&src[from..from + d]);
+                    }
+                }
+            });
+    }
+    out
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        if self.split {
+            "split-heads"
+        } else {
+            "merge-heads"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (sq, n, d, shape) = if self.split {
+            let (b, sq, nd) = l.shape().dims3()?;
+            let d = nd / self.n;
+            (sq, self.n, d, Shape::from((b, self.n, sq, d)))
+        } else {
+            let (b, n, sq, d) = l.shape().dims4()?;
+            (sq, n, d, Shape::from((b, sq, n * d)))
+        };
+        Ok((
+            CpuStorage::F32(permute_heads(x, sq, n, d, self.split)),
+            shape,
+        ))
+    }
+
+    fn bwd(&self, _a: &Tensor, _r: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(if self.split {
+            merge_heads(g)?
+        } else {
+            split_heads(g, self.n)?
+        }))
+    }
+}
+
+/// `[b, s, n·d]` -> `[b, n, s, d]` (contiguous), differentiable.
+pub fn split_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    let (b, s, nd) = x.dims3()?;
+    if nd % n != 0 {
+        candle_core::bail!("split_heads: {nd} features do not split into {n} heads");
+    }
+    if uses_kernels(&[x]) {
+        x.contiguous()?.apply_op1(Heads { n, split: true })
+    } else {
+        x.reshape((b, s, n, nd / n))?.transpose(1, 2)?.contiguous()
+    }
+}
+
+/// `[b, n, s, d]` -> `[b, s, n·d]` (contiguous), differentiable.
+pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, n, s, d) = x.dims4()?;
+    if uses_kernels(&[x]) {
+        x.contiguous()?.apply_op1(Heads { n, split: false })
+    } else {
+        x.transpose(1, 2)?.contiguous()?.reshape((b, s, n * d))
+    }
+}
+
+/// Splits into heads and applies RoPE: `x` `[b, s, n·d]`, `cos`/`sin` `[b, s, d/2]`.
+struct RopeHeads {
+    n: usize,
+}
+
+impl RopeHeads {
+    /// `x1·c + (-x2)·s`, `x2·c + x1·s` per half (HF `rotate_half`, same rounding as composed).
+    fn rotate(
+        src: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        (_, s, n, d): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let half = d / 2;
+        let mut out = buffer(src.len());
+        out.par_chunks_mut(s * d).enumerate().for_each(|(bh, o)| {
+            let (bi, h) = (bh / n, bh % n);
+            for t in 0..s {
+                let from = ((bi * s + t) * n + h) * d;
+                let x = &src[from..from + d];
+                let tab = (bi * s + t) * half;
+                let (c, sn) = (&cos[tab..tab + half], &sin[tab..tab + half]);
+                let row = &mut o[t * d..(t + 1) * d];
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    row[i] = x1 * c[i] + (-x2) * sn[i];
+                    row[i + half] = x2 * c[i] + x1 * sn[i];
+                }
+            }
+        });
+        out
+    }
+
+    /// The transpose of [`RopeHeads::rotate`]: `g` `[b, n, s, d]` -> `[b, s, n·d]`.
+    fn rotate_back(
+        g: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        (_, s, n, d): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let half = d / 2;
+        let mut out = buffer(g.len());
+        out.par_chunks_mut(s * n * d)
+            .enumerate()
+            .for_each(|(bi, o)| {
+                for t in 0..s {
+                    let tab = (bi * s + t) * half;
+                    let (c, sn) = (&cos[tab..tab + half], &sin[tab..tab + half]);
+                    for h in 0..n {
+                        let from = ((bi * n + h) * s + t) * d;
+                        let gr = &g[from..from + d];
+                        let row = &mut o[(t * n + h) * d..(t * n + h + 1) * d];
+                        for i in 0..half {
+                            let (g1, g2) = (gr[i], gr[i + half]);
+                            row[i] = g1 * c[i] + g2 * sn[i];
+                            row[i + half] = g2 * c[i] + -(g1 * sn[i]);
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    fn dims(&self, x: &Shape) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, s, nd) = x.dims3()?;
+        Ok((b, s, self.n, nd / self.n))
+    }
+}
+
+impl CustomOp3 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, s, n, d) = self.dims(l1.shape())?;
+        let x = f32_slice(s1, l1, "rope")?;
+        let cos = f32_slice(s2, l2, "rope")?;
+        let sin = f32_slice(s3, l3, "rope")?;
+        if cos.len() != b * s * d / 2 || sin.len() != cos.len() {
+            candle_core::bail!("rope: tables do not match [{b}, {s}, {}]", d / 2);
+        }
+        Ok((
+            CpuStorage::F32(Self::rotate(x, cos, sin, (b, s, n, d))),
+            Shape::from((b, n, s, d)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = self.dims(x.shape())?;
+        let g = g.contiguous()?;
+        let dx = with_f32(&[&g, cos, sin], "rope backward", |s| {
+            Ok(Self::rotate_back(s[0], s[1], s[2], dims))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            None,
+            None,
+        ))
+    }
+}
+
+/// Splits `x` `[b, s, n·d]` into `n` heads and applies rotary embeddings:
+/// `[b, n, s, d]`, `x·cos + rotate_half(x)·sin` with `cos`/`sin` `[b, s, d/2]` (the halves are
+/// shared, as `torch.cat((freqs, freqs), -1)`). Differentiable in `x`.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    let (b, s, nd) = x.dims3()?;
+    if nd % n != 0 || (nd / n) % 2 != 0 {
+        candle_core::bail!("rope_heads: {nd} features do not split into {n} even heads");
+    }
+    let d = nd / n;
+    if uses_kernels(&[x, cos, sin]) {
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeHeads { n })
+    } else {
+        let heads = split_heads(x, n)?;
+        let full = |t: &Tensor| -> candle_core::Result<Tensor> {
+            Tensor::cat(&[t, t], D::Minus1)?.reshape((b, 1, s, d))
+        };
+        super::rope::apply(
+            &heads,
+            &full(cos)?.to_dtype(x.dtype())?,
+            &full(sin)?.to_dtype(x.dtype())?,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward and both gradients against candle's matmul, for the direct (few rows) and the
+    /// transposed (many rows) orientation.
+    #[test]
+    fn linear_matches_matmul_and_its_gradients() {
+        let d = Device::Cpu;
+        for n in [3usize, 40] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 37), &d).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (53, 37), &d).unwrap()).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (n, 53), &d).unwrap();
+            let a = linear(x.as_tensor(), w.as_tensor()).unwrap();
+            let b = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "n {n}: {}", max_diff(&a, &b));
+            let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w] {
+                let (p, q) = (
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_diff(p, q) < 1e-4, "n {n}: {}", max_diff(p, q));
+                assert!(max_diff(p, &p.zeros_like().unwrap()) > 0.1);
+            }
+        }
+    }
+
+    /// Split/merge/rope against the composed reshape/transpose/rotate ops, values and gradients.
+    #[test]
+    fn heads_and_rope_match_the_composed_ops() {
+        let d = Device::Cpu;
+        let (b, s, n, hd) = (2usize, 5usize, 3usize, 8usize);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, n * hd), &d).unwrap()).unwrap();
+        let ang = Tensor::randn(0f32, 2.0, (b, s, hd / 2), &d).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let r = Tensor::randn(0f32, 1.0, (b, n, s, hd), &d).unwrap();
+        let composed_heads = x
+            .as_tensor()
+            .reshape((b, s, n, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let full = |t: &Tensor| {
+            Tensor::cat(&[t, t], D::Minus1)
+                .unwrap()
+                .reshape((b, 1, s, hd))
+                .unwrap()
+        };
+        let composed =
+            super::super::rope::apply(&composed_heads, &full(&cos), &full(&sin)).unwrap();
+        let fused = rope_heads(x.as_tensor(), &cos, &sin, n).unwrap();
+        assert_eq!(
+            max_diff(&fused, &composed),
+            0.0,
+            "rope forward is bit-identical"
+        );
+        let ga = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (&composed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (p, q) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(p, q) < 1e-6, "{}", max_diff(p, q));
+
+        let split = split_heads(x.as_tensor(), n).unwrap();
+        assert_eq!(max_diff(&split, &composed_heads), 0.0);
+        let merged = merge_heads(&split).unwrap();
+        assert_eq!(max_diff(&merged, x.as_tensor()), 0.0);
+        let ga = (&split * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let expect = r.transpose(1, 2).unwrap().reshape((b, s, n * hd)).unwrap();
+        assert_eq!(max_diff(ga.get(x.as_tensor()).unwrap(), &expect), 0.0);
+        let y = Var::from_tensor(&r).unwrap();
+        let ga = (merge_heads(y.as_tensor()).unwrap() * x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(
+            max_diff(ga.get(y.as_tensor()).unwrap(), &composed_heads),
+            0.0
+        );
+    }
+
+    #[test]
+    fn transpose_blocks_cover_every_element() {
+        let (rows, cols) = (70usize, 45usize);
+        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut dst = vec![0f32; rows * cols];
+        transpose_into(&src, rows, cols, &mut dst);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(dst[c * rows + r], src[r * cols + c]);
+            }
+        }
+    }
+}
