@@ -21,8 +21,9 @@ use super::AttentionKind;
 /// Query rows per task.
 const ROWS: usize = 32;
 
-/// `dst` rows of width `n` at stride `dst_rs` `= a [m, k] (row-major, stride lda) · b`, `b`
-/// given by (row stride, column stride); single-threaded (tasks are parallel already).
+/// `dst` (`m` rows of width `n` at row stride `dst_rs`) `= a [m, k] · b [k, n]`, `a` and `b`
+/// given with their (row stride, column stride); single-threaded (the callers' tasks are
+/// parallel already).
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     dst: &mut [f32],
@@ -31,7 +32,7 @@ fn gemm_rows(
     n: usize,
     k: usize,
     a: &[f32],
-    lda: usize,
+    (a_rs, a_cs): (usize, usize),
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
 ) {
@@ -39,7 +40,7 @@ fn gemm_rows(
         return;
     }
     assert!(dst.len() >= (m - 1) * dst_rs + n);
-    assert!(k == 0 || a.len() >= (m - 1) * lda + k);
+    assert!(k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     // SAFETY: the asserts bound every address the strides reach.
     unsafe {
@@ -52,8 +53,8 @@ fn gemm_rows(
             dst_rs as isize,
             false,
             a.as_ptr(),
-            1,
-            lda as isize,
+            a_cs as isize,
+            a_rs as isize,
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
@@ -70,7 +71,7 @@ fn gemm_rows(
 /// Attention probabilities of `m` query rows (`q` `[m, d]`) over `t` keys (`k` `[t, d]`):
 /// `softmax(q·kᵀ·scale + mask)` into `p` `[m, t]`.
 fn probs(p: &mut [f32], q: &[f32], k: &[f32], mask: Option<&[f32]>, m: usize, t: usize, d: usize) {
-    gemm_rows(p, t, m, t, d, q, d, k, (1, d));
+    gemm_rows(p, t, m, t, d, q, (d, 1), k, (1, d));
     let scale = 1.0 / (d as f64).sqrt();
     let scale = scale as f32;
     for (i, row) in p.chunks_mut(t).enumerate() {
@@ -167,7 +168,7 @@ pub fn attend(
             match kind {
                 AttentionKind::Standard => {
                     probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
-                    gemm_rows(ob, dv, m, d, t, &p, t, vhead(j / g), (d, 1));
+                    gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
                 }
                 _ => {
                     let mut p2 = vec![0f32; m * t];
@@ -177,12 +178,12 @@ pub fn attend(
                         *a1 -= a2 * lambda;
                     }
                     if kind == AttentionKind::DoubleHeads {
-                        gemm_rows(ob, dv, m, d, t, &p, t, vhead(j / g), (d, 1));
+                        gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
                     } else {
                         // repeat_kv: full head i reads kv head i / (H / Hkv) = i / g here too.
                         let (va, vb) = (vhead(j / g), vhead((j + heads) / g));
-                        gemm_rows(ob, dv, m, d, t, &p, t, va, (d, 1));
-                        gemm_rows(&mut ob[d..], dv, m, d, t, &p, t, vb, (d, 1));
+                        gemm_rows(ob, dv, m, d, t, &p, (t, 1), va, (d, 1));
+                        gemm_rows(&mut ob[d..], dv, m, d, t, &p, (t, 1), vb, (d, 1));
                     }
                 }
             }
@@ -196,4 +197,255 @@ pub fn attend(
 pub fn applies(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op())
+}
+
+/// Softmax attention of `nq` query heads with its own backward (training): see [`sdpa`].
+struct Sdpa {
+    /// Value head of query head `i`: `(i % period) / group`.
+    period: usize,
+    group: usize,
+    /// Additive mask `[b, 1, s, t]` (contiguous f32), no gradient.
+    mask: Option<Tensor>,
+    /// The forward's probabilities `[b, nq, s, t]`, kept for the backward.
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+struct Dims {
+    b: usize,
+    nq: usize,
+    nk: usize,
+    nv: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Sdpa {
+    fn dims(
+        q: &candle_core::Shape,
+        k: &candle_core::Shape,
+        v: &candle_core::Shape,
+    ) -> candle_core::Result<Dims> {
+        let (b, nq, s, d) = q.dims4()?;
+        let (_, nk, t, _) = k.dims4()?;
+        let (_, nv, _, dv) = v.dims4()?;
+        Ok(Dims {
+            b,
+            nq,
+            nk,
+            nv,
+            s,
+            t,
+            d,
+            dv,
+        })
+    }
+
+    fn v_head(&self, i: usize) -> usize {
+        (i % self.period) / self.group
+    }
+}
+
+fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = s else {
+        candle_core::bail!("sdpa: f32 only");
+    };
+    let (a, z) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("sdpa: not contiguous".into()))?;
+    Ok(&data[a..z])
+}
+
+impl candle_core::CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "sdpa-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Dims {
+            b,
+            nq,
+            nk,
+            nv,
+            s,
+            t,
+            d,
+            dv,
+        } = Self::dims(l1.shape(), l2.shape(), l3.shape())?;
+        let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let ms = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &ms {
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cpu(st) => Some(cpu_f32(st, l)?),
+                _ => candle_core::bail!("sdpa: CPU mask only"),
+            },
+            None => None,
+        };
+        let gk = nq / nk;
+        let mut probs_all = vec![0f32; b * nq * s * t];
+        let mut out = vec![0f32; b * nq * s * dv];
+        probs_all
+            .par_chunks_mut(s * t)
+            .zip(out.par_chunks_mut(s * dv))
+            .enumerate()
+            .for_each(|(bi_i, (p, o))| {
+                let (bi, i) = (bi_i / nq, bi_i % nq);
+                let qh = &q[(bi * nq + i) * s * d..][..s * d];
+                let kh = &k[(bi * nk + i / gk) * t * d..][..t * d];
+                let vh = &v[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
+                let mrows = mask.map(|mk| &mk[bi * s * t..(bi + 1) * s * t]);
+                probs(p, qh, kh, mrows, s, t, d);
+                gemm_rows(o, dv, s, dv, t, p, (t, 1), vh, (dv, 1));
+            });
+        *self.probs.lock().expect("sdpa probabilities") = Some(probs_all);
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, nq, s, dv)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Dims {
+            b,
+            nq,
+            nk,
+            nv,
+            s,
+            t,
+            d,
+            dv,
+        } = Self::dims(q.shape(), k.shape(), v.shape())?;
+        let probs_all = self
+            .probs
+            .lock()
+            .expect("sdpa probabilities")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("sdpa: backward run twice".into()))?;
+        let g = grad.contiguous()?;
+        let guards = [
+            q.storage_and_layout(),
+            k.storage_and_layout(),
+            v.storage_and_layout(),
+            g.storage_and_layout(),
+        ];
+        let mut sl = Vec::with_capacity(4);
+        for (st, l) in &guards {
+            let candle_core::Storage::Cpu(st) = &**st else {
+                candle_core::bail!("sdpa backward: CPU tensors only");
+            };
+            sl.push(cpu_f32(st, l)?);
+        }
+        let (qd, kd, vd, gd) = (sl[0], sl[1], sl[2], sl[3]);
+        let gk = nq / nk;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut dq = vec![0f32; b * nq * s * d];
+        // Per query head partial key and value gradients, summed per key/value head below.
+        let mut dk_part = vec![0f32; b * nq * t * d];
+        let mut dv_part = vec![0f32; b * nq * t * dv];
+        dq.par_chunks_mut(s * d)
+            .zip(dk_part.par_chunks_mut(t * d))
+            .zip(dv_part.par_chunks_mut(t * dv))
+            .enumerate()
+            .for_each(|(bi_i, ((dqh, dkh), dvh))| {
+                let (bi, i) = (bi_i / nq, bi_i % nq);
+                let p = &probs_all[bi_i * s * t..][..s * t];
+                let qh = &qd[bi_i * s * d..][..s * d];
+                let kh = &kd[(bi * nk + i / gk) * t * d..][..t * d];
+                let vh = &vd[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
+                let gh = &gd[bi_i * s * dv..][..s * dv];
+                // dV_i = Pᵀ G.
+                gemm_rows(dvh, dv, t, dv, s, p, (1, t), gh, (dv, 1));
+                // dP = G Vᵀ, then the softmax backward and the score scale: dS.
+                let mut ds = vec![0f32; s * t];
+                gemm_rows(&mut ds, t, s, t, dv, gh, (dv, 1), vh, (1, dv));
+                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, &y) in dsr.iter_mut().zip(pr) {
+                        *x = y * (*x - dot) * scale;
+                    }
+                }
+                // dQ_i = dS K, dK_i = dSᵀ Q_i.
+                gemm_rows(dqh, d, s, d, t, &ds, (t, 1), kh, (d, 1));
+                gemm_rows(dkh, d, t, d, s, &ds, (1, t), qh, (d, 1));
+            });
+        let reduce =
+            |part: &[f32], heads: usize, width: usize, head_of: &dyn Fn(usize) -> usize| {
+                let mut total = vec![0f32; b * heads * t * width];
+                for bi in 0..b {
+                    for i in 0..nq {
+                        let src = &part[(bi * nq + i) * t * width..][..t * width];
+                        let dst = &mut total[(bi * heads + head_of(i)) * t * width..][..t * width];
+                        dst.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
+                    }
+                }
+                total
+            };
+        let dk = reduce(&dk_part, nk, d, &|i| i / gk);
+        let dvv = reduce(&dv_part, nv, dv, &|i| self.v_head(i));
+        drop(guards);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dvv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Differentiable softmax attention on the CPU (f32): for query head `i` of `q`
+/// `[b, nq, s, d]`, `softmax(q_i·k_{i/(nq/nk)}ᵀ/√d + mask)·v_{(i % period)/group}` with `k`
+/// `[b, nk, t, d]`, `v` `[b, nv, t, dv]`, additive `mask` `[b, 1, s, t]`; returns
+/// `[b, nq, s, dv]`. One graph node instead of the ~8 composed ops over `[b, nq, s, t]`
+/// tensors (and their backward); the probabilities are kept from the forward for the backward
+/// (`4·b·nq·s·t` bytes per layer until the backward runs). Same operation order as the
+/// composed path up to the product with the values.
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    period: usize,
+    group: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, _, s, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    let mask = match mask {
+        Some(m) => Some(m.broadcast_as((b, 1, s, t))?.contiguous()?),
+        None => None,
+    };
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Sdpa {
+            period,
+            group,
+            mask,
+            probs: std::sync::Mutex::new(None),
+        },
+    )
+}
+
+/// Whether [`sdpa`] can serve these inputs (f32 on the CPU).
+pub fn sdpa_applies(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }

@@ -190,14 +190,16 @@ impl CustomOp2 for LinearOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "linear")?;
         let w = f32_slice(s2, l2, "linear")?;
-        let (n, inp) = l1.shape().dims2()?;
+        let (n, inp) = rows(l1.shape())?;
         let (out, inp2) = l2.shape().dims2()?;
         if inp != inp2 {
             candle_core::bail!("linear: x [{n}, {inp}] and weight [{out}, {inp2}] do not match");
         }
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("rank checked") = out;
         Ok((
             CpuStorage::F32(Self::forward(x, w, n, inp, out)),
-            Shape::from((n, out)),
+            Shape::from(dims),
         ))
     }
 
@@ -208,7 +210,7 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, inp) = x.dims2()?;
+        let (n, inp) = rows(x.shape())?;
         let (out, _) = w.dims2()?;
         let g = g.contiguous()?;
         let (dx, dw) = with_f32(&[x, w, &g], "linear backward", |s| {
@@ -254,18 +256,31 @@ impl CustomOp2 for LinearOp {
         })?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (n, inp), dev)?),
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dw, (out, inp), dev)?),
         ))
     }
 }
 
-/// `y = x Wᵀ` for `x` `[n, in]` and `weight` `[out, in]`: `[n, out]`, differentiable in both.
+/// Rows and width of `[.., in]` (rank >= 1).
+fn rows(s: &Shape) -> candle_core::Result<(usize, usize)> {
+    let inp = *s
+        .dims()
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
+    Ok((s.elem_count() / inp.max(1), inp))
+}
+
+/// `y = x Wᵀ` for `x` `[.., in]` and `weight` `[out, in]`: `[.., out]`, differentiable in
+/// both (one graph node, whatever the leading dimensions).
 pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     if uses_kernels(&[x, weight]) {
         x.contiguous()?.apply_op2(&weight.contiguous()?, LinearOp)
     } else {
-        x.matmul(&weight.t()?)
+        let (n, inp) = rows(x.shape())?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank checked") = weight.dim(0)?;
+        x.reshape((n, inp))?.matmul(&weight.t()?)?.reshape(dims)
     }
 }
 

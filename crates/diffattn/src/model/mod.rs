@@ -147,32 +147,17 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `x` `[b, s, in]` -> `[b, s, out]` (see [`layout::linear`] for how the product is formed).
+    /// `x` `[.., in]` -> `[.., out]` (see [`layout::linear`] for how the product is formed).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, s, i) = x.dims3()?;
-        let y = layout::linear(&x.reshape((b * s, i))?, &self.weight)?;
-        let y = match &self.bias {
+        let y = layout::linear(x, &self.weight)?;
+        Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
-        };
-        Ok(y.reshape((b, s, ()))?)
+        })
     }
 }
 
-/// RMS norm over the last dimension (as LlamaRMSNorm: f32, `x * rsqrt(mean(x²) + eps) * w`).
-pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .mean_keepdim(D::Minus1)?
-        .affine(1.0, eps)?
-        .sqrt()?
-        .recip()?;
-    let y = x.broadcast_mul(&norm)?;
-    match weight {
-        Some(w) => y.broadcast_mul(w),
-        None => Ok(y),
-    }
-}
+pub use ops::rms_norm;
 
 /// Differential-attention parameters of one layer.
 #[derive(Debug, Clone)]
@@ -249,6 +234,21 @@ impl KvCache {
 pub struct AttentionProbs {
     /// layer -> (A1 or A, A2) each `[b, heads, s, t]`.
     pub layers: HashMap<usize, (Tensor, Option<Tensor>)>,
+}
+
+/// Split heads' values: `repeat_kv`, then `[v_j ; v_{j+H/2}]` along features:
+/// `v` `[b, Hkv, t, d]` -> `[b, H/2, t, 2d]` (contiguous, differentiable).
+fn wide_values(v: &Tensor, h: usize, kv: usize) -> Result<Tensor> {
+    let (b, _, t, d) = v.dims4()?;
+    let vr = v
+        .unsqueeze(2)?
+        .broadcast_as((b, kv, h / kv, t, d))?
+        .reshape((b, h, t, d))?;
+    Ok(Tensor::cat(
+        &[&vr.narrow(1, 0, h / 2)?, &vr.narrow(1, h / 2, h / 2)?],
+        D::Minus1,
+    )?
+    .contiguous()?)
 }
 
 /// A Llama-family causal LM, standard or differential.
@@ -530,7 +530,7 @@ impl Model {
                 Some(&block.post_attention_layernorm),
                 self.config.rms_norm_eps,
             )?;
-            let m = (block.gate_proj.forward(&h)?.silu()? * block.up_proj.forward(&h)?)?;
+            let m = ops::swiglu(&block.gate_proj.forward(&h)?, &block.up_proj.forward(&h)?)?;
             x = (x + block.down_proj.forward(&m)?)?;
         }
         Ok(rms_norm(&x, Some(&self.norm), self.config.rms_norm_eps)?)
@@ -628,7 +628,6 @@ impl Model {
         want_probs: bool,
     ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
         let c = &self.config;
-        let b = x.dim(0)?;
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
         let q = at.q_proj.forward(x)?;
         let k = at.k_proj.forward(x)?;
@@ -653,6 +652,7 @@ impl Model {
             None => (k, v),
         };
         let fused = !want_probs && attend::applies(&[&q, &k, &v]);
+        let trainable = !fused && !want_probs && attend::sdpa_applies(&[&q, &k, &v]);
         let (out, probs) = match (&at.lambda, c.attention) {
             (None, _) | (_, AttentionKind::Standard) if fused => (
                 attend::attend(&q, &k, &v, mask, AttentionKind::Standard, 0.0)?,
@@ -663,6 +663,24 @@ impl Model {
                 let lambda =
                     lam.full()?.to_dtype(DType::F32)?.to_scalar::<f32>()? * self.mix as f32;
                 let o = attend::attend(&q, &k, &v, mask, kind, lambda)?;
+                (self.sublayer_norm(at, lam, o)?, None)
+            }
+            (None, _) | (_, AttentionKind::Standard) if trainable => {
+                (attend::sdpa(&q, &k, &v, mask, h, h / kv)?, None)
+            }
+            (Some(lam), kind) if trainable => {
+                // O = A1·V − λ·(A2·V): both branches as one softmax attention over 2 sets of
+                // heads (value head (i mod P) / G), then the difference.
+                let lambda = lam.full()?.to_dtype(self.dtype)?.affine(self.mix, 0.0)?;
+                let (both, half) = match kind {
+                    AttentionKind::DoubleHeads => (attend::sdpa(&q, &k, &v, mask, h, h / kv)?, h),
+                    _ => {
+                        let vw = wide_values(&v, h, kv)?;
+                        (attend::sdpa(&q, &k, &vw, mask, h / 2, 1)?, h / 2)
+                    }
+                };
+                let o = (both.narrow(1, 0, half)?
+                    - both.narrow(1, half, half)?.broadcast_mul(&lambda)?)?;
                 (self.sublayer_norm(at, lam, o)?, None)
             }
             (None, _) | (_, AttentionKind::Standard) => {
@@ -685,20 +703,7 @@ impl Model {
                 let p = (&a1 - a2.broadcast_mul(&lambda)?)?;
                 let o = match kind {
                     AttentionKind::DoubleHeads => self.apply(&p, &v)?,
-                    _ => {
-                        // repeat_kv, then [v_j ; v_{j+H/2}] along features: [b, H/2, t, 2d].
-                        let (_, _, t, d) = v.dims4()?;
-                        let g = h / kv;
-                        let vr = v
-                            .unsqueeze(2)?
-                            .broadcast_as((b, kv, g, t, d))?
-                            .reshape((b, h, t, d))?;
-                        let vw = Tensor::cat(
-                            &[&vr.narrow(1, 0, h / 2)?, &vr.narrow(1, h / 2, h / 2)?],
-                            D::Minus1,
-                        )?;
-                        p.matmul(&vw.contiguous()?)?
-                    }
+                    _ => p.matmul(&wide_values(&v, h, kv)?)?,
                 };
                 (
                     self.sublayer_norm(at, lam, o)?,

@@ -142,3 +142,400 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
     }
 }
+
+/// RMS normalisation over the last dimension with its own backward: `y = x·r·w`,
+/// `r = 1/√(mean(x²) + eps)` (LlamaRMSNorm). Forward in the order of the composed candle ops
+/// (`sqr`, candle's own row sum, `· (1/n)`, `+ eps`, `sqrt`, `recip`, two products), so its
+/// values are bit-identical to them; backward
+/// `dx = r·(g⊙w) − x·r³·Σ(g⊙w⊙x)/n`, `dw = Σ_rows g⊙x·r` (row blocks summed in a fixed order).
+struct RmsNorm {
+    eps: f64,
+}
+
+const NORM_ROWS: usize = 16;
+
+impl RmsNorm {
+    /// `1/√(mean(x²) + eps)` of one row, as the composed ops round it.
+    fn inv_rms(&self, row: &[f32], sq: &mut Vec<f32>) -> f32 {
+        sq.clear();
+        sq.extend(row.iter().map(|v| v * v));
+        let mut sum = 0f32;
+        // SAFETY: `sq` holds `row.len()` elements.
+        unsafe {
+            <f32 as candle_core::cpu::kernels::VecOps>::vec_reduce_sum(
+                sq.as_ptr(),
+                &mut sum,
+                sq.len(),
+            )
+        };
+        let scale = (1f64 / row.len() as f64) as f32;
+        let mean = sum * scale + 0.0;
+        1.0 / (mean * 1.0 + self.eps as f32).sqrt()
+    }
+
+    fn forward(&self, x: &[f32], w: Option<&[f32]>, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n * NORM_ROWS)
+            .zip(x.par_chunks(n * NORM_ROWS))
+            .for_each(|(o, xb)| {
+                let mut sq = Vec::with_capacity(n);
+                for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
+                    let r = self.inv_rms(xrow, &mut sq);
+                    match w {
+                        Some(w) => {
+                            for ((y, &xv), &wv) in orow.iter_mut().zip(xrow).zip(w) {
+                                *y = xv * r * wv;
+                            }
+                        }
+                        None => {
+                            for (y, &xv) in orow.iter_mut().zip(xrow) {
+                                *y = xv * r;
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// `(dx, dw)` for `x` rows of width `n`, gradient `g`.
+    fn backward(
+        &self,
+        x: &[f32],
+        w: Option<&[f32]>,
+        g: &[f32],
+        n: usize,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut dx = vec![0f32; x.len()];
+        let partial_dw: Vec<Vec<f32>> = dx
+            .par_chunks_mut(n * NORM_ROWS)
+            .zip(x.par_chunks(n * NORM_ROWS).zip(g.par_chunks(n * NORM_ROWS)))
+            .map(|(dxb, (xb, gb))| {
+                let mut sq = Vec::with_capacity(n);
+                let mut gw = vec![0f32; n];
+                let mut dw = vec![0f32; if w.is_some() { n } else { 0 }];
+                for ((dxr, xr), gr) in dxb.chunks_mut(n).zip(xb.chunks(n)).zip(gb.chunks(n)) {
+                    let r = self.inv_rms(xr, &mut sq);
+                    match w {
+                        Some(w) => {
+                            for j in 0..n {
+                                gw[j] = gr[j] * w[j];
+                                dw[j] += gr[j] * xr[j] * r;
+                            }
+                        }
+                        None => gw.copy_from_slice(gr),
+                    }
+                    let dot: f32 = gw.iter().zip(xr).map(|(a, b)| a * b).sum();
+                    let c = r * r * r * dot / n as f32;
+                    for j in 0..n {
+                        dxr[j] = r * gw[j] - xr[j] * c;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let dw = w.map(|_| {
+            let mut total = vec![0f32; n];
+            for p in &partial_dw {
+                total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+            total
+        });
+        (dx, dw)
+    }
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// With a weight: `CustomOp2(x, w)`.
+struct RmsNormW(RmsNorm);
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "rms_norm")?;
+        Ok((
+            CpuStorage::F32(self.forward(x, None, last_dim(l))),
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
+            candle_core::bail!("rms_norm backward: CPU tensors only");
+        };
+        let (dx, _) = self.backward(
+            contiguous_f32(xs, xl, "rms_norm backward")?,
+            None,
+            contiguous_f32(gs, gl, "rms_norm backward")?,
+            last_dim(xl),
+        );
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+impl candle_core::CustomOp2 for RmsNormW {
+    fn name(&self) -> &'static str {
+        "rms-norm-weighted-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "rms_norm")?;
+        let w = contiguous_f32(s2, l2, "rms_norm")?;
+        let n = last_dim(l1);
+        if w.len() != n {
+            candle_core::bail!("rms_norm: weight of {} for rows of {n}", w.len());
+        }
+        Ok((
+            CpuStorage::F32(self.0.forward(x, Some(w), n)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(xs),
+            candle_core::Storage::Cpu(ws),
+            candle_core::Storage::Cpu(gs),
+        ) = (&*xs, &*ws, &*gs)
+        else {
+            candle_core::bail!("rms_norm backward: CPU tensors only");
+        };
+        let (dx, dw) = self.0.backward(
+            contiguous_f32(xs, xl, "rms_norm backward")?,
+            Some(contiguous_f32(ws, wl, "rms_norm backward")?),
+            contiguous_f32(gs, gl, "rms_norm backward")?,
+            last_dim(xl),
+        );
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device()))
+                .transpose()?,
+        ))
+    }
+}
+
+/// RMS norm over the last dimension, `x · rsqrt(mean(x²) + eps) · w` (LlamaRMSNorm, f32),
+/// differentiable in `x` and `w`. CPU f32: the fused op above (bit-identical forward);
+/// otherwise the composed candle ops.
+pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if cpu_f32(x) && weight.map(cpu_f32).unwrap_or(true) {
+        let x = x.contiguous()?;
+        return match weight {
+            Some(w) => x.apply_op2(&w.contiguous()?, RmsNormW(RmsNorm { eps })),
+            None => x.apply_op1(RmsNorm { eps }),
+        };
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// The composed form of [`rms_norm`] (reference for its test and the non-CPU path).
+pub fn rms_norm_composed(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .mean_keepdim(candle_core::D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
+    let y = x.broadcast_mul(&norm)?;
+    match weight {
+        Some(w) => y.broadcast_mul(w),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod rms_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_rms_norm_is_bit_identical_and_its_gradients_match() {
+        let d = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 7, 37), &d).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 37, &d).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 7, 37), &d).unwrap();
+        for weighted in [true, false] {
+            let wt = weighted.then(|| w.as_tensor());
+            let a = rms_norm(x.as_tensor(), wt, 1e-5).unwrap();
+            let b = rms_norm_composed(x.as_tensor(), wt, 1e-5).unwrap();
+            let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(
+                diff.to_scalar::<f32>().unwrap(),
+                0.0,
+                "forward bit-identical"
+            );
+            let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut vars = vec![&x];
+            if weighted {
+                vars.push(&w);
+            }
+            for v in vars {
+                let (p, q) = (
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                let scale = q
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = (p - q).unwrap().abs().unwrap().max_all().unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                assert!(scale > 0.1 && diff <= 1e-5 * scale, "{diff} of {scale}");
+            }
+        }
+    }
+}
+
+/// `silu(a) ⊙ b` (the Llama MLP's gate), with its own backward:
+/// `da = g⊙b⊙σ(a)(1 + a(1 − σ(a)))`, `db = g⊙silu(a)`. Forward as candle's `silu`
+/// (`a / (1 + exp(−a))`) then the product: bit-identical values. One graph node instead of two
+/// whose backward is ten full-size ops.
+struct SwiGlu;
+
+const SWIGLU_CHUNK: usize = 4096;
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, "swiglu")?;
+        let b = contiguous_f32(s2, l2, "swiglu")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(SWIGLU_CHUNK)
+            .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
+            .for_each(|(o, (ac, bc))| {
+                for ((y, &av), &bv) in o.iter_mut().zip(ac).zip(bc) {
+                    *y = av / (1.0 + (-av).exp()) * bv;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(as_),
+            candle_core::Storage::Cpu(bs),
+            candle_core::Storage::Cpu(gs),
+        ) = (&*as_, &*bs, &*gs)
+        else {
+            candle_core::bail!("swiglu backward: CPU tensors only");
+        };
+        let av = contiguous_f32(as_, al, "swiglu backward")?;
+        let bv = contiguous_f32(bs, bl, "swiglu backward")?;
+        let gv = contiguous_f32(gs, gl, "swiglu backward")?;
+        let mut da = vec![0f32; av.len()];
+        let mut db = vec![0f32; av.len()];
+        da.par_chunks_mut(SWIGLU_CHUNK)
+            .zip(db.par_chunks_mut(SWIGLU_CHUNK))
+            .zip(
+                av.par_chunks(SWIGLU_CHUNK)
+                    .zip(bv.par_chunks(SWIGLU_CHUNK).zip(gv.par_chunks(SWIGLU_CHUNK))),
+            )
+            .for_each(|((dac, dbc), (ac, (bc, gc)))| {
+                for i in 0..ac.len() {
+                    let x = ac[i];
+                    let sig = 1.0 / (1.0 + (-x).exp());
+                    let silu = x * sig;
+                    dac[i] = gc[i] * bc[i] * sig * (1.0 + x * (1.0 - sig));
+                    dbc[i] = gc[i] * silu;
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `silu(gate) ⊙ up`, differentiable in both (fused on the CPU in f32, composed otherwise).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if cpu_f32(gate) && cpu_f32(up) {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+#[cfg(test)]
+mod swiglu_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_swiglu_is_bit_identical_and_its_gradients_match() {
+        let d = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 5000), &d).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5000), &d).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 5000), &d).unwrap();
+        let x = swiglu(a.as_tensor(), b.as_tensor()).unwrap();
+        let y = (a.as_tensor().silu().unwrap() * b.as_tensor()).unwrap();
+        let diff = (&x - &y).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        let gx = (&x * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gy = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&a, &b] {
+            let (p, q) = (
+                gx.get(v.as_tensor()).unwrap(),
+                gy.get(v.as_tensor()).unwrap(),
+            );
+            let diff = (p - q).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+    }
+}
