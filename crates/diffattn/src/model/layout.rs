@@ -57,7 +57,7 @@ fn uses_kernels(ts: &[&Tensor]) -> bool {
 
 /// An uninitialised f32 buffer that the caller overwrites completely.
 #[allow(clippy::uninit_vec)]
-fn buffer(len: usize) -> Vec<f32> {
+pub(crate) fn buffer(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: f32 has no invalid bit patterns and every caller writes all `len` elements
     // (gemm with `read_dst = false`, or a full permutation) before reading.
@@ -74,14 +74,14 @@ fn threads() -> gemm::Parallelism {
 
 /// A matrix operand: base slice with row and column strides (in elements).
 #[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: isize,
-    cs: isize,
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: isize,
+    pub cs: isize,
 }
 
 /// `dst` `[m, n]` (row-major, contiguous) `= a [m, k] · b [k, n]`.
-fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
+pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
     assert_eq!(dst.len(), m * n);
     // Bounds of the strided operands (the last element each can address).
     let last = |x: &Mat, r: usize, c: usize| {
@@ -118,7 +118,7 @@ fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
 }
 
 /// `dst [cols, rows] = srcᵀ` for `src [rows, cols]`, blocked for the caches, in parallel.
-fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 32;
     dst.par_chunks_mut(B * rows)
         .enumerate()

@@ -545,13 +545,9 @@ impl Model {
             .to_dtype(DType::F32)?)
     }
 
-    /// Class-major logits `[vocab, n]` (f32) of hidden rows `[n, hidden]`: `lm_head · hᵀ`, the
-    /// form whose weight gradient is contiguous (training).
-    pub fn logits_class_major(&self, hidden_rows: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .lm_head
-            .matmul(&hidden_rows.t()?)?
-            .to_dtype(DType::F32)?)
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
     /// Logits `[b, s, vocab]`: [`Model::forward_hidden`] then [`Model::logits`].

@@ -144,8 +144,7 @@ pub fn nll_sum(
     let h = hidden
         .reshape((batch.batch * batch.seq, dm))?
         .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let logits_t = model.logits_class_major(&h)?;
-    Ok(loss::nll_sum_class_major(&logits_t, &targets)?)
+    Ok(loss::head_nll_sum(&h, model.lm_head(), &targets)?)
 }
 
 /// Mean loss and timing of `samples` in batches of `batch_size`.
