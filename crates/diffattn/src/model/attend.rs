@@ -39,6 +39,12 @@ fn gemm_rows(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+        }
+        return;
+    }
     assert!(dst.len() >= (m - 1) * dst_rs + n);
     assert!(k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
@@ -140,10 +146,10 @@ pub fn attend(
         None => None,
     };
     let mut out = vec![0f32; b * heads * s * dv];
-    out.par_chunks_mut(s * dv)
+    out.par_chunks_mut((s * dv).max(1))
         .enumerate()
         .flat_map(|(bj, o)| {
-            o.par_chunks_mut(ROWS * dv)
+            o.par_chunks_mut((ROWS * dv).max(1))
                 .enumerate()
                 .map(move |(blk, ob)| (bj, blk, ob))
         })
@@ -297,8 +303,8 @@ impl candle_core::CustomOp3 for Sdpa {
         let mut probs_all = vec![0f32; b * nq * s * t];
         let mut out = vec![0f32; b * nq * s * dv];
         probs_all
-            .par_chunks_mut(s * t)
-            .zip(out.par_chunks_mut(s * dv))
+            .par_chunks_mut((s * t).max(1))
+            .zip(out.par_chunks_mut((s * dv).max(1)))
             .enumerate()
             .for_each(|(bi_i, (p, o))| {
                 let (bi, i) = (bi_i / nq, bi_i % nq);
@@ -361,9 +367,9 @@ impl candle_core::CustomOp3 for Sdpa {
         // Per query head partial key and value gradients, summed per key/value head below.
         let mut dk_part = vec![0f32; b * nq * t * d];
         let mut dv_part = vec![0f32; b * nq * t * dv];
-        dq.par_chunks_mut(s * d)
-            .zip(dk_part.par_chunks_mut(t * d))
-            .zip(dv_part.par_chunks_mut(t * dv))
+        dq.par_chunks_mut((s * d).max(1))
+            .zip(dk_part.par_chunks_mut((t * d).max(1)))
+            .zip(dv_part.par_chunks_mut((t * dv).max(1)))
             .enumerate()
             .for_each(|(bi_i, ((dqh, dkh), dvh))| {
                 let (bi, i) = (bi_i / nq, bi_i % nq);

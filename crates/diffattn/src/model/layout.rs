@@ -87,9 +87,15 @@ pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b
     let last = |x: &Mat, r: usize, c: usize| {
         (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
     };
-    if m > 0 && n > 0 && k > 0 {
-        assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
+    if m == 0 || n == 0 {
+        return;
     }
+    if k == 0 {
+        // An empty sum (the gemm crate would leave dst unwritten).
+        dst.fill(0.0);
+        return;
+    }
+    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
     // SAFETY: the operands cover every address the strides reach (checked above); dst is
     // contiguous [m, n].
     unsafe {
@@ -120,7 +126,7 @@ pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b
 /// `dst [cols, rows] = srcᵀ` for `src [rows, cols]`, blocked for the caches, in parallel.
 pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 32;
-    dst.par_chunks_mut(B * rows)
+    dst.par_chunks_mut((B * rows).max(1))
         .enumerate()
         .for_each(|(cb, out)| {
             let c0 = cb * B;
@@ -268,7 +274,8 @@ fn rows(s: &Shape) -> candle_core::Result<(usize, usize)> {
         .dims()
         .last()
         .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
-    Ok((s.elem_count() / inp.max(1), inp))
+    let dims = s.dims();
+    Ok((dims[..dims.len() - 1].iter().product(), inp))
 }
 
 /// `y = x Wᵀ` for `x` `[.., in]` and `weight` `[out, in]`: `[.., out]`, differentiable in
@@ -296,15 +303,17 @@ fn permute_heads(src: &[f32], s: usize, n: usize, d: usize, split: bool) -> Vec<
     // One task per (batch, head) block of the head-major side.
     let per = s * d;
     if split {
-        out.par_chunks_mut(per).enumerate().for_each(|(bh, o)| {
-            let (bi, h) = (bh / n, bh % n);
-            for t in 0..s {
-                let from = ((bi * s + t) * n + h) * d;
-                o[t * d..(t + 1) * d].copy_from_slice(&src[from..from + d]);
-            }
-        });
+        out.par_chunks_mut(per.max(1))
+            .enumerate()
+            .for_each(|(bh, o)| {
+                let (bi, h) = (bh / n, bh % n);
+                for t in 0..s {
+                    let from = ((bi * s + t) * n + h) * d;
+                    o[t * d..(t + 1) * d].copy_from_slice(&src[from..from + d]);
+                }
+            });
     } else {
-        out.par_chunks_mut(s * n * d)
+        out.par_chunks_mut((s * n * d).max(1))
             .enumerate()
             .for_each(|(bi, o)| {
                 for h in 0..n {
@@ -391,21 +400,23 @@ impl RopeHeads {
     ) -> Vec<f32> {
         let half = d / 2;
         let mut out = buffer(src.len());
-        out.par_chunks_mut(s * d).enumerate().for_each(|(bh, o)| {
-            let (bi, h) = (bh / n, bh % n);
-            for t in 0..s {
-                let from = ((bi * s + t) * n + h) * d;
-                let x = &src[from..from + d];
-                let tab = (bi * s + t) * half;
-                let (c, sn) = (&cos[tab..tab + half], &sin[tab..tab + half]);
-                let row = &mut o[t * d..(t + 1) * d];
-                for i in 0..half {
-                    let (x1, x2) = (x[i], x[i + half]);
-                    row[i] = x1 * c[i] + (-x2) * sn[i];
-                    row[i + half] = x2 * c[i] + x1 * sn[i];
+        out.par_chunks_mut((s * d).max(1))
+            .enumerate()
+            .for_each(|(bh, o)| {
+                let (bi, h) = (bh / n, bh % n);
+                for t in 0..s {
+                    let from = ((bi * s + t) * n + h) * d;
+                    let x = &src[from..from + d];
+                    let tab = (bi * s + t) * half;
+                    let (c, sn) = (&cos[tab..tab + half], &sin[tab..tab + half]);
+                    let row = &mut o[t * d..(t + 1) * d];
+                    for i in 0..half {
+                        let (x1, x2) = (x[i], x[i + half]);
+                        row[i] = x1 * c[i] + (-x2) * sn[i];
+                        row[i + half] = x2 * c[i] + x1 * sn[i];
+                    }
                 }
-            }
-        });
+            });
         out
     }
 
@@ -418,7 +429,7 @@ impl RopeHeads {
     ) -> Vec<f32> {
         let half = d / 2;
         let mut out = buffer(g.len());
-        out.par_chunks_mut(s * n * d)
+        out.par_chunks_mut((s * n * d).max(1))
             .enumerate()
             .for_each(|(bi, o)| {
                 for t in 0..s {
@@ -631,6 +642,34 @@ mod tests {
             .unwrap();
         assert_eq!(
             max_diff(ga.get(y.as_tensor()).unwrap(), &composed_heads),
+            0.0
+        );
+    }
+
+    /// Zero rows (an empty sequence) give empty results, not a panic or garbage.
+    #[test]
+    fn empty_inputs_give_empty_outputs() {
+        let d = Device::Cpu;
+        let x = Tensor::zeros((1, 0, 12), candle_core::DType::F32, &d).unwrap();
+        let w = Tensor::ones((5, 12), candle_core::DType::F32, &d).unwrap();
+        assert_eq!(linear(&x, &w).unwrap().dims(), &[1, 0, 5]);
+        assert_eq!(split_heads(&x, 3).unwrap().dims(), &[1, 3, 0, 4]);
+        let tab = Tensor::zeros((1, 0, 2), candle_core::DType::F32, &d).unwrap();
+        assert_eq!(rope_heads(&x, &tab, &tab, 3).unwrap().dims(), &[1, 3, 0, 4]);
+        let h = Tensor::zeros((1, 3, 0, 4), candle_core::DType::F32, &d).unwrap();
+        assert_eq!(merge_heads(&h).unwrap().dims(), &[1, 0, 12]);
+        // k = 0: the empty sum is zero.
+        let x0 = Tensor::zeros((20, 0), candle_core::DType::F32, &d).unwrap();
+        let w0 = Tensor::zeros((7, 0), candle_core::DType::F32, &d).unwrap();
+        let y = linear(&x0, &w0).unwrap();
+        assert_eq!(y.dims(), &[20, 7]);
+        assert_eq!(
+            y.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
             0.0
         );
     }

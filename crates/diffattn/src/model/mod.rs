@@ -545,6 +545,38 @@ impl Model {
             .to_dtype(DType::F32)?)
     }
 
+    /// The same model with every tensor detached from gradient tracking (storage shared, no
+    /// copy): its forward takes the fused inference kernels. Evaluation during training uses
+    /// it, so that it computes exactly what `evaluate` computes after a reload.
+    pub fn detached(&self) -> Self {
+        let lin = |l: &Linear| Linear::new(l.weight.detach(), l.bias.as_ref().map(Tensor::detach));
+        let mut m = self.clone();
+        m.embed_tokens = self.embed_tokens.detach();
+        m.norm = self.norm.detach();
+        m.lm_head = self.lm_head.detach();
+        for b in &mut m.blocks {
+            b.input_layernorm = b.input_layernorm.detach();
+            b.post_attention_layernorm = b.post_attention_layernorm.detach();
+            b.gate_proj = lin(&b.gate_proj);
+            b.up_proj = lin(&b.up_proj);
+            b.down_proj = lin(&b.down_proj);
+            let a = &mut b.attn;
+            a.q_proj = lin(&a.q_proj);
+            a.k_proj = lin(&a.k_proj);
+            a.v_proj = lin(&a.v_proj);
+            a.o_proj = lin(&a.o_proj);
+            if let Some(l) = &mut a.lambda {
+                l.q1 = l.q1.detach();
+                l.k1 = l.k1.detach();
+                l.q2 = l.q2.detach();
+                l.k2 = l.k2.detach();
+                l.init = l.init.detach();
+                l.subln = l.subln.as_ref().map(Tensor::detach);
+            }
+        }
+        m
+    }
+
     /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head

@@ -48,8 +48,8 @@ impl CustomOp1 for Softmax {
         let x = contiguous_f32(storage, layout, "softmax")?;
         let t = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * ROWS_PER_TASK)
-            .zip(x.par_chunks(t * ROWS_PER_TASK))
+        out.par_chunks_mut((t * ROWS_PER_TASK).max(1))
+            .zip(x.par_chunks((t * ROWS_PER_TASK).max(1)))
             .for_each(|(o, xb)| {
                 for (orow, xrow) in o.chunks_mut(t).zip(xb.chunks(t)) {
                     orow.copy_from_slice(xrow);
@@ -75,10 +75,10 @@ impl CustomOp1 for Softmax {
         let y = contiguous_f32(ys, yl, "softmax backward")?;
         let gv = contiguous_f32(gs, gl, "softmax backward")?;
         let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(t * ROWS_PER_TASK)
+        out.par_chunks_mut((t * ROWS_PER_TASK).max(1))
             .zip(
-                y.par_chunks(t * ROWS_PER_TASK)
-                    .zip(gv.par_chunks(t * ROWS_PER_TASK)),
+                y.par_chunks((t * ROWS_PER_TASK).max(1))
+                    .zip(gv.par_chunks((t * ROWS_PER_TASK).max(1))),
             )
             .for_each(|(o, (yb, gb))| {
                 for ((orow, yrow), grow) in o.chunks_mut(t).zip(yb.chunks(t)).zip(gb.chunks(t)) {
@@ -175,8 +175,8 @@ impl RmsNorm {
 
     fn forward(&self, x: &[f32], w: Option<&[f32]>, n: usize) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n * NORM_ROWS)
-            .zip(x.par_chunks(n * NORM_ROWS))
+        out.par_chunks_mut((n * NORM_ROWS).max(1))
+            .zip(x.par_chunks((n * NORM_ROWS).max(1)))
             .for_each(|(o, xb)| {
                 let mut sq = Vec::with_capacity(n);
                 for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
@@ -208,8 +208,11 @@ impl RmsNorm {
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let mut dx = vec![0f32; x.len()];
         let partial_dw: Vec<Vec<f32>> = dx
-            .par_chunks_mut(n * NORM_ROWS)
-            .zip(x.par_chunks(n * NORM_ROWS).zip(g.par_chunks(n * NORM_ROWS)))
+            .par_chunks_mut((n * NORM_ROWS).max(1))
+            .zip(
+                x.par_chunks((n * NORM_ROWS).max(1))
+                    .zip(g.par_chunks((n * NORM_ROWS).max(1))),
+            )
             .map(|(dxb, (xb, gb))| {
                 let mut sq = Vec::with_capacity(n);
                 let mut gw = vec![0f32; n];

@@ -34,7 +34,7 @@ const ROWS_PER_TASK: usize = 512;
 /// keeping per-column running (max, sum) merged at the end.
 fn column_lse(x: &[f32], v: usize, n: usize) -> Vec<f32> {
     let partial: Vec<(Vec<f32>, Vec<f64>)> = x
-        .par_chunks(ROWS_PER_TASK * n)
+        .par_chunks((ROWS_PER_TASK * n).max(1))
         .map(|block| {
             let mut max = vec![f32::NEG_INFINITY; n];
             for row in block.chunks(n) {
@@ -117,8 +117,8 @@ impl CustomOp1 for CrossEntropyT {
         let x = &data[start..end];
         let lse = column_lse(x, v, n);
         let mut out = vec![0f32; v * n];
-        out.par_chunks_mut(ROWS_PER_TASK * n)
-            .zip(x.par_chunks(ROWS_PER_TASK * n))
+        out.par_chunks_mut((ROWS_PER_TASK * n).max(1))
+            .zip(x.par_chunks((ROWS_PER_TASK * n).max(1)))
             .for_each(|(o, xb)| {
                 for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
                     for j in 0..n {
@@ -234,13 +234,14 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
             .expect("head cross-entropy state")
             .take()
             .ok_or_else(|| candle_core::Error::Msg("head cross-entropy: backward twice".into()))?;
-        z.par_chunks_mut(ROWS_PER_TASK * n).for_each(|block| {
-            for row in block.chunks_mut(n) {
-                for j in 0..n {
-                    row[j] = (row[j] - lse[j]).exp() * g[j];
+        z.par_chunks_mut((ROWS_PER_TASK * n).max(1))
+            .for_each(|block| {
+                for row in block.chunks_mut(n) {
+                    for j in 0..n {
+                        row[j] = (row[j] - lse[j]).exp() * g[j];
+                    }
                 }
-            }
-        });
+            });
         for (j, &t) in self.targets.iter().enumerate() {
             z[t as usize * n + j] -= g[j];
         }

@@ -183,6 +183,7 @@ pub fn evaluate_samples(
     pad_id: u32,
 ) -> Result<EvalResult> {
     let t0 = Instant::now();
+    let model = &model.detached();
     let (mut total, mut n, mut batches) = (0.0f64, 0usize, 0usize);
     for chunk in samples.chunks(batch_size.max(1)) {
         let refs: Vec<&Sample> = chunk.iter().collect();
