@@ -16,6 +16,8 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::cpu::{f32_slice, with_f32};
+
 use super::AttentionKind;
 
 /// Query rows per task.
@@ -93,21 +95,6 @@ fn probs(p: &mut [f32], q: &[f32], k: &[f32], mask: Option<&[f32]>, m: usize, t:
     }
 }
 
-fn slice<'a>(
-    st: &'a candle_core::Storage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match st {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => {
-            let (a, z) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("attend: not contiguous".into()))?;
-            Ok(&data[a..z])
-        }
-        _ => candle_core::bail!("attend: f32 CPU tensors only"),
-    }
-}
-
 /// Attention output `[b, heads_out, s, dv]` for `q` `[b, nq, s, d]`, `k` `[b, nk, t, d]`,
 /// `v` `[b, Hkv, t, d]` (f32, CPU, contiguous), additive `mask` `[b, 1, s, t]`; `lambda` is
 /// `mix · lambda_full` for the differential kinds.
@@ -136,67 +123,62 @@ pub fn attend(
         Some(m) => Some(m.broadcast_as((b, 1, s, t))?.contiguous()?),
         None => None,
     };
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let ms = mask.as_ref().map(|m| m.storage_and_layout());
-    let (qd, kd, vd) = (slice(&qs, ql)?, slice(&ks, kl)?, slice(&vs, vl)?);
-    let md = match &ms {
-        Some((st, l)) => Some(slice(st, l)?),
-        None => None,
-    };
-    let mut out = vec![0f32; b * heads * s * dv];
-    out.par_chunks_mut((s * dv).max(1))
-        .enumerate()
-        .flat_map(|(bj, o)| {
-            o.par_chunks_mut((ROWS * dv).max(1))
-                .enumerate()
-                .map(move |(blk, ob)| (bj, blk, ob))
-        })
-        .for_each(|(bj, blk, ob)| {
-            let (bi, j) = (bj / heads, bj % heads);
-            let r0 = blk * ROWS;
-            let m = ob.len() / dv;
-            let qrow = |head: usize| {
-                let at = ((bi * nq + head) * s + r0) * d;
-                &qd[at..at + m * d]
-            };
-            let khead = |head: usize| {
-                let at = (bi * nk + head) * t * d;
-                &kd[at..at + t * d]
-            };
-            let vhead = |head: usize| {
-                let at = (bi * hkv + head) * t * d;
-                &vd[at..at + t * d]
-            };
-            let mrows = md.map(|mk| &mk[(bi * s + r0) * t..(bi * s + r0 + m) * t]);
-            let mut p = vec![0f32; m * t];
-            match kind {
-                AttentionKind::Standard => {
-                    probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
-                    gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
-                }
-                _ => {
-                    let mut p2 = vec![0f32; m * t];
-                    probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
-                    probs(&mut p2, qrow(qb + j), khead(kb + j / g), mrows, m, t, d);
-                    for (a1, &a2) in p.iter_mut().zip(&p2) {
-                        *a1 -= a2 * lambda;
-                    }
-                    if kind == AttentionKind::DoubleHeads {
+    let mut inputs = vec![&q, &k, &v];
+    inputs.extend(mask.as_ref());
+    let out = with_f32(&inputs, "attend", |sl| {
+        let (qd, kd, vd, md) = (sl[0], sl[1], sl[2], sl.get(3).copied());
+        let mut out = vec![0f32; b * heads * s * dv];
+        out.par_chunks_mut((s * dv).max(1))
+            .enumerate()
+            .flat_map(|(bj, o)| {
+                o.par_chunks_mut((ROWS * dv).max(1))
+                    .enumerate()
+                    .map(move |(blk, ob)| (bj, blk, ob))
+            })
+            .for_each(|(bj, blk, ob)| {
+                let (bi, j) = (bj / heads, bj % heads);
+                let r0 = blk * ROWS;
+                let m = ob.len() / dv;
+                let qrow = |head: usize| {
+                    let at = ((bi * nq + head) * s + r0) * d;
+                    &qd[at..at + m * d]
+                };
+                let khead = |head: usize| {
+                    let at = (bi * nk + head) * t * d;
+                    &kd[at..at + t * d]
+                };
+                let vhead = |head: usize| {
+                    let at = (bi * hkv + head) * t * d;
+                    &vd[at..at + t * d]
+                };
+                let mrows = md.map(|mk| &mk[(bi * s + r0) * t..(bi * s + r0 + m) * t]);
+                let mut p = vec![0f32; m * t];
+                match kind {
+                    AttentionKind::Standard => {
+                        probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
                         gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
-                    } else {
-                        // repeat_kv: full head i reads kv head i / (H / Hkv) = i / g here too.
-                        let (va, vb) = (vhead(j / g), vhead((j + heads) / g));
-                        gemm_rows(ob, dv, m, d, t, &p, (t, 1), va, (d, 1));
-                        gemm_rows(&mut ob[d..], dv, m, d, t, &p, (t, 1), vb, (d, 1));
+                    }
+                    _ => {
+                        let mut p2 = vec![0f32; m * t];
+                        probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
+                        probs(&mut p2, qrow(qb + j), khead(kb + j / g), mrows, m, t, d);
+                        for (a1, &a2) in p.iter_mut().zip(&p2) {
+                            *a1 -= a2 * lambda;
+                        }
+                        if kind == AttentionKind::DoubleHeads {
+                            gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
+                        } else {
+                            // repeat_kv: full head i reads kv head i / (H / Hkv) = i / g here too.
+                            let (va, vb) = (vhead(j / g), vhead((j + heads) / g));
+                            gemm_rows(ob, dv, m, d, t, &p, (t, 1), va, (d, 1));
+                            gemm_rows(&mut ob[d..], dv, m, d, t, &p, (t, 1), vb, (d, 1));
+                        }
                     }
                 }
-            }
-        });
-    let shape = (b, heads, s, dv);
-    drop((qs, ks, vs, ms));
-    Tensor::from_vec(out, shape, q.device())
+            });
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, (b, heads, s, dv), q.device())
 }
 
 /// Whether [`attend`] can serve these inputs: f32 on the CPU and no gradient tracked.
@@ -253,19 +235,6 @@ impl Sdpa {
     }
 }
 
-fn cpu_f32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(data) = s else {
-        candle_core::bail!("sdpa: f32 only");
-    };
-    let (a, z) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("sdpa: not contiguous".into()))?;
-    Ok(&data[a..z])
-}
-
 impl candle_core::CustomOp3 for Sdpa {
     fn name(&self) -> &'static str {
         "sdpa-with-backward"
@@ -290,31 +259,34 @@ impl candle_core::CustomOp3 for Sdpa {
             d,
             dv,
         } = Self::dims(l1.shape(), l2.shape(), l3.shape())?;
-        let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
-        let ms = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &ms {
-            Some((st, l)) => match &**st {
-                candle_core::Storage::Cpu(st) => Some(cpu_f32(st, l)?),
-                _ => candle_core::bail!("sdpa: CPU mask only"),
-            },
-            None => None,
+        let (q, k, v) = (
+            f32_slice(s1, l1, "sdpa")?,
+            f32_slice(s2, l2, "sdpa")?,
+            f32_slice(s3, l3, "sdpa")?,
+        );
+        let run = |mask: Option<&[f32]>| {
+            let gk = nq / nk;
+            let mut probs_all = vec![0f32; b * nq * s * t];
+            let mut out = vec![0f32; b * nq * s * dv];
+            probs_all
+                .par_chunks_mut((s * t).max(1))
+                .zip(out.par_chunks_mut((s * dv).max(1)))
+                .enumerate()
+                .for_each(|(bi_i, (p, o))| {
+                    let (bi, i) = (bi_i / nq, bi_i % nq);
+                    let qh = &q[(bi * nq + i) * s * d..][..s * d];
+                    let kh = &k[(bi * nk + i / gk) * t * d..][..t * d];
+                    let vh = &v[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
+                    let mrows = mask.map(|mk| &mk[bi * s * t..(bi + 1) * s * t]);
+                    probs(p, qh, kh, mrows, s, t, d);
+                    gemm_rows(o, dv, s, dv, t, p, (t, 1), vh, (dv, 1));
+                });
+            (probs_all, out)
         };
-        let gk = nq / nk;
-        let mut probs_all = vec![0f32; b * nq * s * t];
-        let mut out = vec![0f32; b * nq * s * dv];
-        probs_all
-            .par_chunks_mut((s * t).max(1))
-            .zip(out.par_chunks_mut((s * dv).max(1)))
-            .enumerate()
-            .for_each(|(bi_i, (p, o))| {
-                let (bi, i) = (bi_i / nq, bi_i % nq);
-                let qh = &q[(bi * nq + i) * s * d..][..s * d];
-                let kh = &k[(bi * nk + i / gk) * t * d..][..t * d];
-                let vh = &v[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
-                let mrows = mask.map(|mk| &mk[bi * s * t..(bi + 1) * s * t]);
-                probs(p, qh, kh, mrows, s, t, d);
-                gemm_rows(o, dv, s, dv, t, p, (t, 1), vh, (dv, 1));
-            });
+        let (probs_all, out) = match &self.mask {
+            Some(m) => with_f32(&[m], "sdpa mask", |sl| Ok(run(Some(sl[0]))))?,
+            None => run(None),
+        };
         *self.probs.lock().expect("sdpa probabilities") = Some(probs_all);
         Ok((
             candle_core::CpuStorage::F32(out),
@@ -347,67 +319,57 @@ impl candle_core::CustomOp3 for Sdpa {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("sdpa: backward run twice".into()))?;
         let g = grad.contiguous()?;
-        let guards = [
-            q.storage_and_layout(),
-            k.storage_and_layout(),
-            v.storage_and_layout(),
-            g.storage_and_layout(),
-        ];
-        let mut sl = Vec::with_capacity(4);
-        for (st, l) in &guards {
-            let candle_core::Storage::Cpu(st) = &**st else {
-                candle_core::bail!("sdpa backward: CPU tensors only");
-            };
-            sl.push(cpu_f32(st, l)?);
-        }
-        let (qd, kd, vd, gd) = (sl[0], sl[1], sl[2], sl[3]);
-        let gk = nq / nk;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let mut dq = vec![0f32; b * nq * s * d];
-        // Per query head partial key and value gradients, summed per key/value head below.
-        let mut dk_part = vec![0f32; b * nq * t * d];
-        let mut dv_part = vec![0f32; b * nq * t * dv];
-        dq.par_chunks_mut((s * d).max(1))
-            .zip(dk_part.par_chunks_mut((t * d).max(1)))
-            .zip(dv_part.par_chunks_mut((t * dv).max(1)))
-            .enumerate()
-            .for_each(|(bi_i, ((dqh, dkh), dvh))| {
-                let (bi, i) = (bi_i / nq, bi_i % nq);
-                let p = &probs_all[bi_i * s * t..][..s * t];
-                let qh = &qd[bi_i * s * d..][..s * d];
-                let kh = &kd[(bi * nk + i / gk) * t * d..][..t * d];
-                let vh = &vd[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
-                let gh = &gd[bi_i * s * dv..][..s * dv];
-                // dV_i = Pᵀ G.
-                gemm_rows(dvh, dv, t, dv, s, p, (1, t), gh, (dv, 1));
-                // dP = G Vᵀ, then the softmax backward and the score scale: dS.
-                let mut ds = vec![0f32; s * t];
-                gemm_rows(&mut ds, t, s, t, dv, gh, (dv, 1), vh, (1, dv));
-                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (x, &y) in dsr.iter_mut().zip(pr) {
-                        *x = y * (*x - dot) * scale;
+        let (dq, dk, dvv) = with_f32(&[q, k, v, &g], "sdpa backward", |sl| {
+            let (qd, kd, vd, gd) = (sl[0], sl[1], sl[2], sl[3]);
+            let gk = nq / nk;
+            let scale = (1.0 / (d as f64).sqrt()) as f32;
+            let mut dq = vec![0f32; b * nq * s * d];
+            // Per query head partial key and value gradients, summed per key/value head below.
+            let mut dk_part = vec![0f32; b * nq * t * d];
+            let mut dv_part = vec![0f32; b * nq * t * dv];
+            dq.par_chunks_mut((s * d).max(1))
+                .zip(dk_part.par_chunks_mut((t * d).max(1)))
+                .zip(dv_part.par_chunks_mut((t * dv).max(1)))
+                .enumerate()
+                .for_each(|(bi_i, ((dqh, dkh), dvh))| {
+                    let (bi, i) = (bi_i / nq, bi_i % nq);
+                    let p = &probs_all[bi_i * s * t..][..s * t];
+                    let qh = &qd[bi_i * s * d..][..s * d];
+                    let kh = &kd[(bi * nk + i / gk) * t * d..][..t * d];
+                    let vh = &vd[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
+                    let gh = &gd[bi_i * s * dv..][..s * dv];
+                    // dV_i = Pᵀ G.
+                    gemm_rows(dvh, dv, t, dv, s, p, (1, t), gh, (dv, 1));
+                    // dP = G Vᵀ, then the softmax backward and the score scale: dS.
+                    let mut ds = vec![0f32; s * t];
+                    gemm_rows(&mut ds, t, s, t, dv, gh, (dv, 1), vh, (1, dv));
+                    for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (x, &y) in dsr.iter_mut().zip(pr) {
+                            *x = y * (*x - dot) * scale;
+                        }
                     }
-                }
-                // dQ_i = dS K, dK_i = dSᵀ Q_i.
-                gemm_rows(dqh, d, s, d, t, &ds, (t, 1), kh, (d, 1));
-                gemm_rows(dkh, d, t, d, s, &ds, (1, t), qh, (d, 1));
-            });
-        let reduce =
-            |part: &[f32], heads: usize, width: usize, head_of: &dyn Fn(usize) -> usize| {
-                let mut total = vec![0f32; b * heads * t * width];
-                for bi in 0..b {
-                    for i in 0..nq {
-                        let src = &part[(bi * nq + i) * t * width..][..t * width];
-                        let dst = &mut total[(bi * heads + head_of(i)) * t * width..][..t * width];
-                        dst.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
+                    // dQ_i = dS K, dK_i = dSᵀ Q_i.
+                    gemm_rows(dqh, d, s, d, t, &ds, (t, 1), kh, (d, 1));
+                    gemm_rows(dkh, d, t, d, s, &ds, (1, t), qh, (d, 1));
+                });
+            let reduce =
+                |part: &[f32], heads: usize, width: usize, head_of: &dyn Fn(usize) -> usize| {
+                    let mut total = vec![0f32; b * heads * t * width];
+                    for bi in 0..b {
+                        for i in 0..nq {
+                            let src = &part[(bi * nq + i) * t * width..][..t * width];
+                            let dst =
+                                &mut total[(bi * heads + head_of(i)) * t * width..][..t * width];
+                            dst.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
+                        }
                     }
-                }
-                total
-            };
-        let dk = reduce(&dk_part, nk, d, &|i| i / gk);
-        let dvv = reduce(&dv_part, nv, dv, &|i| self.v_head(i));
-        drop(guards);
+                    total
+                };
+            let dk = reduce(&dk_part, nk, d, &|i| i / gk);
+            let dvv = reduce(&dv_part, nv, dv, &|i| self.v_head(i));
+            Ok((dq, dk, dvv))
+        })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

@@ -11,6 +11,7 @@
 //! `[batch, 1, seq, past + seq]` (f32, 0 or `f32::MIN`), logits `[batch, seq, vocab]` (f32).
 
 pub mod attend;
+pub(crate) mod cpu;
 pub mod layout;
 pub mod ops;
 pub mod rope;

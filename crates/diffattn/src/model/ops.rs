@@ -9,19 +9,11 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::{f32_slice, with_f32};
+
 struct Softmax;
 
 const ROWS_PER_TASK: usize = 64;
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("{what}: f32 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: contiguous input only");
-    };
-    Ok(&d[a..b])
-}
 
 /// Softmax of one row in place: `exp(x − max) / Σ exp(x − max)`.
 pub(crate) fn softmax_row(row: &mut [f32]) {
@@ -45,7 +37,7 @@ impl CustomOp1 for Softmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "softmax")?;
+        let x = f32_slice(storage, layout, "softmax")?;
         let t = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut((t * ROWS_PER_TASK).max(1))
@@ -67,27 +59,25 @@ impl CustomOp1 for Softmax {
     ) -> candle_core::Result<Option<Tensor>> {
         let t = res.dims().last().copied().unwrap_or(1).max(1);
         let g = grad_res.contiguous()?;
-        let (ys, yl) = res.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(ys), candle_core::Storage::Cpu(gs)) = (&*ys, &*gs) else {
-            candle_core::bail!("softmax backward: CPU tensors only");
-        };
-        let y = contiguous_f32(ys, yl, "softmax backward")?;
-        let gv = contiguous_f32(gs, gl, "softmax backward")?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut((t * ROWS_PER_TASK).max(1))
-            .zip(
-                y.par_chunks((t * ROWS_PER_TASK).max(1))
-                    .zip(gv.par_chunks((t * ROWS_PER_TASK).max(1))),
-            )
-            .for_each(|(o, (yb, gb))| {
-                for ((orow, yrow), grow) in o.chunks_mut(t).zip(yb.chunks(t)).zip(gb.chunks(t)) {
-                    let dot: f32 = yrow.iter().zip(grow).map(|(a, b)| a * b).sum();
-                    for ((oj, &yj), &gj) in orow.iter_mut().zip(yrow).zip(grow) {
-                        *oj = yj * (gj - dot);
+        let out = with_f32(&[res, &g], "softmax backward", |s| {
+            let (y, gv) = (s[0], s[1]);
+            let mut out = vec![0f32; y.len()];
+            out.par_chunks_mut((t * ROWS_PER_TASK).max(1))
+                .zip(
+                    y.par_chunks((t * ROWS_PER_TASK).max(1))
+                        .zip(gv.par_chunks((t * ROWS_PER_TASK).max(1))),
+                )
+                .for_each(|(o, (yb, gb))| {
+                    for ((orow, yrow), grow) in o.chunks_mut(t).zip(yb.chunks(t)).zip(gb.chunks(t))
+                    {
+                        let dot: f32 = yrow.iter().zip(grow).map(|(a, b)| a * b).sum();
+                        for ((oj, &yj), &gj) in orow.iter_mut().zip(yrow).zip(grow) {
+                            *oj = yj * (gj - dot);
+                        }
                     }
-                }
-            });
+                });
+            Ok(out)
+        })?;
         let shape = res.shape().clone();
         let device = res.device().clone();
         Ok(Some(Tensor::from_vec(out, shape, &device)?))
@@ -261,7 +251,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "rms_norm")?;
+        let x = f32_slice(s, l, "rms_norm")?;
         Ok((
             CpuStorage::F32(self.forward(x, None, last_dim(l))),
             l.shape().clone(),
@@ -270,17 +260,10 @@ impl CustomOp1 for RmsNorm {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = g.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
-            candle_core::bail!("rms_norm backward: CPU tensors only");
-        };
-        let (dx, _) = self.backward(
-            contiguous_f32(xs, xl, "rms_norm backward")?,
-            None,
-            contiguous_f32(gs, gl, "rms_norm backward")?,
-            last_dim(xl),
-        );
+        let n = x.dims().last().copied().unwrap_or(1).max(1);
+        let (dx, _) = with_f32(&[x, &g], "rms_norm backward", |s| {
+            Ok(self.backward(s[0], None, s[1], n))
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -297,8 +280,8 @@ impl candle_core::CustomOp2 for RmsNormW {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "rms_norm")?;
-        let w = contiguous_f32(s2, l2, "rms_norm")?;
+        let x = f32_slice(s1, l1, "rms_norm")?;
+        let w = f32_slice(s2, l2, "rms_norm")?;
         let n = last_dim(l1);
         if w.len() != n {
             candle_core::bail!("rms_norm: weight of {} for rows of {n}", w.len());
@@ -317,23 +300,10 @@ impl candle_core::CustomOp2 for RmsNormW {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(xs),
-            candle_core::Storage::Cpu(ws),
-            candle_core::Storage::Cpu(gs),
-        ) = (&*xs, &*ws, &*gs)
-        else {
-            candle_core::bail!("rms_norm backward: CPU tensors only");
-        };
-        let (dx, dw) = self.0.backward(
-            contiguous_f32(xs, xl, "rms_norm backward")?,
-            Some(contiguous_f32(ws, wl, "rms_norm backward")?),
-            contiguous_f32(gs, gl, "rms_norm backward")?,
-            last_dim(xl),
-        );
+        let n = x.dims().last().copied().unwrap_or(1).max(1);
+        let (dx, dw) = with_f32(&[x, w, &g], "rms_norm backward", |s| {
+            Ok(self.0.backward(s[0], Some(s[1]), s[2], n))
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device()))
@@ -443,8 +413,8 @@ impl candle_core::CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = contiguous_f32(s1, l1, "swiglu")?;
-        let b = contiguous_f32(s2, l2, "swiglu")?;
+        let a = f32_slice(s1, l1, "swiglu")?;
+        let b = f32_slice(s2, l2, "swiglu")?;
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: shapes {:?} and {:?}", l1.shape(), l2.shape());
         }
@@ -467,37 +437,27 @@ impl candle_core::CustomOp2 for SwiGlu {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (as_, al) = a.storage_and_layout();
-        let (bs, bl) = b.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(as_),
-            candle_core::Storage::Cpu(bs),
-            candle_core::Storage::Cpu(gs),
-        ) = (&*as_, &*bs, &*gs)
-        else {
-            candle_core::bail!("swiglu backward: CPU tensors only");
-        };
-        let av = contiguous_f32(as_, al, "swiglu backward")?;
-        let bv = contiguous_f32(bs, bl, "swiglu backward")?;
-        let gv = contiguous_f32(gs, gl, "swiglu backward")?;
-        let mut da = vec![0f32; av.len()];
-        let mut db = vec![0f32; av.len()];
-        da.par_chunks_mut(SWIGLU_CHUNK)
-            .zip(db.par_chunks_mut(SWIGLU_CHUNK))
-            .zip(
-                av.par_chunks(SWIGLU_CHUNK)
-                    .zip(bv.par_chunks(SWIGLU_CHUNK).zip(gv.par_chunks(SWIGLU_CHUNK))),
-            )
-            .for_each(|((dac, dbc), (ac, (bc, gc)))| {
-                for i in 0..ac.len() {
-                    let x = ac[i];
-                    let sig = 1.0 / (1.0 + (-x).exp());
-                    let silu = x * sig;
-                    dac[i] = gc[i] * bc[i] * sig * (1.0 + x * (1.0 - sig));
-                    dbc[i] = gc[i] * silu;
-                }
-            });
+        let (da, db) = with_f32(&[a, b, &g], "swiglu backward", |s| {
+            let (av, bv, gv) = (s[0], s[1], s[2]);
+            let mut da = vec![0f32; av.len()];
+            let mut db = vec![0f32; av.len()];
+            da.par_chunks_mut(SWIGLU_CHUNK)
+                .zip(db.par_chunks_mut(SWIGLU_CHUNK))
+                .zip(
+                    av.par_chunks(SWIGLU_CHUNK)
+                        .zip(bv.par_chunks(SWIGLU_CHUNK).zip(gv.par_chunks(SWIGLU_CHUNK))),
+                )
+                .for_each(|((dac, dbc), (ac, (bc, gc)))| {
+                    for i in 0..ac.len() {
+                        let x = ac[i];
+                        let sig = 1.0 / (1.0 + (-x).exp());
+                        let silu = x * sig;
+                        dac[i] = gc[i] * bc[i] * sig * (1.0 + x * (1.0 - sig));
+                        dbc[i] = gc[i] * silu;
+                    }
+                });
+            Ok((da, db))
+        })?;
         Ok((
             Some(Tensor::from_vec(da, a.shape(), a.device())?),
             Some(Tensor::from_vec(db, b.shape(), b.device())?),

@@ -9,6 +9,8 @@
 //! test below checks loss and gradient against the composed form.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::model::cpu::{f32_slice, with_f32};
 use rayon::prelude::*;
 
 /// Summed negative log-likelihood (0-dim) of `targets` under `logits` `[n, vocab]`, composed
@@ -80,17 +82,11 @@ impl CustomOp1 for CrossEntropyT {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("cross-entropy: f32 logits only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("cross-entropy: contiguous logits only");
-        };
+        let x = f32_slice(storage, layout, "cross-entropy")?;
         let (v, n) = layout.shape().dims2()?;
         if n != self.targets.len() {
             candle_core::bail!("cross-entropy: {n} columns, {} targets", self.targets.len());
         }
-        let x = &data[start..end];
         let lse = column_lse(x, v, n);
         let out = (0..n)
             .map(|j| lse[j] - x[self.targets[j] as usize * n + j])
@@ -109,27 +105,24 @@ impl CustomOp1 for CrossEntropyT {
         let g = grad_res
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
-        let (storage, layout) = arg.storage_and_layout();
-        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-            candle_core::bail!("cross-entropy backward: f32 CPU logits only");
-        };
-        let (start, end) = layout.contiguous_offsets().expect("contiguous");
-        let x = &data[start..end];
-        let lse = column_lse(x, v, n);
-        let mut out = vec![0f32; v * n];
-        out.par_chunks_mut((ROWS_PER_TASK * n).max(1))
-            .zip(x.par_chunks((ROWS_PER_TASK * n).max(1)))
-            .for_each(|(o, xb)| {
-                for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
-                    for j in 0..n {
-                        orow[j] = (xrow[j] - lse[j]).exp() * g[j];
+        let out = with_f32(&[&arg], "cross-entropy backward", |sl| {
+            let x = sl[0];
+            let lse = column_lse(x, v, n);
+            let mut out = vec![0f32; v * n];
+            out.par_chunks_mut((ROWS_PER_TASK * n).max(1))
+                .zip(x.par_chunks((ROWS_PER_TASK * n).max(1)))
+                .for_each(|(o, xb)| {
+                    for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
+                        for j in 0..n {
+                            orow[j] = (xrow[j] - lse[j]).exp() * g[j];
+                        }
                     }
-                }
-            });
-        for (j, &t) in self.targets.iter().enumerate() {
-            out[t as usize * n + j] -= g[j];
-        }
-        drop(storage);
+                });
+            for (j, &t) in self.targets.iter().enumerate() {
+                out[t as usize * n + j] -= g[j];
+            }
+            Ok(out)
+        })?;
         Ok(Some(Tensor::from_vec(out, (v, n), arg.device())?))
     }
 }
@@ -161,16 +154,6 @@ pub struct HeadCrossEntropy {
     saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("{what}: f32 only");
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous only")))?;
-    Ok(&d[a..b])
-}
-
 impl candle_core::CustomOp2 for HeadCrossEntropy {
     fn name(&self) -> &'static str {
         "head-cross-entropy"
@@ -184,8 +167,8 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use crate::model::layout::{buffer, gemm_into, Mat};
-        let h = cpu_slice(s1, l1, "head cross-entropy")?;
-        let w = cpu_slice(s2, l2, "head cross-entropy")?;
+        let h = f32_slice(s1, l1, "head cross-entropy")?;
+        let w = f32_slice(s2, l2, "head cross-entropy")?;
         let (n, dm) = l1.shape().dims2()?;
         let (v, dm2) = l2.shape().dims2()?;
         if dm != dm2 || n != self.targets.len() {
@@ -245,48 +228,45 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         for (j, &t) in self.targets.iter().enumerate() {
             z[t as usize * n + j] -= g[j];
         }
-        let (hs, hl) = h.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(ws)) = (&*hs, &*ws) else {
-            candle_core::bail!("head cross-entropy backward: CPU tensors only");
-        };
-        let hv = cpu_slice(hs, hl, "head cross-entropy backward")?;
-        let wv = cpu_slice(ws, wl, "head cross-entropy backward")?;
-        let gm = Mat {
-            data: &z,
-            rs: n as isize,
-            cs: 1,
-        };
-        // dW [v, dm] = G [v, n] · h [n, dm].
-        let mut dw = buffer(v * dm);
-        gemm_into(
-            &mut dw,
-            v,
-            dm,
-            n,
-            gm,
-            Mat {
-                data: hv,
-                rs: dm as isize,
+        let (dh, dw) = with_f32(&[h, w], "head cross-entropy backward", |sl| {
+            let (hv, wv) = (sl[0], sl[1]);
+            let gm = Mat {
+                data: &z,
+                rs: n as isize,
                 cs: 1,
-            },
-        );
-        // dh [n, dm] = (Wᵀ [dm, v] · G [v, n])ᵀ.
-        let mut tmp = buffer(dm * n);
-        gemm_into(
-            &mut tmp,
-            dm,
-            n,
-            v,
-            Mat {
-                data: wv,
-                rs: 1,
-                cs: dm as isize,
-            },
-            gm,
-        );
-        let mut dh = buffer(n * dm);
-        transpose_into(&tmp, dm, n, &mut dh);
+            };
+            // dW [v, dm] = G [v, n] · h [n, dm].
+            let mut dw = buffer(v * dm);
+            gemm_into(
+                &mut dw,
+                v,
+                dm,
+                n,
+                gm,
+                Mat {
+                    data: hv,
+                    rs: dm as isize,
+                    cs: 1,
+                },
+            );
+            // dh [n, dm] = (Wᵀ [dm, v] · G [v, n])ᵀ.
+            let mut tmp = buffer(dm * n);
+            gemm_into(
+                &mut tmp,
+                dm,
+                n,
+                v,
+                Mat {
+                    data: wv,
+                    rs: 1,
+                    cs: dm as isize,
+                },
+                gm,
+            );
+            let mut dh = buffer(n * dm);
+            transpose_into(&tmp, dm, n, &mut dh);
+            Ok((dh, dw))
+        })?;
         Ok((
             Some(Tensor::from_vec(dh, (n, dm), h.device())?),
             Some(Tensor::from_vec(dw, (v, dm), w.device())?),
