@@ -117,6 +117,105 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f
         });
 }
 
+/// Where the weight gradients of [`linear`] go while a [`WeightGradSink`] is open on this
+/// thread: one buffer per weight, accumulated by the matrix product itself (`dW += gᵀx`).
+/// candle would otherwise allocate `dW`, allocate zeros of the weight's size and add the two
+/// (three weight-sized passes per weight per micro-batch; for SmolLM2 ~100 M floats).
+type SinkMap = std::collections::HashMap<candle_core::TensorId, Vec<f32>>;
+
+thread_local! {
+    static WEIGHT_GRADS: std::cell::RefCell<Option<SinkMap>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Collects the gradients of the [`linear`] weights that are [`candle_core::Var`]s, summed
+/// over every backward run on this thread while it is open (gradient accumulation for free).
+/// [`WeightGradSink::finish`] adds them into a candle gradient store.
+pub struct WeightGradSink(());
+
+impl WeightGradSink {
+    /// Opens the sink on this thread (a second open sink on the same thread is refused).
+    pub fn open() -> candle_core::Result<Self> {
+        WEIGHT_GRADS.with(|w| {
+            let mut w = w.borrow_mut();
+            if w.is_some() {
+                candle_core::bail!("a weight gradient sink is already open on this thread");
+            }
+            *w = Some(SinkMap::new());
+            Ok(Self(()))
+        })
+    }
+
+    /// Closes the sink and adds each collected gradient into `grads` (inserted when absent)
+    /// for the tensors in `weights`.
+    pub fn finish(
+        self,
+        weights: &[&Tensor],
+        grads: &mut candle_core::backprop::GradStore,
+    ) -> candle_core::Result<()> {
+        let mut map = WEIGHT_GRADS
+            .with(|w| w.borrow_mut().take())
+            .unwrap_or_default();
+        for w in weights {
+            if let Some(g) = map.remove(&w.id()) {
+                let g = Tensor::from_vec(g, w.shape(), w.device())?;
+                let total = match grads.remove(w) {
+                    Some(other) => (other + g)?,
+                    None => g,
+                };
+                grads.insert(w, total);
+            }
+        }
+        if !map.is_empty() {
+            candle_core::bail!(
+                "{} weight gradients collected for unknown tensors",
+                map.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WeightGradSink {
+    fn drop(&mut self) {
+        WEIGHT_GRADS.with(|w| w.borrow_mut().take());
+    }
+}
+
+/// `dst [m, n] += a · b` (the sink's accumulation).
+fn gemm_acc(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
+    assert_eq!(dst.len(), m * n);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let last =
+        |x: &Mat, r: usize, c: usize| ((r - 1) as isize * x.rs + (c - 1) as isize * x.cs) as usize;
+    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
+    // SAFETY: as in `gemm_into`; dst is read (alpha = 1) and written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.data.as_ptr(),
+            a.cs,
+            a.rs,
+            b.data.as_ptr(),
+            b.cs,
+            b.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads(),
+        )
+    }
+}
+
 /// Rows from which the product is formed transposed (see the module docs).
 const TRANSPOSED_FROM_ROWS: usize = 16;
 
@@ -194,10 +293,12 @@ impl CustomOp2 for LinearOp {
         let (n, inp) = rows(x.shape())?;
         let (out, _) = w.dims2()?;
         let g = g.contiguous()?;
+        let weight_id = w.id();
+        let sink = w.is_variable() && WEIGHT_GRADS.with(|s| s.borrow().is_some());
         let (dx, dw) = with_f32(&[x, w, &g], "linear backward", |s| {
-            let (x, w, g) = (s[0], s[1], s[2]);
-            // dW [out, in] = gᵀ [out, n] · x [n, in].
-            let mut dw = buffer(out * inp);
+            let (x, w_data, g) = (s[0], s[1], s[2]);
+            let w = w_data;
+            // dW [out, in] = gᵀ [out, n] · x [n, in]: into the sink when one is open.
             let gt = Mat {
                 data: g,
                 rs: 1,
@@ -208,7 +309,21 @@ impl CustomOp2 for LinearOp {
                 rs: inp as isize,
                 cs: 1,
             };
-            gemm_into(&mut dw, out, inp, n, gt, xs);
+            let dw = if sink {
+                WEIGHT_GRADS.with(|s| {
+                    let mut s = s.borrow_mut();
+                    let map = s.as_mut().expect("sink checked open");
+                    let acc = map
+                        .entry(weight_id)
+                        .or_insert_with(|| vec![0f32; out * inp]);
+                    gemm_acc(acc, out, inp, n, gt, xs);
+                });
+                None
+            } else {
+                let mut dw = buffer(out * inp);
+                gemm_into(&mut dw, out, inp, n, gt, xs);
+                Some(dw)
+            };
             // dx [n, in] = g [n, out] · W [out, in].
             let mut dx = buffer(n * inp);
             if n >= TRANSPOSED_FROM_ROWS {
@@ -238,7 +353,8 @@ impl CustomOp2 for LinearOp {
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, (out, inp), dev)?),
+            dw.map(|dw| Tensor::from_vec(dw, (out, inp), dev))
+                .transpose()?,
         ))
     }
 }
@@ -619,6 +735,47 @@ mod tests {
             max_diff(ga.get(y.as_tensor()).unwrap(), &composed_heads),
             0.0
         );
+    }
+
+    /// With a sink open, the weight gradients of two backward passes are summed in place and
+    /// equal the sum of the two gradients candle computes without a sink; other gradients
+    /// (the inputs') still go to candle's store.
+    #[test]
+    fn weight_gradient_sink_accumulates_like_candle() {
+        let d = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (29, 37), &d).unwrap()).unwrap();
+        let xs: Vec<Var> = (0..2)
+            .map(|_| Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 20, 37), &d).unwrap()).unwrap())
+            .collect();
+        let r = Tensor::randn(0f32, 1.0, (1, 20, 29), &d).unwrap();
+        let loss = |x: &Var| {
+            (linear(x.as_tensor(), w.as_tensor()).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let plain: Vec<_> = xs.iter().map(|x| loss(x).backward().unwrap()).collect();
+        let expect =
+            (plain[0].get(w.as_tensor()).unwrap() + plain[1].get(w.as_tensor()).unwrap()).unwrap();
+        let sink = WeightGradSink::open().unwrap();
+        assert!(WeightGradSink::open().is_err(), "one sink per thread");
+        let mut g = loss(&xs[0]).backward().unwrap();
+        assert!(
+            g.get(w.as_tensor()).is_none(),
+            "weight gradient went to the sink"
+        );
+        let dx = g.get(xs[0].as_tensor()).unwrap().clone();
+        assert_eq!(max_diff(&dx, plain[0].get(xs[0].as_tensor()).unwrap()), 0.0);
+        let _ = loss(&xs[1]).backward().unwrap();
+        sink.finish(&[w.as_tensor()], &mut g).unwrap();
+        let got = g.get(w.as_tensor()).unwrap();
+        assert!(max_diff(got, &expect) < 1e-5, "{}", max_diff(got, &expect));
+        // Closed: the next backward hands the weight gradient to candle again.
+        assert!(loss(&xs[0])
+            .backward()
+            .unwrap()
+            .get(w.as_tensor())
+            .is_some());
     }
 
     /// Zero rows (an empty sequence) give empty results, not a panic or garbage.

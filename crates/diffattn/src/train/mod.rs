@@ -937,6 +937,8 @@ pub fn train(
         let mut probs = AttentionProbs::default();
         let mut grads: Option<GradStore> = None;
         let mut step_loss = 0.0;
+        // Linear weights' gradients are accumulated in place over the micro-batches.
+        let sink = crate::model::layout::WeightGradSink::open()?;
         for (i, b) in batches.iter().enumerate() {
             let capture = (monitor_now && i == 0).then_some((monitored.as_slice(), &mut probs));
             let t0 = Instant::now();
@@ -957,7 +959,9 @@ pub fn train(
             }
             samples_run += b.batch;
         }
-        let grads = grads.expect("a step has at least one micro-batch");
+        let mut grads = grads.expect("a step has at least one micro-batch");
+        let var_tensors: Vec<&Tensor> = tm.vars.iter().map(|(_, v)| v.as_tensor()).collect();
+        sink.finish(&var_tensors, &mut grads)?;
         let grad_norm = opt.grad_norm(&grads)?;
         if !step_loss.is_finite() || !grad_norm.is_finite() {
             let why = if g == start {
