@@ -4,8 +4,12 @@
 //! `(1 - lambda_init)`) and format B (`diffllama`, SPEC §5: split pairing, weightless RMS norm
 //! over 2d, `(1 - lambda_init)` scale).
 //!
-//! Every op used is differentiable (no `*_no_bwd` fused kernels), so the same code serves
-//! training; see [`Model::load_trainable`].
+//! Every op on the training path is differentiable (candle ops, or our CPU kernels with their
+//! own backward: [`layout`], [`ops`], [`attend::sdpa`]; never candle's gradient-dropping fused
+//! ops), so the same code serves training; see [`Model::load_trainable`]. When no input tracks
+//! a gradient and no attention map is requested, the attention runs the fused inference kernel
+//! [`attend::attend`] instead (checked against the differentiable path in
+//! `tests/forward.rs`).
 //!
 //! Shapes: input ids `[batch, seq]` (u32), positions `[batch, seq]` (u32), additive mask
 //! `[batch, 1, seq, past + seq]` (f32, 0 or `f32::MIN`), logits `[batch, seq, vocab]` (f32).
