@@ -57,6 +57,11 @@ pub(crate) struct Mat<'a> {
 
 /// `dst` `[m, n]` (row-major, contiguous) `= a [m, k] · b [k, n]`.
 pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
+    gemm_mat(dst, m, n, k, a, b, false)
+}
+
+/// `dst [m, n] (+)= a · b`: overwritten, or accumulated into when `accumulate`.
+fn gemm_mat(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat, accumulate: bool) {
     assert_eq!(dst.len(), m * n);
     // Bounds of the strided operands (the last element each can address).
     let last = |x: &Mat, r: usize, c: usize| {
@@ -67,12 +72,14 @@ pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b
     }
     if k == 0 {
         // An empty sum (the gemm crate would leave dst unwritten).
-        dst.fill(0.0);
+        if !accumulate {
+            dst.fill(0.0);
+        }
         return;
     }
     assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
     // SAFETY: the operands cover every address the strides reach (checked above); dst is
-    // contiguous [m, n].
+    // contiguous [m, n] (read too when accumulating: alpha = 1).
     unsafe {
         gemm::gemm(
             m,
@@ -81,14 +88,14 @@ pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.data.as_ptr(),
             a.cs,
             a.rs,
             b.data.as_ptr(),
             b.cs,
             b.rs,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -178,41 +185,6 @@ impl WeightGradSink {
 impl Drop for WeightGradSink {
     fn drop(&mut self) {
         WEIGHT_GRADS.with(|w| w.borrow_mut().take());
-    }
-}
-
-/// `dst [m, n] += a · b` (the sink's accumulation).
-fn gemm_acc(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
-    assert_eq!(dst.len(), m * n);
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let last =
-        |x: &Mat, r: usize, c: usize| ((r - 1) as isize * x.rs + (c - 1) as isize * x.cs) as usize;
-    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
-    // SAFETY: as in `gemm_into`; dst is read (alpha = 1) and written.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads(),
-        )
     }
 }
 
@@ -316,7 +288,7 @@ impl CustomOp2 for LinearOp {
                     let acc = map
                         .entry(weight_id)
                         .or_insert_with(|| vec![0f32; out * inp]);
-                    gemm_acc(acc, out, inp, n, gt, xs);
+                    gemm_mat(acc, out, inp, n, gt, xs, true);
                 });
                 None
             } else {
