@@ -16,7 +16,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, with_f32};
+use super::cpu::{all_cpu_f32, f32_slice, with_f32};
 
 use super::AttentionKind;
 
@@ -183,8 +183,7 @@ pub fn attend(
 
 /// Whether [`attend`] can serve these inputs: f32 on the CPU and no gradient tracked.
 pub fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op())
+    all_cpu_f32(ts) && ts.iter().all(|t| !t.track_op())
 }
 
 /// Softmax attention of `nq` query heads with its own backward (training): see [`sdpa`].
@@ -410,10 +409,4 @@ pub fn sdpa(
             probs: std::sync::Mutex::new(None),
         },
     )
-}
-
-/// Whether [`sdpa`] can serve these inputs (f32 on the CPU).
-pub fn sdpa_applies(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }

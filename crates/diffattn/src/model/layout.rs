@@ -23,12 +23,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, with_f32};
-
-fn uses_kernels(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
-}
+use super::cpu::{all_cpu_f32, f32_slice, with_f32};
 
 /// An uninitialised f32 buffer that the caller overwrites completely.
 #[allow(clippy::uninit_vec)]
@@ -344,7 +339,7 @@ fn rows(s: &Shape) -> candle_core::Result<(usize, usize)> {
 /// `y = x Wᵀ` for `x` `[.., in]` and `weight` `[out, in]`: `[.., out]`, differentiable in
 /// both (one graph node, whatever the leading dimensions).
 pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    if uses_kernels(&[x, weight]) {
+    if all_cpu_f32(&[x, weight]) {
         x.contiguous()?.apply_op2(&weight.contiguous()?, LinearOp)
     } else {
         let (n, inp) = rows(x.shape())?;
@@ -428,10 +423,10 @@ impl CustomOp1 for Heads {
 /// `[b, s, n·d]` -> `[b, n, s, d]` (contiguous), differentiable.
 pub fn split_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let (b, s, nd) = x.dims3()?;
-    if nd % n != 0 {
+    if n == 0 || nd % n != 0 {
         candle_core::bail!("split_heads: {nd} features do not split into {n} heads");
     }
-    if uses_kernels(&[x]) {
+    if all_cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(Heads { n, split: true })
     } else {
         x.reshape((b, s, n, nd / n))?.transpose(1, 2)?.contiguous()
@@ -441,7 +436,7 @@ pub fn split_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 /// `[b, n, s, d]` -> `[b, s, n·d]` (contiguous), differentiable.
 pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, n, s, d) = x.dims4()?;
-    if uses_kernels(&[x]) {
+    if all_cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(Heads { n, split: false })
     } else {
         x.transpose(1, 2)?.contiguous()?.reshape((b, s, n * d))
@@ -572,11 +567,11 @@ impl CustomOp3 for RopeHeads {
 /// shared, as `torch.cat((freqs, freqs), -1)`). Differentiable in `x`.
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let (b, s, nd) = x.dims3()?;
-    if nd % n != 0 || (nd / n) % 2 != 0 {
+    if n == 0 || nd % n != 0 || (nd / n) % 2 != 0 {
         candle_core::bail!("rope_heads: {nd} features do not split into {n} even heads");
     }
     let d = nd / n;
-    if uses_kernels(&[x, cos, sin]) {
+    if all_cpu_f32(&[x, cos, sin]) {
         x.contiguous()?
             .apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeHeads { n })
     } else {
@@ -595,20 +590,8 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, n: usize) -> candle_co
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu::testing::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Forward and both gradients against candle's matmul, for the direct (few rows) and the
     /// transposed (many rows) orientation.

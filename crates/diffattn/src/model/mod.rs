@@ -685,7 +685,7 @@ impl Model {
             None => (k, v),
         };
         let fused = !want_probs && attend::applies(&[&q, &k, &v]);
-        let trainable = !fused && !want_probs && attend::sdpa_applies(&[&q, &k, &v]);
+        let trainable = !fused && !want_probs && cpu::all_cpu_f32(&[&q, &k, &v]);
         let (out, probs) = match (&at.lambda, c.attention) {
             (None, _) | (_, AttentionKind::Standard) if fused => (
                 attend::attend(&q, &k, &v, mask, AttentionKind::Standard, 0.0)?,

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, with_f32};
+use super::cpu::{all_cpu_f32, f32_slice, with_f32};
 
 struct Softmax;
 
@@ -87,7 +87,7 @@ impl CustomOp1 for Softmax {
 /// Softmax over the last dimension (f32), differentiable. CPU: the fused op above; other
 /// devices: candle's composed `ops::softmax`.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if all_cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(Softmax)
     } else {
         candle_nn::ops::softmax(x, candle_core::D::Minus1)
@@ -316,8 +316,7 @@ impl candle_core::CustomOp2 for RmsNormW {
 /// differentiable in `x` and `w`. CPU f32: the fused op above (bit-identical forward);
 /// otherwise the composed candle ops.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if cpu_f32(x) && weight.map(cpu_f32).unwrap_or(true) {
+    if all_cpu_f32(&[x]) && weight.map(|w| all_cpu_f32(&[w])).unwrap_or(true) {
         let x = x.contiguous()?;
         return match weight {
             Some(w) => x.apply_op2(&w.contiguous()?, RmsNormW(RmsNorm { eps })),
@@ -349,6 +348,7 @@ pub fn rms_norm_composed(
 #[cfg(test)]
 mod rms_tests {
     use super::*;
+    use crate::model::cpu::testing::{assert_grads_close, max_diff};
     use candle_core::{Device, Var};
 
     #[test]
@@ -361,34 +361,11 @@ mod rms_tests {
             let wt = weighted.then(|| w.as_tensor());
             let a = rms_norm(x.as_tensor(), wt, 1e-5).unwrap();
             let b = rms_norm_composed(x.as_tensor(), wt, 1e-5).unwrap();
-            let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(
-                diff.to_scalar::<f32>().unwrap(),
-                0.0,
-                "forward bit-identical"
-            );
+            assert_eq!(max_diff(&a, &b), 0.0, "forward bit-identical");
             let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut vars = vec![&x];
-            if weighted {
-                vars.push(&w);
-            }
-            for v in vars {
-                let (p, q) = (
-                    ga.get(v.as_tensor()).unwrap(),
-                    gb.get(v.as_tensor()).unwrap(),
-                );
-                let scale = q
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let diff = (p - q).unwrap().abs().unwrap().max_all().unwrap();
-                let diff = diff.to_scalar::<f32>().unwrap();
-                assert!(scale > 0.1 && diff <= 1e-5 * scale, "{diff} of {scale}");
-            }
+            let vars: &[&Var] = if weighted { &[&x, &w] } else { &[&x] };
+            assert_grads_close(&ga, &gb, vars, 1e-5, 0.1);
         }
     }
 }
@@ -467,8 +444,7 @@ impl candle_core::CustomOp2 for SwiGlu {
 
 /// `silu(gate) ⊙ up`, differentiable in both (fused on the CPU in f32, composed otherwise).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if cpu_f32(gate) && cpu_f32(up) {
+    if all_cpu_f32(&[gate, up]) {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     } else {
         gate.silu()? * up
@@ -478,6 +454,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod swiglu_tests {
     use super::*;
+    use crate::model::cpu::testing::{assert_grads_close, max_diff};
     use candle_core::{Device, Var};
 
     #[test]
@@ -488,17 +465,9 @@ mod swiglu_tests {
         let r = Tensor::randn(0f32, 1.0, (3, 5000), &d).unwrap();
         let x = swiglu(a.as_tensor(), b.as_tensor()).unwrap();
         let y = (a.as_tensor().silu().unwrap() * b.as_tensor()).unwrap();
-        let diff = (&x - &y).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_diff(&x, &y), 0.0, "forward bit-identical");
         let gx = (&x * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gy = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&a, &b] {
-            let (p, q) = (
-                gx.get(v.as_tensor()).unwrap(),
-                gy.get(v.as_tensor()).unwrap(),
-            );
-            let diff = (p - q).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-        }
+        assert_grads_close(&gx, &gy, &[&a, &b], 1e-5, 0.1);
     }
 }

@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::model::cpu::{f32_slice, with_f32};
+use crate::model::cpu::{all_cpu_f32, f32_slice, with_f32};
 use rayon::prelude::*;
 
 /// Summed negative log-likelihood (0-dim) of `targets` under `logits` `[n, vocab]`, composed
@@ -278,8 +278,7 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
 /// (`h` `[n, hidden]`, `weight` `[vocab, hidden]`): [`HeadCrossEntropy`] on the CPU in f32,
 /// the composed head and [`nll_sum_class_major`] otherwise.
 pub fn head_nll_sum(h: &Tensor, weight: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if cpu_f32(h) && cpu_f32(weight) {
+    if all_cpu_f32(&[h, weight]) {
         h.contiguous()?
             .apply_op2(
                 &weight.contiguous()?,
@@ -338,6 +337,7 @@ mod tests {
     /// loss, and gradients of both the hidden rows and the weight.
     #[test]
     fn fused_head_equals_matmul_and_composed_loss() {
+        use crate::model::cpu::testing::assert_grads_close;
         let d = Device::Cpu;
         let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 40), &d).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1100, 40), &d).unwrap()).unwrap();
@@ -351,21 +351,6 @@ mod tests {
         );
         assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
         let (ga, gb) = (fused.backward().unwrap(), composed.backward().unwrap());
-        for v in [&h, &w] {
-            let (p, q) = (
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap(),
-            );
-            let scale = q
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (p - q).unwrap().abs().unwrap().max_all().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(scale > 0.01 && diff <= 1e-5 * scale, "{diff} of {scale}");
-        }
+        assert_grads_close(&ga, &gb, &[&h, &w], 1e-5, 0.01);
     }
 }
