@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Our speed and the Python reference's, measured alternately on this machine (f32, 2 threads).
+#
+# The speed targets of issues 3 and 5 are figures of transformers + PyTorch; on a shared 2-core
+# machine the same program varies by +-30% between runs minutes apart, so this script runs ours
+# and the reference (tools/bench_reference.py) in alternation, ROUNDS times (default 3), and
+# prints the median of each side and our speed as a fraction of the reference's.
+#   forward : `diff-transformer bench` vs the same measurement in transformers (prefill 128
+#             tokens, decode 64 tokens after 16), best of 3 within a round;
+#   training: `diff-transformer train` (sequence 256, micro batch 1, AdamW, 6 steps, first
+#             excluded) vs the same loop in PyTorch.
+# Models: the source SmolLM2-135M (Llama, both sides) and the default conversion (ours:
+# llama-differential double heads with sub-layer norm; reference: the same conversion written as
+# diffllama and run by transformers' DiffLlamaForCausalLM, standing in for the axolotl plugin).
+#
+# Needs a Python with torch and transformers: PYTHON=/path/to/python (default python3).
+# WHAT=run|train|all (default all).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
+py="${PYTHON:-python3}"
+rounds="${ROUNDS:-3}"
+what="${WHAT:-all}"
+"$py" -c 'import torch, transformers' 2>/dev/null || {
+  echo "bench-compare: $py cannot import torch and transformers (set PYTHON=...)" >&2
+  exit 2
+}
+cargo build --release --quiet -p diff-transformer
+bin="$PWD/target/release/diff-transformer"
+gguf=$(scripts/fetch-smollm2.sh)
+work=$(mktemp -d "${TMPDIR:-/tmp}/dt-bench-compare.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+"$bin" import-gguf "$gguf" "$work/src" >/dev/null
+printf 'base_model: %s\noutput_dir: %s\n' "$work/src" "$work/diff" >"$work/c.yml"
+"$bin" convert "$work/c.yml" >/dev/null
+"$bin" convert "$work/c.yml" --format diffllama --output-dir "$work/diffllama" >/dev/null
+python3 - "$work/long.jsonl" <<'PY'
+import json, sys
+paras = [json.loads(l)["text"] for l in open("data/notes-completion.jsonl")]
+with open(sys.argv[1], "w") as f:
+    f.write(json.dumps({"text": " ".join(paras * 3)}) + "\n")
+PY
+results="$work/results.jsonl"
+ours_run() { # model-dir label
+  "$bin" bench --model "$1" --repeat 3 | python3 -c '
+import json, re, sys
+line = sys.stdin.read()
+p, d = re.findall(r"([0-9.]+) tok/s", line)
+print(json.dumps({"side": "ours", "model": sys.argv[1], "prefill_tok_s": float(p), "decode_tok_s": float(d)}))
+' "$2" >>"$results"
+}
+ref_run() {
+  "$py" tools/bench_reference.py run "$1" 2>/dev/null | tail -1 | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+print(json.dumps({"side": "reference", "model": sys.argv[1], "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}))
+' "$2" >>"$results"
+}
+ours_train() {
+  cat >"$work/t.yml" <<YML
+base_model: $1
+output_dir: $work/run
+datasets:
+  - path: $work/long.jsonl
+    type: completion
+sequence_len: 256
+micro_batch_size: 1
+gradient_accumulation_steps: 1
+max_steps: 6
+learning_rate: 0.00001
+lr_scheduler: constant
+weight_decay: 0.01
+logging_steps: 1
+diff_attn_log_every: 1000000
+YML
+  "$bin" train "$work/t.yml" --overwrite >/dev/null
+  python3 -c '
+import json, statistics, sys
+t = [r["step_time"] for r in map(json.loads, open(sys.argv[1])) if "step_time" in r][1:]
+print(json.dumps({"side": "ours", "model": sys.argv[2], "step_s": statistics.median(t)}))
+' "$work/run/metrics.jsonl" "$2" >>"$results"
+}
+ref_train() {
+  "$py" tools/bench_reference.py train "$1" --text "$work/long.jsonl" 2>/dev/null | tail -1 |
+    python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+print(json.dumps({"side": "reference", "model": sys.argv[1], "step_s": r["step_s_median"]}))
+' "$2" >>"$results"
+}
+for round in $(seq "$rounds"); do
+  echo "round $round/$rounds" >&2
+  if [[ $what == run || $what == all ]]; then
+    ours_run "$work/src" source; ref_run "$work/src" source
+    ours_run "$work/diff" conversion; ref_run "$work/diffllama" conversion
+  fi
+  if [[ $what == train || $what == all ]]; then
+    ours_train "$work/src" source; ref_train "$work/src" source
+    ours_train "$work/diff" conversion; ref_train "$work/diffllama" conversion
+  fi
+done
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(side, model, key):
+    v = [r[key] for r in rows if r["side"] == side and r["model"] == model and key in r]
+    return (statistics.median(v), min(v), max(v)) if v else None
+print(f"{'':34} {'ours (median, range)':>24} {'reference (median, range)':>27} {'ours/ref':>9}")
+for key, label, higher in [("prefill_tok_s", "prefill 128, tok/s", True),
+                           ("decode_tok_s", "decode 64, tok/s", True),
+                           ("step_s", "training, s/step", False)]:
+    for model in ["source", "conversion"]:
+        o, r = med("ours", model, key), med("reference", model, key)
+        if not o or not r:
+            continue
+        ratio = o[0] / r[0] if higher else r[0] / o[0]
+        print(f"{label + ', ' + model:34} {o[0]:8.2f} ({o[1]:.2f}-{o[2]:.2f}) {r[0]:10.2f} ({r[1]:.2f}-{r[2]:.2f}) {ratio:8.2f}x")
+print("ours/ref > 1 means ours is faster (for training: reference s/step / ours).")
+PY
