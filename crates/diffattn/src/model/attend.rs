@@ -23,11 +23,12 @@ use super::AttentionKind;
 /// Query rows per task.
 const ROWS: usize = 32;
 
-/// `dst` (`m` rows of width `n` at row stride `dst_rs`) `= a [m, k] · b [k, n]`, `a` and `b`
-/// given with their (row stride, column stride); single-threaded (the callers' tasks are
-/// parallel already).
+/// `dst` (`m` rows of width `n` at row stride `dst_rs`) `= a [m, k] · b [k, n]` (`+=` when
+/// `accumulate`), `a` and `b` given with their (row stride, column stride); single-threaded
+/// (the callers' tasks are parallel already).
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
+    accumulate: bool,
     dst: &mut [f32],
     dst_rs: usize,
     m: usize,
@@ -42,8 +43,10 @@ fn gemm_rows(
         return;
     }
     if k == 0 {
-        for r in 0..m {
-            dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
         }
         return;
     }
@@ -59,14 +62,14 @@ fn gemm_rows(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -76,22 +79,64 @@ fn gemm_rows(
     }
 }
 
-/// Attention probabilities of `m` query rows (`q` `[m, d]`) over `t` keys (`k` `[t, d]`):
-/// `softmax(q·kᵀ·scale + mask)` into `p` `[m, t]`.
-fn probs(p: &mut [f32], q: &[f32], k: &[f32], mask: Option<&[f32]>, m: usize, t: usize, d: usize) {
-    gemm_rows(p, t, m, t, d, q, (d, 1), k, (1, d));
+/// Attention probabilities of `m` query rows (`q` `[m, d]`) over the first `t` keys (`k`
+/// `[≥t, d]`): `softmax(q·kᵀ·scale + mask)` into the first `t` columns of `p` (rows `ld`
+/// apart; `mask` rows `ld` apart too).
+#[allow(clippy::too_many_arguments)]
+fn probs(
+    p: &mut [f32],
+    ld: usize,
+    q: &[f32],
+    k: &[f32],
+    mask: Option<&[f32]>,
+    m: usize,
+    t: usize,
+    d: usize,
+) {
+    gemm_rows(false, p, ld, m, t, d, q, (d, 1), k, (1, d));
     let scale = 1.0 / (d as f64).sqrt();
     let scale = scale as f32;
-    for (i, row) in p.chunks_mut(t).enumerate() {
-        match mask {
-            Some(mk) => {
-                for (x, &mv) in row.iter_mut().zip(&mk[i * t..(i + 1) * t]) {
-                    *x = *x * scale + mv;
+    super::simd::vectorized(
+        #[inline(always)]
+        || {
+            for i in 0..m {
+                let row = &mut p[i * ld..i * ld + t];
+                match mask {
+                    Some(mk) => {
+                        for (x, &mv) in row.iter_mut().zip(&mk[i * ld..i * ld + t]) {
+                            *x = *x * scale + mv;
+                        }
+                    }
+                    None => row.iter_mut().for_each(|x| *x *= scale),
                 }
             }
-            None => row.iter_mut().for_each(|x| *x *= scale),
-        }
-        super::ops::softmax_row(row);
+        },
+    );
+    for i in 0..m {
+        super::ops::softmax_row(&mut p[i * ld..i * ld + t]);
+    }
+}
+
+/// Keys a query row needs: one past its last unmasked key (mask entry above `f32::MIN / 2`).
+/// The keys after it are masked, so their probabilities are exactly 0 (`exp(MIN − max)`
+/// underflows) and [`super::ops::softmax_row`] gives the same bits without them; a row with
+/// every key masked needs all `t` (its softmax is uniform, not zero). Causal masks make this
+/// `s`-row prefix triangular: blocks of early rows skip most keys.
+fn keys_needed(mask_row: &[f32]) -> usize {
+    match mask_row.iter().rposition(|&v| v > f32::MIN / 2.0) {
+        Some(j) => j + 1,
+        None => mask_row.len(),
+    }
+}
+
+/// Keys needed by rows `r0..r0 + m` of an `[s, t]` mask (all `t` without a mask).
+fn block_keys(mask: Option<&[f32]>, t: usize, r0: usize, m: usize) -> usize {
+    match mask {
+        Some(mk) => (r0..r0 + m)
+            .map(|r| keys_needed(&mk[r * t..(r + 1) * t]))
+            .max()
+            .unwrap_or(t),
+        None => t,
     }
 }
 
@@ -152,26 +197,28 @@ pub fn attend(
                     &vd[at..at + t * d]
                 };
                 let mrows = md.map(|mk| &mk[(bi * s + r0) * t..(bi * s + r0 + m) * t]);
+                // Keys this block needs (the causal prefix); rows keep stride t.
+                let tk = block_keys(mrows, t, 0, m);
                 let mut p = vec![0f32; m * t];
                 match kind {
                     AttentionKind::Standard => {
-                        probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
-                        gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
+                        probs(&mut p, t, qrow(j), khead(j / g), mrows, m, tk, d);
+                        gemm_rows(false, ob, dv, m, d, tk, &p, (t, 1), vhead(j / g), (d, 1));
                     }
                     _ => {
                         let mut p2 = vec![0f32; m * t];
-                        probs(&mut p, qrow(j), khead(j / g), mrows, m, t, d);
-                        probs(&mut p2, qrow(qb + j), khead(kb + j / g), mrows, m, t, d);
+                        probs(&mut p, t, qrow(j), khead(j / g), mrows, m, tk, d);
+                        probs(&mut p2, t, qrow(qb + j), khead(kb + j / g), mrows, m, tk, d);
                         for (a1, &a2) in p.iter_mut().zip(&p2) {
                             *a1 -= a2 * lambda;
                         }
                         if kind == AttentionKind::DoubleHeads {
-                            gemm_rows(ob, dv, m, d, t, &p, (t, 1), vhead(j / g), (d, 1));
+                            gemm_rows(false, ob, dv, m, d, tk, &p, (t, 1), vhead(j / g), (d, 1));
                         } else {
                             // repeat_kv: full head i reads kv head i / (H / Hkv) = i / g here too.
                             let (va, vb) = (vhead(j / g), vhead((j + heads) / g));
-                            gemm_rows(ob, dv, m, d, t, &p, (t, 1), va, (d, 1));
-                            gemm_rows(&mut ob[d..], dv, m, d, t, &p, (t, 1), vb, (d, 1));
+                            gemm_rows(false, ob, dv, m, d, tk, &p, (t, 1), va, (d, 1));
+                            gemm_rows(false, &mut ob[d..], dv, m, d, tk, &p, (t, 1), vb, (d, 1));
                         }
                     }
                 }
@@ -277,8 +324,22 @@ impl candle_core::CustomOp3 for Sdpa {
                     let kh = &k[(bi * nk + i / gk) * t * d..][..t * d];
                     let vh = &v[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
                     let mrows = mask.map(|mk| &mk[bi * s * t..(bi + 1) * s * t]);
-                    probs(p, qh, kh, mrows, s, t, d);
-                    gemm_rows(o, dv, s, dv, t, p, (t, 1), vh, (dv, 1));
+                    for r0 in (0..s).step_by(ROWS) {
+                        let m = ROWS.min(s - r0);
+                        let tk = block_keys(mrows, t, r0, m);
+                        probs(
+                            &mut p[r0 * t..],
+                            t,
+                            &qh[r0 * d..],
+                            kh,
+                            mrows.map(|mk| &mk[r0 * t..]),
+                            m,
+                            tk,
+                            d,
+                        );
+                        let (pb, ob) = (&p[r0 * t..], &mut o[r0 * dv..]);
+                        gemm_rows(false, ob, dv, m, dv, tk, pb, (t, 1), vh, (dv, 1));
+                    }
                 });
             (probs_all, out)
         };
@@ -318,8 +379,11 @@ impl candle_core::CustomOp3 for Sdpa {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("sdpa: backward run twice".into()))?;
         let g = grad.contiguous()?;
-        let (dq, dk, dvv) = with_f32(&[q, k, v, &g], "sdpa backward", |sl| {
+        let mut inputs = vec![q, k, v, &g];
+        inputs.extend(self.mask.as_ref());
+        let (dq, dk, dvv) = with_f32(&inputs, "sdpa backward", |sl| {
             let (qd, kd, vd, gd) = (sl[0], sl[1], sl[2], sl[3]);
+            let mask = sl.get(4).copied();
             let gk = nq / nk;
             let scale = (1.0 / (d as f64).sqrt()) as f32;
             let mut dq = vec![0f32; b * nq * s * d];
@@ -337,20 +401,40 @@ impl candle_core::CustomOp3 for Sdpa {
                     let kh = &kd[(bi * nk + i / gk) * t * d..][..t * d];
                     let vh = &vd[(bi * nv + self.v_head(i)) * t * dv..][..t * dv];
                     let gh = &gd[bi_i * s * dv..][..s * dv];
-                    // dV_i = Pᵀ G.
-                    gemm_rows(dvh, dv, t, dv, s, p, (1, t), gh, (dv, 1));
-                    // dP = G Vᵀ, then the softmax backward and the score scale: dS.
-                    let mut ds = vec![0f32; s * t];
-                    gemm_rows(&mut ds, t, s, t, dv, gh, (dv, 1), vh, (1, dv));
-                    for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        for (x, &y) in dsr.iter_mut().zip(pr) {
-                            *x = y * (*x - dot) * scale;
+                    let mrows = mask.map(|mk| &mk[bi * s * t..(bi + 1) * s * t]);
+                    // Per block of query rows, over the keys the forward used (the others have
+                    // probability 0, so their dS is 0 too): dK_i and dV_i accumulate.
+                    let mut ds = vec![0f32; ROWS * t];
+                    for r0 in (0..s).step_by(ROWS) {
+                        let m = ROWS.min(s - r0);
+                        let tk = block_keys(mrows, t, r0, m);
+                        let (pb, gb, qb) = (&p[r0 * t..], &gh[r0 * dv..], &qh[r0 * d..]);
+                        // dV_i += P_bᵀ G_b.
+                        gemm_rows(true, dvh, dv, tk, dv, m, pb, (1, t), gb, (dv, 1));
+                        // dP = G_b Vᵀ, then the softmax backward and the score scale: dS.
+                        gemm_rows(false, &mut ds, t, m, tk, dv, gb, (dv, 1), vh, (1, dv));
+                        for i in 0..m {
+                            let (dsr, pr) = (&mut ds[i * t..i * t + tk], &pb[i * t..i * t + tk]);
+                            let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                            for (x, &y) in dsr.iter_mut().zip(pr) {
+                                *x = y * (*x - dot) * scale;
+                            }
                         }
+                        // dQ_b = dS K, dK_i += dSᵀ Q_b.
+                        gemm_rows(
+                            false,
+                            &mut dqh[r0 * d..],
+                            d,
+                            m,
+                            d,
+                            tk,
+                            &ds,
+                            (t, 1),
+                            kh,
+                            (d, 1),
+                        );
+                        gemm_rows(true, dkh, d, tk, d, m, &ds, (1, t), qb, (d, 1));
                     }
-                    // dQ_i = dS K, dK_i = dSᵀ Q_i.
-                    gemm_rows(dqh, d, s, d, t, &ds, (t, 1), kh, (d, 1));
-                    gemm_rows(dkh, d, t, d, s, &ds, (1, t), qh, (d, 1));
                 });
             let reduce =
                 |part: &[f32], heads: usize, width: usize, head_of: &dyn Fn(usize) -> usize| {
@@ -409,4 +493,99 @@ pub fn sdpa(
             probs: std::sync::Mutex::new(None),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cpu::testing::{assert_grads_close, max_diff};
+    use candle_core::{Device, Var, D};
+
+    /// Causal mask `[b, 1, s, s]` (0 or `f32::MIN`) with `pad[bi]` left-padding keys masked;
+    /// batch row 1's first query row has every key masked (uniform softmax, nothing skipped).
+    fn mask(b: usize, s: usize, pad: &[usize]) -> Tensor {
+        let mut m = vec![0f32; b * s * s];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || j < pad[bi] || (bi == 1 && i == 0) {
+                        m[(bi * s + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu).unwrap()
+    }
+
+    /// The composed candle reference: softmax over all keys, GQA by repeating key/value heads.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, m: &Tensor) -> Tensor {
+        let (_, nq, _, d) = q.dims4().unwrap();
+        let g = nq / k.dim(1).unwrap();
+        let rep = |x: &Tensor| {
+            let heads: Vec<Tensor> = (0..nq).map(|i| x.narrow(1, i / g, 1).unwrap()).collect();
+            Tensor::cat(&heads, 1).unwrap()
+        };
+        let scores = (q.matmul(&rep(k).t().unwrap()).unwrap() * (1.0 / (d as f64).sqrt()))
+            .unwrap()
+            .broadcast_add(m)
+            .unwrap();
+        candle_nn::ops::softmax(&scores, D::Minus1)
+            .unwrap()
+            .matmul(&rep(v))
+            .unwrap()
+    }
+
+    #[test]
+    fn causal_blocks_skip_keys_without_changing_results_or_gradients() {
+        let dev = Device::Cpu;
+        // 70 rows: three blocks of 32, the last partial; GQA 4 query heads over 2 KV heads.
+        let (b, nq, nk, s, d) = (2, 4, 2, 70, 16);
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (q, k, v) = (
+            var(&[b, nq, s, d]),
+            var(&[b, nk, s, d]),
+            var(&[b, nk, s, d]),
+        );
+        let m = mask(b, s, &[0, 5]);
+        assert_eq!(
+            block_keys(Some(&[0.0, 0.0, f32::MIN, f32::MIN]), 4, 0, 1),
+            2
+        );
+        assert_eq!(block_keys(Some(&[f32::MIN; 4]), 4, 0, 1), 4);
+
+        let want = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m);
+        let fused = attend(
+            &q.as_tensor().detach(),
+            &k.as_tensor().detach(),
+            &v.as_tensor().detach(),
+            Some(&m),
+            AttentionKind::Standard,
+            0.0,
+        )
+        .unwrap();
+        assert!(
+            max_diff(&fused, &want) < 1e-5,
+            "{}",
+            max_diff(&fused, &want)
+        );
+        let got = sdpa(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            Some(&m),
+            nq,
+            nq / nk,
+        )
+        .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        // The fused inference kernel and the differentiable one compute the same probabilities.
+        assert_eq!(max_diff(&got, &fused), 0.0);
+
+        let r = Tensor::randn(0f32, 1.0, want.shape(), &dev).unwrap();
+        let g_got = (&got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_want = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_grads_close(&g_got, &g_want, &[&q, &k, &v], 1e-5, 0.1);
+    }
 }

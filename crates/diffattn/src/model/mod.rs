@@ -19,6 +19,7 @@ pub(crate) mod cpu;
 pub mod layout;
 pub mod ops;
 pub mod rope;
+pub(crate) mod simd;
 
 use std::collections::HashMap;
 use std::path::Path;

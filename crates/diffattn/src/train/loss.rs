@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::model::cpu::{all_cpu_f32, f32_slice, with_f32};
+use crate::model::simd::{exp, vectorized};
 use rayon::prelude::*;
 
 /// Summed negative log-likelihood (0-dim) of `targets` under `logits` `[n, vocab]`, composed
@@ -38,22 +39,27 @@ fn column_lse(x: &[f32], v: usize, n: usize) -> Vec<f32> {
     let partial: Vec<(Vec<f32>, Vec<f64>)> = x
         .par_chunks((ROWS_PER_TASK * n).max(1))
         .map(|block| {
-            let mut max = vec![f32::NEG_INFINITY; n];
-            for row in block.chunks(n) {
-                // A comparison the compiler vectorises (f32::max is not); NaN never wins either way.
-                for (m, &a) in max.iter_mut().zip(row) {
-                    if a > *m {
-                        *m = a;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mut max = vec![f32::NEG_INFINITY; n];
+                    for row in block.chunks(n) {
+                        // A comparison the compiler vectorises (f32::max is not); NaN never wins either way.
+                        for (m, &a) in max.iter_mut().zip(row) {
+                            if a > *m {
+                                *m = a;
+                            }
+                        }
                     }
-                }
-            }
-            let mut sum = vec![0f32; n];
-            for row in block.chunks(n) {
-                for ((s, &m), &a) in sum.iter_mut().zip(&max).zip(row) {
-                    *s += (a - m).exp();
-                }
-            }
-            (max, sum.into_iter().map(|s| s as f64).collect())
+                    let mut sum = vec![0f32; n];
+                    for row in block.chunks(n) {
+                        for ((s, &m), &a) in sum.iter_mut().zip(&max).zip(row) {
+                            *s += exp(a - m);
+                        }
+                    }
+                    (max, sum.into_iter().map(|s| s as f64).collect())
+                },
+            )
         })
         .collect();
     let _ = v;
@@ -112,11 +118,18 @@ impl CustomOp1 for CrossEntropyT {
             out.par_chunks_mut((ROWS_PER_TASK * n).max(1))
                 .zip(x.par_chunks((ROWS_PER_TASK * n).max(1)))
                 .for_each(|(o, xb)| {
-                    for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
-                        for j in 0..n {
-                            orow[j] = (xrow[j] - lse[j]).exp() * g[j];
-                        }
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for (orow, xrow) in o.chunks_mut(n).zip(xb.chunks(n)) {
+                                for ((o, &x), (&l, &gj)) in
+                                    orow.iter_mut().zip(xrow).zip(lse.iter().zip(&g))
+                                {
+                                    *o = exp(x - l) * gj;
+                                }
+                            }
+                        },
+                    )
                 });
             for (j, &t) in self.targets.iter().enumerate() {
                 out[t as usize * n + j] -= g[j];
@@ -219,11 +232,16 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
             .ok_or_else(|| candle_core::Error::Msg("head cross-entropy: backward twice".into()))?;
         z.par_chunks_mut((ROWS_PER_TASK * n).max(1))
             .for_each(|block| {
-                for row in block.chunks_mut(n) {
-                    for j in 0..n {
-                        row[j] = (row[j] - lse[j]).exp() * g[j];
-                    }
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for row in block.chunks_mut(n) {
+                            for (x, (&l, &gj)) in row.iter_mut().zip(lse.iter().zip(&g)) {
+                                *x = exp(*x - l) * gj;
+                            }
+                        }
+                    },
+                )
             });
         for (j, &t) in self.targets.iter().enumerate() {
             z[t as usize * n + j] -= g[j];
