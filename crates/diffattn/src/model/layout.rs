@@ -56,7 +56,15 @@ pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b
 }
 
 /// `dst [m, n] (+)= a · b`: overwritten, or accumulated into when `accumulate`.
-fn gemm_mat(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat, accumulate: bool) {
+pub(crate) fn gemm_mat(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
     assert_eq!(dst.len(), m * n);
     // Bounds of the strided operands (the last element each can address).
     let last = |x: &Mat, r: usize, c: usize| {
@@ -190,6 +198,25 @@ impl WeightGradSink {
     }
 }
 
+/// Whether gradients of `w` go to the open sink of this thread (`w` a variable, a sink open).
+pub(crate) fn sinks(w: &Tensor) -> bool {
+    w.is_variable() && WEIGHT_GRADS.with(|s| s.borrow().is_some())
+}
+
+/// Runs `f` on the sink's gradient buffer of tensor `id` (`len` elements): `f(buffer, fresh)`
+/// must overwrite every element when `fresh` (a new, uninitialised buffer) and accumulate
+/// into it otherwise. Panics when no sink is open (check [`sinks`] first).
+pub(crate) fn into_sink(id: candle_core::TensorId, len: usize, f: impl FnOnce(&mut [f32], bool)) {
+    WEIGHT_GRADS.with(|s| {
+        let mut s = s.borrow_mut();
+        let map = s.as_mut().expect("weight gradient sink open");
+        match map.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => f(e.get_mut(), false),
+            std::collections::hash_map::Entry::Vacant(e) => f(e.insert(buffer(len)), true),
+        }
+    })
+}
+
 impl Drop for WeightGradSink {
     fn drop(&mut self) {
         WEIGHT_GRADS.with(|w| w.borrow_mut().take());
@@ -274,7 +301,7 @@ impl CustomOp2 for LinearOp {
         let (out, _) = w.dims2()?;
         let g = g.contiguous()?;
         let weight_id = w.id();
-        let sink = w.is_variable() && WEIGHT_GRADS.with(|s| s.borrow().is_some());
+        let sink = sinks(w);
         let (dx, dw) = with_f32(&[x, w, &g], "linear backward", |s| {
             let (x, w_data, g) = (s[0], s[1], s[2]);
             let w = w_data;
@@ -290,13 +317,8 @@ impl CustomOp2 for LinearOp {
                 cs: 1,
             };
             let dw = if sink {
-                WEIGHT_GRADS.with(|s| {
-                    let mut s = s.borrow_mut();
-                    let map = s.as_mut().expect("sink checked open");
-                    let acc = map
-                        .entry(weight_id)
-                        .or_insert_with(|| vec![0f32; out * inp]);
-                    gemm_mat(acc, out, inp, n, gt, xs, true);
+                into_sink(weight_id, out * inp, |acc, fresh| {
+                    gemm_mat(acc, out, inp, n, gt, xs, !fresh)
                 });
                 None
             } else {
@@ -359,6 +381,83 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("rank checked") = weight.dim(0)?;
         x.reshape((n, inp))?.matmul(&weight.t()?)?.reshape(dims)
+    }
+}
+
+/// Row lookup `weight[ids]` (see [`embedding`]).
+struct Embedding {
+    ids: Vec<u32>,
+    /// Output shape: the ids' shape then the row width.
+    shape: Shape,
+}
+
+impl CustomOp1 for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = f32_slice(s, l, "embedding")?;
+        let (v, dm) = l.shape().dims2()?;
+        if let Some(&bad) = self.ids.iter().find(|&&i| i as usize >= v) {
+            candle_core::bail!("embedding: token id {bad} >= vocabulary {v}");
+        }
+        let mut out = buffer(self.ids.len() * dm);
+        for (row, &i) in out.chunks_mut(dm.max(1)).zip(&self.ids) {
+            row.copy_from_slice(&w[i as usize * dm..(i as usize + 1) * dm]);
+        }
+        Ok((CpuStorage::F32(out), self.shape.clone()))
+    }
+
+    fn bwd(&self, w: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (v, dm) = w.dims2()?;
+        let g = g.contiguous()?;
+        let scatter = |dst: &mut [f32], gv: &[f32]| {
+            for (row, &i) in gv.chunks(dm.max(1)).zip(&self.ids) {
+                let at = i as usize * dm;
+                dst[at..at + dm]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(a, &x)| *a += x);
+            }
+        };
+        if sinks(w) {
+            with_f32(&[&g], "embedding backward", |sl| {
+                into_sink(w.id(), v * dm, |acc, fresh| {
+                    if fresh {
+                        acc.fill(0.0);
+                    }
+                    scatter(acc, sl[0]);
+                });
+                Ok(())
+            })?;
+            return Ok(None);
+        }
+        let dw = with_f32(&[&g], "embedding backward", |sl| {
+            let mut dw = vec![0f32; v * dm];
+            scatter(&mut dw, sl[0]);
+            Ok(dw)
+        })?;
+        Ok(Some(Tensor::from_vec(dw, (v, dm), w.device())?))
+    }
+}
+
+/// `weight[ids]`: rows of `weight` `[vocab, hidden]` for `ids` (u32, any shape) ->
+/// `[..ids, hidden]`, differentiable in `weight`. On the CPU in f32 the backward adds the
+/// gradient's rows into the [`WeightGradSink`] when one is open (a tied output head shares
+/// the buffer: no vocabulary-sized zeros, scatter and sum per micro-batch) or into a dense
+/// gradient; elsewhere candle's `index_select`.
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(weight.dim(1)?);
+    if all_cpu_f32(&[weight]) && ids.device().is_cpu() {
+        let op = Embedding {
+            ids: ids.flatten_all()?.to_vec1::<u32>()?,
+            shape: Shape::from(dims),
+        };
+        weight.contiguous()?.apply_op1(op)
+    } else {
+        weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 }
 
@@ -744,6 +843,71 @@ mod tests {
             .unwrap()
             .get(w.as_tensor())
             .is_some());
+    }
+
+    /// A tied embedding: the lookup's and the output head's gradients of one weight, with
+    /// repeated ids, against candle's `index_select` + `matmul`; with a sink open over two
+    /// micro-batches (both ops add into one buffer) and without one.
+    #[test]
+    fn embedding_gradients_match_candle_with_and_without_the_sink() {
+        let d = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (11, 6), &d).unwrap()).unwrap();
+        let ids = [
+            Tensor::new(&[[3u32, 7, 3, 0, 10]], &d).unwrap(),
+            Tensor::new(&[[1u32, 1, 1, 9, 3]], &d).unwrap(),
+        ];
+        let r = Tensor::randn(0f32, 1.0, (1, 5, 11), &d).unwrap();
+        let ours = |ids: &Tensor| {
+            let x = embedding(w.as_tensor(), ids).unwrap();
+            assert_eq!(x.dims(), &[1, 5, 6]);
+            (linear(&x, w.as_tensor()).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let candle = |ids: &Tensor| {
+            let x = w
+                .as_tensor()
+                .index_select(&ids.flatten_all().unwrap(), 0)
+                .unwrap();
+            let y = x
+                .matmul(&w.as_tensor().t().unwrap())
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            (y * &r).unwrap().sum_all().unwrap()
+        };
+        let want: Vec<Tensor> = ids
+            .iter()
+            .map(|i| {
+                candle(i)
+                    .backward()
+                    .unwrap()
+                    .get(w.as_tensor())
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        // Without a sink: a dense gradient per backward.
+        let g0 = ours(&ids[0]).backward().unwrap();
+        let got0 = g0.get(w.as_tensor()).unwrap();
+        assert!(
+            max_diff(got0, &want[0]) < 1e-5,
+            "{}",
+            max_diff(got0, &want[0])
+        );
+        // With a sink: nothing in candle's store, the sum of both after finish.
+        let sink = WeightGradSink::open().unwrap();
+        let mut g = ours(&ids[0]).backward().unwrap();
+        assert!(g.get(w.as_tensor()).is_none());
+        let _ = ours(&ids[1]).backward().unwrap();
+        sink.finish(&[w.as_tensor()], &mut g).unwrap();
+        let expect = (&want[0] + &want[1]).unwrap();
+        let got = g.get(w.as_tensor()).unwrap();
+        assert!(max_diff(got, &expect) < 1e-5, "{}", max_diff(got, &expect));
+        // Out-of-vocabulary ids are refused by name.
+        let bad = embedding(w.as_tensor(), &Tensor::new(&[[11u32]], &d).unwrap());
+        assert!(bad.unwrap_err().to_string().contains("token id 11"));
     }
 
     /// Zero rows (an empty sequence) give empty results, not a panic or garbage.

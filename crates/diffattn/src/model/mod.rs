@@ -497,7 +497,7 @@ impl Model {
         mut cache: Option<&mut KvCache>,
         mut probs: Option<(&[usize], &mut AttentionProbs)>,
     ) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
+        ids.dims2()?; // [batch, seq]
         let positions_max = positions
             .max_keepdim(1)?
             .max_keepdim(0)?
@@ -510,10 +510,7 @@ impl Model {
             )));
         }
         let (cos, sin) = self.rope.tables(positions)?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.config.hidden_size))?;
+        let mut x = layout::embedding(&self.embed_tokens, ids)?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.blocks.len() {
                 c.layers = vec![None; self.blocks.len()];

@@ -220,7 +220,9 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        use crate::model::layout::{buffer, gemm_into, transpose_into, Mat};
+        use crate::model::layout::{
+            buffer, gemm_into, gemm_mat, into_sink, sinks, transpose_into, Mat,
+        };
         let (n, dm) = h.dims2()?;
         let (v, _) = w.dims2()?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
@@ -246,6 +248,7 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         for (j, &t) in self.targets.iter().enumerate() {
             z[t as usize * n + j] -= g[j];
         }
+        let sink = sinks(w);
         let (dh, dw) = with_f32(&[h, w], "head cross-entropy backward", |sl| {
             let (hv, wv) = (sl[0], sl[1]);
             let gm = Mat {
@@ -253,20 +256,23 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
                 rs: n as isize,
                 cs: 1,
             };
-            // dW [v, dm] = G [v, n] · h [n, dm].
-            let mut dw = buffer(v * dm);
-            gemm_into(
-                &mut dw,
-                v,
-                dm,
-                n,
-                gm,
-                Mat {
-                    data: hv,
-                    rs: dm as isize,
-                    cs: 1,
-                },
-            );
+            let hm = Mat {
+                data: hv,
+                rs: dm as isize,
+                cs: 1,
+            };
+            // dW [v, dm] = G [v, n] · h [n, dm]: into the sink when one is open (the tied
+            // embedding's rows are added to the same buffer).
+            let dw = if sink {
+                into_sink(w.id(), v * dm, |acc, fresh| {
+                    gemm_mat(acc, v, dm, n, gm, hm, !fresh)
+                });
+                None
+            } else {
+                let mut dw = buffer(v * dm);
+                gemm_into(&mut dw, v, dm, n, gm, hm);
+                Some(dw)
+            };
             // dh [n, dm] = (Wᵀ [dm, v] · G [v, n])ᵀ.
             let mut tmp = buffer(dm * n);
             gemm_into(
@@ -287,7 +293,8 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         })?;
         Ok((
             Some(Tensor::from_vec(dh, (n, dm), h.device())?),
-            Some(Tensor::from_vec(dw, (v, dm), w.device())?),
+            dw.map(|dw| Tensor::from_vec(dw, (v, dm), w.device()))
+                .transpose()?,
         ))
     }
 }
@@ -370,5 +377,15 @@ mod tests {
         assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
         let (ga, gb) = (fused.backward().unwrap(), composed.backward().unwrap());
         assert_grads_close(&ga, &gb, &[&h, &w], 1e-5, 0.01);
+        // With a weight-gradient sink open, dW goes there (twice: accumulated) and dh to candle.
+        let sink = crate::model::layout::WeightGradSink::open().unwrap();
+        let again = || head_nll_sum(h.as_tensor(), w.as_tensor(), &targets).unwrap();
+        let mut gs = again().backward().unwrap();
+        assert!(gs.get(w.as_tensor()).is_none());
+        let _ = again().backward().unwrap();
+        sink.finish(&[w.as_tensor()], &mut gs).unwrap();
+        let twice = (&composed * 2.0).unwrap().backward().unwrap();
+        assert_grads_close(&gs, &twice, &[&w], 1e-5, 0.01);
+        assert_grads_close(&gs, &gb, &[&h], 1e-5, 0.01);
     }
 }
