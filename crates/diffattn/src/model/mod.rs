@@ -542,7 +542,13 @@ impl Model {
     /// Logits `[b, s, vocab]` (f32) of final hidden states `[b, s, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, s, dm) = hidden.dims3()?;
-        let logits = hidden.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?;
+        // A few rows (decoding): the threads split the head's rows (see `layout::linear`);
+        // more: candle's product, whose orientation suits this wide weight best.
+        let logits = if b * s < 16 {
+            layout::linear(&hidden.reshape((b * s, dm))?, &self.lm_head)?
+        } else {
+            hidden.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?
+        };
         Ok(logits
             .reshape((b, s, self.config.vocab_size))?
             .to_dtype(DType::F32)?)
