@@ -102,6 +102,10 @@ done
 python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+print("per run, in the order run:")
+for r in rows:
+    figs = ", ".join(f"{k} {r[k]:.2f}" for k in ("prefill_tok_s", "decode_tok_s", "step_s") if k in r)
+    print(f"  {r['side']:9} {r['model']:10} {figs}")
 def med(side, model, key):
     v = [r[key] for r in rows if r["side"] == side and r["model"] == model and key in r]
     return (statistics.median(v), min(v), max(v)) if v else None
