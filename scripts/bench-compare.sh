@@ -17,7 +17,6 @@
 # WHAT=run|train|all (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 py="${PYTHON:-python3}"
 rounds="${ROUNDS:-3}"
 what="${WHAT:-all}"
@@ -25,21 +24,8 @@ what="${WHAT:-all}"
   echo "bench-compare: $py cannot import torch and transformers (set PYTHON=...)" >&2
   exit 2
 }
-cargo build --release --quiet -p diff-transformer
-bin="$PWD/target/release/diff-transformer"
-gguf=$(scripts/fetch-smollm2.sh)
-work=$(mktemp -d "${TMPDIR:-/tmp}/dt-bench-compare.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-"$bin" import-gguf "$gguf" "$work/src" >/dev/null
-printf 'base_model: %s\noutput_dir: %s\n' "$work/src" "$work/diff" >"$work/c.yml"
-"$bin" convert "$work/c.yml" >/dev/null
+source scripts/bench-common.sh
 "$bin" convert "$work/c.yml" --format diffllama --output-dir "$work/diffllama" >/dev/null
-python3 - "$work/long.jsonl" <<'PY'
-import json, sys
-paras = [json.loads(l)["text"] for l in open("data/notes-completion.jsonl")]
-with open(sys.argv[1], "w") as f:
-    f.write(json.dumps({"text": " ".join(paras * 3)}) + "\n")
-PY
 results="$work/results.jsonl"
 ours_run() { # model-dir label
   "$bin" bench --model "$1" --repeat 3 | python3 -c '

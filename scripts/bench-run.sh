@@ -4,17 +4,10 @@
 # prompt), for the source SmolLM2-135M and its default double-heads conversion.
 # Reference on the 2-core machine (transformers 5.24 / torch 2.6, sdpa): Llama prefill
 # 601 tok/s, decode 22.7 tok/s; the Python plugin's converted model 505 / 18.0 tok/s.
+# Side by side with transformers on this machine: scripts/bench-compare.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
-cargo build --release --quiet -p diff-transformer
-bin="$PWD/target/release/diff-transformer"
-gguf=$(scripts/fetch-smollm2.sh)
-work=$(mktemp -d "${TMPDIR:-/tmp}/dt-bench-run.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-"$bin" import-gguf "$gguf" "$work/src" >/dev/null
-printf 'base_model: %s\noutput_dir: %s\n' "$work/src" "$work/diff" >"$work/c.yml"
-"$bin" convert "$work/c.yml" >/dev/null
+source scripts/bench-common.sh
 echo "source model (Llama):"
 "$bin" bench --model "$work/src"
 echo "default conversion (double heads, sub-layer norm):"

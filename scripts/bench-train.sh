@@ -5,25 +5,11 @@
 # the first step (allocation warm-up, step-0 monitoring) is excluded; median, min and max of the
 # rest are printed. Reference on the 2-core machine (transformers 5.24 / torch 2.6 AdamW):
 # Llama 1.76 s/step, the Python plugin's converted model 2.31 s/step.
+# Side by side with transformers on this machine: scripts/bench-compare.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 steps="${STEPS:-6}"
-cargo build --release --quiet -p diff-transformer
-bin="$PWD/target/release/diff-transformer"
-gguf=$(scripts/fetch-smollm2.sh)
-work=$(mktemp -d "${TMPDIR:-/tmp}/dt-bench-train.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-"$bin" import-gguf "$gguf" "$work/src" >/dev/null
-printf 'base_model: %s\noutput_dir: %s\n' "$work/src" "$work/diff" >"$work/c.yml"
-"$bin" convert "$work/c.yml" >/dev/null
-# One long text (all paragraphs, three times) cut into 256-token windows.
-python3 - "$work/long.jsonl" <<'PY'
-import json, sys
-paras = [json.loads(l)["text"] for l in open("data/notes-completion.jsonl")]
-with open(sys.argv[1], "w") as f:
-    f.write(json.dumps({"text": " ".join(paras * 3)}) + "\n")
-PY
+source scripts/bench-common.sh
 for model in src diff; do
   cat >"$work/t-$model.yml" <<YML
 base_model: $work/$model

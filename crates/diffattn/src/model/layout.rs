@@ -232,6 +232,24 @@ pub(crate) fn into_sink(id: candle_core::TensorId, len: usize, f: impl FnOnce(&m
     })
 }
 
+/// The gradient of weight `w` (`len` elements) formed by `f(buffer, fresh)` (see
+/// [`into_sink`]): into this thread's open sink when `w` is a variable (None returned), else
+/// into a new buffer (returned).
+pub(crate) fn weight_gradient(
+    w: &Tensor,
+    len: usize,
+    f: impl FnOnce(&mut [f32], bool),
+) -> Option<Vec<f32>> {
+    if sinks(w) {
+        into_sink(w.id(), len, f);
+        None
+    } else {
+        let mut dw = buffer(len);
+        f(&mut dw, true);
+        Some(dw)
+    }
+}
+
 impl Drop for WeightGradSink {
     fn drop(&mut self) {
         WEIGHT_GRADS.with(|w| w.borrow_mut().take());
@@ -367,8 +385,7 @@ impl CustomOp2 for LinearOp {
         let (n, inp) = rows(x.shape())?;
         let (out, _) = w.dims2()?;
         let g = g.contiguous()?;
-        let weight_id = w.id();
-        let sink = sinks(w);
+        let weight = w;
         let (dx, dw) = with_f32(&[x, w, &g], "linear backward", |s| {
             let (x, w_data, g) = (s[0], s[1], s[2]);
             let w = w_data;
@@ -383,16 +400,9 @@ impl CustomOp2 for LinearOp {
                 rs: inp as isize,
                 cs: 1,
             };
-            let dw = if sink {
-                into_sink(weight_id, out * inp, |acc, fresh| {
-                    gemm_mat(acc, out, inp, n, gt, xs, !fresh)
-                });
-                None
-            } else {
-                let mut dw = buffer(out * inp);
-                gemm_into(&mut dw, out, inp, n, gt, xs);
-                Some(dw)
-            };
+            let dw = weight_gradient(weight, out * inp, |acc, fresh| {
+                gemm_mat(acc, out, inp, n, gt, xs, !fresh)
+            });
             // dx [n, in] = g [n, out] · W [out, in].
             let mut dx = buffer(n * inp);
             if n >= TRANSPOSED_FROM_ROWS {
