@@ -385,49 +385,13 @@ impl CustomOp2 for LinearOp {
         let (n, inp) = rows(x.shape())?;
         let (out, _) = w.dims2()?;
         let g = g.contiguous()?;
-        let weight = w;
         let (dx, dw) = with_f32(&[x, w, &g], "linear backward", |s| {
-            let (x, w_data, g) = (s[0], s[1], s[2]);
-            let w = w_data;
-            // dW [out, in] = gᵀ [out, n] · x [n, in]: into the sink when one is open.
             let gt = Mat {
-                data: g,
+                data: s[2],
                 rs: 1,
                 cs: out as isize,
             };
-            let xs = Mat {
-                data: x,
-                rs: inp as isize,
-                cs: 1,
-            };
-            let dw = weight_gradient(weight, out * inp, |acc, fresh| {
-                gemm_mat(acc, out, inp, n, gt, xs, !fresh)
-            });
-            // dx [n, in] = g [n, out] · W [out, in].
-            let mut dx = buffer(n * inp);
-            if n >= TRANSPOSED_FROM_ROWS {
-                let mut tmp = buffer(inp * n);
-                let wt = Mat {
-                    data: w,
-                    rs: 1,
-                    cs: inp as isize,
-                };
-                gemm_into(&mut tmp, inp, n, out, wt, gt);
-                transpose_into(&tmp, inp, n, &mut dx);
-            } else {
-                let gs = Mat {
-                    data: g,
-                    rs: out as isize,
-                    cs: 1,
-                };
-                let ws = Mat {
-                    data: w,
-                    rs: inp as isize,
-                    cs: 1,
-                };
-                gemm_into(&mut dx, n, inp, out, gs, ws);
-            }
-            Ok((dx, dw))
+            Ok(linear_grads(gt, s[0], s[1], w, n, inp, out))
         })?;
         let dev = x.device();
         Ok((
@@ -436,6 +400,54 @@ impl CustomOp2 for LinearOp {
                 .transpose()?,
         ))
     }
+}
+
+/// Gradients of `y = x Wᵀ` (`x` `[n, in]`, `W` `[out, in]`) from `gᵀ` `[out, n]` (any
+/// strides): `dx = g W` `[n, in]` (formed as `(Wᵀ gᵀ)ᵀ` from 16 rows on, see the module docs)
+/// and `dW = gᵀ x` `[out, in]`, which goes to the open [`WeightGradSink`] when `weight` is a
+/// variable (None returned then). Shared by [`linear`] and the fused output head + loss.
+pub(crate) fn linear_grads(
+    gt: Mat,
+    x: &[f32],
+    w: &[f32],
+    weight: &Tensor,
+    n: usize,
+    inp: usize,
+    out: usize,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let xs = Mat {
+        data: x,
+        rs: inp as isize,
+        cs: 1,
+    };
+    let dw = weight_gradient(weight, out * inp, |acc, fresh| {
+        gemm_mat(acc, out, inp, n, gt, xs, !fresh)
+    });
+    let mut dx = buffer(n * inp);
+    if n >= TRANSPOSED_FROM_ROWS {
+        let mut tmp = buffer(inp * n);
+        let wt = Mat {
+            data: w,
+            rs: 1,
+            cs: inp as isize,
+        };
+        gemm_into(&mut tmp, inp, n, out, wt, gt);
+        transpose_into(&tmp, inp, n, &mut dx);
+    } else {
+        // g [n, out] is gᵀ read the other way round.
+        let gs = Mat {
+            data: gt.data,
+            rs: gt.cs,
+            cs: gt.rs,
+        };
+        let ws = Mat {
+            data: w,
+            rs: inp as isize,
+            cs: 1,
+        };
+        gemm_into(&mut dx, n, inp, out, gs, ws);
+    }
+    (dx, dw)
 }
 
 /// Rows and width of `[.., in]` (rank >= 1).

@@ -220,9 +220,7 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        use crate::model::layout::{
-            buffer, gemm_into, gemm_mat, transpose_into, weight_gradient, Mat,
-        };
+        use crate::model::layout::{linear_grads, Mat};
         let (n, dm) = h.dims2()?;
         let (v, _) = w.dims2()?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
@@ -248,40 +246,15 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         for (j, &t) in self.targets.iter().enumerate() {
             z[t as usize * n + j] -= g[j];
         }
+        // The head is a linear map: z now holds gᵀ [v, n] for the logits gradient g [n, v] (the tied
+        // embedding's rows go to the same sink buffer as dW).
         let (dh, dw) = with_f32(&[h, w], "head cross-entropy backward", |sl| {
-            let (hv, wv) = (sl[0], sl[1]);
-            let gm = Mat {
+            let gt = Mat {
                 data: &z,
                 rs: n as isize,
                 cs: 1,
             };
-            let hm = Mat {
-                data: hv,
-                rs: dm as isize,
-                cs: 1,
-            };
-            // dW [v, dm] = G [v, n] · h [n, dm]: into the sink when one is open (the tied
-            // embedding's rows are added to the same buffer).
-            let dw = weight_gradient(w, v * dm, |acc, fresh| {
-                gemm_mat(acc, v, dm, n, gm, hm, !fresh)
-            });
-            // dh [n, dm] = (Wᵀ [dm, v] · G [v, n])ᵀ.
-            let mut tmp = buffer(dm * n);
-            gemm_into(
-                &mut tmp,
-                dm,
-                n,
-                v,
-                Mat {
-                    data: wv,
-                    rs: 1,
-                    cs: dm as isize,
-                },
-                gm,
-            );
-            let mut dh = buffer(n * dm);
-            transpose_into(&tmp, dm, n, &mut dh);
-            Ok((dh, dw))
+            Ok(linear_grads(gt, sl[0], sl[1], w, n, dm, v))
         })?;
         Ok((
             Some(Tensor::from_vec(dh, (n, dm), h.device())?),
@@ -357,11 +330,19 @@ mod tests {
     /// loss, and gradients of both the hidden rows and the weight.
     #[test]
     fn fused_head_equals_matmul_and_composed_loss() {
+        // 6 rows: the direct products; 40: the transposed ones (see `layout::linear_grads`).
+        for n in [6usize, 40] {
+            fused_head_case(n);
+        }
+    }
+
+    fn fused_head_case(n: usize) {
         use crate::model::cpu::testing::assert_grads_close;
         let d = Device::Cpu;
-        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 40), &d).unwrap()).unwrap();
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 40), &d).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1100, 40), &d).unwrap()).unwrap();
-        let targets = [0u32, 1099, 3, 3, 700, 12];
+        let mut targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % 1100).collect();
+        targets[..4].copy_from_slice(&[0, 1099, 3, 3]);
         let fused = head_nll_sum(h.as_tensor(), w.as_tensor(), &targets).unwrap();
         let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
         let composed = nll_sum(&logits, &targets).unwrap();
