@@ -2,7 +2,7 @@
 # (`$bin`), imports the real model at f32 into `$work/src` and converts it with default flags
 # into `$work/diff` (`$work`: a temporary directory removed on exit), and writes
 # `$work/long.jsonl`: one long text (all paragraphs of data/notes-completion.jsonl, three
-# times) for 256-token training windows.
+# times) for 256-token training windows, and defines `train_config` (below).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 cargo build --release --quiet -p diff-transformer
 bin="$PWD/target/release/diff-transformer"
@@ -18,3 +18,24 @@ paras = [json.loads(l)["text"] for l in open("data/notes-completion.jsonl")]
 with open(sys.argv[1], "w") as f:
     f.write(json.dumps({"text": " ".join(paras * 3)}) + "\n")
 PY
+
+# train_config FILE MODEL_DIR OUTPUT_DIR STEPS: the benchmark's training config (sequence 256,
+# micro batch 1, AdamW at a constant 1e-5 with weight decay 0.01, monitoring off) on long.jsonl.
+train_config() {
+  cat >"$1" <<YML
+base_model: $2
+output_dir: $3
+datasets:
+  - path: $work/long.jsonl
+    type: completion
+sequence_len: 256
+micro_batch_size: 1
+gradient_accumulation_steps: 1
+max_steps: $4
+learning_rate: 0.00001
+lr_scheduler: constant
+weight_decay: 0.01
+logging_steps: 1
+diff_attn_log_every: 1000000
+YML
+}

@@ -43,22 +43,7 @@ print(json.dumps({"side": "reference", "model": sys.argv[1], "prefill_tok_s": r[
 ' "$2" >>"$results"
 }
 ours_train() {
-  cat >"$work/t.yml" <<YML
-base_model: $1
-output_dir: $work/run
-datasets:
-  - path: $work/long.jsonl
-    type: completion
-sequence_len: 256
-micro_batch_size: 1
-gradient_accumulation_steps: 1
-max_steps: 6
-learning_rate: 0.00001
-lr_scheduler: constant
-weight_decay: 0.01
-logging_steps: 1
-diff_attn_log_every: 1000000
-YML
+  train_config "$work/t.yml" "$1" "$work/run" 6
   "$bin" train "$work/t.yml" --overwrite >/dev/null
   python3 -c '
 import json, statistics, sys

@@ -11,22 +11,7 @@ cd "$(dirname "$0")/.."
 steps="${STEPS:-6}"
 source scripts/bench-common.sh
 for model in src diff; do
-  cat >"$work/t-$model.yml" <<YML
-base_model: $work/$model
-output_dir: $work/run-$model
-datasets:
-  - path: $work/long.jsonl
-    type: completion
-sequence_len: 256
-micro_batch_size: 1
-gradient_accumulation_steps: 1
-max_steps: $steps
-learning_rate: 0.00001
-lr_scheduler: constant
-weight_decay: 0.01
-logging_steps: 1
-diff_attn_log_every: 1000000
-YML
+  train_config "$work/t-$model.yml" "$work/$model" "$work/run-$model" "$steps"
   "$bin" train "$work/t-$model.yml" >/dev/null
   python3 - "$work/run-$model/metrics.jsonl" "$model" <<'PY'
 import json, statistics, sys
