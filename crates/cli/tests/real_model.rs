@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex, Weak};
 
 use diffattn::checkpoint::Checkpoint;
 use diffattn::config::lambda_init;
@@ -33,12 +34,35 @@ fn fetch_gguf() -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
-/// Imports the real GGUF into `tmp/hf` with the CLI (None when the real model is skipped).
-fn import_smollm2(tmp: &Path) -> Option<(PathBuf, String)> {
+/// The real GGUF imported once into a temporary directory, shared by the tests that run at
+/// the same time: the f32 import is 540 MB, and each test writes converted checkpoints of the
+/// same size beside it, so one import per concurrent test would multiply the disk a CI
+/// machine needs. The directory is deleted when the last test holding it lets go.
+struct Imported {
+    _dir: tempfile::TempDir,
+    hf: PathBuf,
+    stdout: String,
+}
+
+/// The shared import (None when the real model is skipped); a test that no longer needs the
+/// source drops the `Arc` so that the import can be deleted early.
+fn import_smollm2() -> Option<Arc<Imported>> {
+    static SHARED: Mutex<Weak<Imported>> = Mutex::new(Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(imported) = shared.upgrade() {
+        return Some(imported);
+    }
     let gguf = fetch_gguf()?;
-    let hf = tmp.join("hf");
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
     let stdout = run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
-    Some((hf, stdout))
+    let imported = Arc::new(Imported {
+        _dir: dir,
+        hf,
+        stdout,
+    });
+    *shared = Arc::downgrade(&imported);
+    Some(imported)
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -59,9 +83,10 @@ fn attn(l: usize, n: &str) -> String {
 #[test]
 fn smollm2_import_and_convert() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((hf, stdout)) = import_smollm2(tmp.path()) else {
+    let Some(imported) = import_smollm2() else {
         return;
     };
+    let (hf, stdout) = (&imported.hf, &imported.stdout);
     assert!(
         stdout.contains("layers 30, hidden 576, heads 9, kv heads 3"),
         "{stdout}"
@@ -176,6 +201,28 @@ fn smollm2_import_and_convert() {
         assert!(out.join(f).is_file(), "{f} not copied");
     }
 
+    // The default conversion is not preserving: --expect-preserved exits 1.
+    let res = bin()
+        .args([
+            "compare",
+            hf.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--expect-preserved",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&res.stdout)
+    );
+
+    // Each checkpoint is deleted (and unmapped) once checked: the test's disk stays near two
+    // models.
+    drop(ck);
+    std::fs::remove_dir_all(&out).unwrap();
+
     // Output-preserving flags, with the --debug comparison.
     let (out, stdout) = convert(&["--zero-init", "--no-sublayer-norm", "--debug"], "zero");
     assert!(stdout.contains("generations match: true"), "{stdout}");
@@ -232,22 +279,8 @@ fn smollm2_import_and_convert() {
         .path()
         .join("logits/prompt1_converted_logits.npy")
         .is_file());
-    // The default conversion is not preserving: --expect-preserved exits 1.
-    let res = bin()
-        .args([
-            "compare",
-            hf.to_str().unwrap(),
-            tmp.path().join("default").to_str().unwrap(),
-            "--expect-preserved",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        res.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&res.stdout)
-    );
+    drop(ck);
+    std::fs::remove_dir_all(&out).unwrap();
 
     // Mirror.
     let (out, _) = convert(&["--mirror-weights"], "mirror");
@@ -293,9 +326,10 @@ fn smollm2_forward_matches_transformers() {
     use diffattn::generate::{generate, Sampling};
     use diffattn::model::Model;
     let tmp = tempfile::tempdir().unwrap();
-    let Some((hf, _)) = import_smollm2(tmp.path()) else {
+    let Some(imported) = import_smollm2() else {
         return;
     };
+    let hf = &imported.hf;
     check_import_against_transformers_gguf_loader(&hf);
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
@@ -383,9 +417,10 @@ fn smollm2_diffllama_export_matches_format_a() {
     use candle_core::{DType, Device, Tensor};
     use diffattn::model::Model;
     let tmp = tempfile::tempdir().unwrap();
-    let Some((hf, _)) = import_smollm2(tmp.path()) else {
+    let Some(imported) = import_smollm2() else {
         return;
     };
+    let hf = &imported.hf;
     let codec = diffattn::generate::TextCodec::load(&hf).unwrap();
     for (flags, bound) in [(vec!["--mirror-weights"], Some(2e-3f32)), (vec![], None)] {
         let mut dirs = Vec::new();
@@ -446,6 +481,11 @@ fn smollm2_diffllama_export_matches_format_a() {
             if let Some(bound) = bound {
                 assert!(max <= bound, "{flags:?} {prompt:?}: {max}");
             }
+        }
+        // Unmapped and deleted before the next pair: disk for two models, not four.
+        drop((a, b));
+        for dir in &dirs {
+            std::fs::remove_dir_all(dir).unwrap();
         }
     }
     // Not expressible: no sub-layer norm.
@@ -533,9 +573,10 @@ fn check_import_against_transformers_gguf_loader(hf: &Path) {
 #[test]
 fn smollm2_train_evaluate_plot() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((hf, _)) = import_smollm2(tmp.path()) else {
+    let Some(imported) = import_smollm2() else {
         return;
     };
+    let hf = &imported.hf;
     let conv = tmp.path().join("diff");
     let convert_yml = tmp.path().join("convert.yml");
     std::fs::write(
@@ -548,6 +589,7 @@ fn smollm2_train_evaluate_plot() {
     )
     .unwrap();
     run(bin().args(["convert", convert_yml.to_str().unwrap()]));
+    drop(imported);
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
     let out = tmp.path().join("run");
     let train_yml = tmp.path().join("train.yml");
@@ -564,6 +606,7 @@ fn smollm2_train_evaluate_plot() {
     .unwrap();
     let stdout = run(bin().args(["train", train_yml.to_str().unwrap()]));
     println!("{stdout}");
+    std::fs::remove_dir_all(&conv).unwrap();
     assert!(stdout.contains("step 8/8 loss"), "{stdout}");
     let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
