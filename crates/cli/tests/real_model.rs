@@ -325,7 +325,6 @@ fn smollm2_forward_matches_transformers() {
     use candle_core::{DType, Device, Tensor};
     use diffattn::generate::{generate, Sampling};
     use diffattn::model::Model;
-    let tmp = tempfile::tempdir().unwrap();
     let Some(imported) = import_smollm2() else {
         return;
     };
