@@ -76,6 +76,21 @@ fn run(cmd: &mut Command) -> String {
     stdout
 }
 
+/// `compare SOURCE CONVERTED --expect-preserved` with `extra` arguments.
+fn compare_expect_preserved(
+    source: &Path,
+    converted: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    bin()
+        .args(["compare", source.to_str().unwrap()])
+        .arg(converted)
+        .arg("--expect-preserved")
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn attn(l: usize, n: &str) -> String {
     format!("model.layers.{l}.self_attn.{n}")
 }
@@ -202,15 +217,7 @@ fn smollm2_import_and_convert() {
     }
 
     // The default conversion is not preserving: --expect-preserved exits 1.
-    let res = bin()
-        .args([
-            "compare",
-            hf.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "--expect-preserved",
-        ])
-        .output()
-        .unwrap();
+    let res = compare_expect_preserved(hf, &out, &[]);
     assert_eq!(
         res.status.code(),
         Some(1),
@@ -242,22 +249,20 @@ fn smollm2_import_and_convert() {
     }
 
     // compare --expect-preserved on the preserving conversion, two prompts, JSON report.
-    let res = bin()
-        .args([
-            "compare",
-            hf.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "--expect-preserved",
+    let logits = tmp.path().join("logits");
+    let res = compare_expect_preserved(
+        hf,
+        &out,
+        &[
             "--json",
             "--prompt",
             "The capital of France is",
             "--prompt",
             "def fibonacci(n):",
             "--save-logits",
-            tmp.path().join("logits").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+            logits.to_str().unwrap(),
+        ],
+    );
     assert!(
         res.status.success(),
         "{}",
