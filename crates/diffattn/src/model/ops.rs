@@ -348,7 +348,18 @@ impl candle_core::CustomOp2 for RmsNormW {
 /// RMS norm over the last dimension, `x · rsqrt(mean(x²) + eps) · w` (LlamaRMSNorm, f32),
 /// differentiable in `x` and `w`. CPU f32: the fused op above (bit-identical forward);
 /// otherwise the composed candle ops.
+///
+/// Half-precision `x` (f16, bf16) is normalised in f32 and cast back before the weight
+/// multiplies it, as transformers' `LlamaRMSNorm` does: the residual stream of real models
+/// holds values whose square overflows f16 (max 65504), which would zero the whole row.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
+    if x.dtype() != candle_core::DType::F32 && x.dtype() != candle_core::DType::F64 {
+        let y = rms_norm(&x.to_dtype(candle_core::DType::F32)?, None, eps)?.to_dtype(x.dtype())?;
+        return match weight {
+            Some(w) => y.broadcast_mul(w),
+            None => Ok(y),
+        };
+    }
     if all_cpu_f32(&[x]) && weight.map(|w| all_cpu_f32(&[w])).unwrap_or(true) {
         let x = x.contiguous()?;
         return match weight {
@@ -383,6 +394,28 @@ mod rms_tests {
     use super::*;
     use crate::model::cpu::testing::{assert_grads_close, max_diff};
     use candle_core::{Device, Var};
+
+    /// Values whose square overflows f16 (real models' residual streams hold such outliers):
+    /// the half-precision norm is computed in f32, as transformers does, instead of zeroing
+    /// the row.
+    #[test]
+    fn half_precision_rms_norm_survives_large_values() {
+        let d = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1.0, (3, 64), &d).unwrap() * 900.0).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 64, &d).unwrap();
+        let want = rms_norm(&x, Some(&w), 1e-5).unwrap();
+        for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
+            let got = rms_norm(&x.to_dtype(dt).unwrap(), Some(&w.to_dtype(dt).unwrap()), 1e-5)
+                .unwrap();
+            assert_eq!(got.dtype(), dt);
+            let got = got.to_dtype(candle_core::DType::F32).unwrap();
+            // Rows have RMS 1 before the weight: |y| is O(1); half precision keeps ~3e-3.
+            let err = max_diff(&got, &want);
+            assert!(err < 3e-2, "{dt:?}: max |delta| {err}");
+            let peak = got.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(peak > 1.0, "{dt:?}: the row was zeroed (max |y| {peak})");
+        }
+    }
 
     #[test]
     fn fused_rms_norm_is_bit_identical_and_its_gradients_match() {
