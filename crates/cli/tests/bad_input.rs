@@ -377,6 +377,49 @@ fn output_dir_inside_source_is_refused() {
     assert!(!target.exists());
 }
 
+/// The source's weights are a symlink into the output directory (the Hugging Face cache links
+/// its files the same way): `--overwrite` must not replace what the link points to.
+#[cfg(unix)]
+#[test]
+fn overwrite_never_replaces_a_file_an_input_links_to() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::create_dir(c.path("out")).unwrap();
+    std::fs::rename(st_file(&c), c.path("out/model.safetensors")).unwrap();
+    std::os::unix::fs::symlink(c.path("out/model.safetensors"), st_file(&c)).unwrap();
+    let before = std::fs::read(st_file(&c)).unwrap();
+    let (ok, err) = cli(&["convert", &c.config(), "--overwrite"]);
+    assert!(
+        !ok && err.contains("overlap") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        std::fs::read(st_file(&c)).unwrap(),
+        "source weights kept"
+    );
+}
+
+/// A shard index naming a file outside the checkpoint's directory is refused by name.
+#[test]
+fn shard_index_path_leaving_the_directory() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::create_dir(c.path("elsewhere")).unwrap();
+    std::fs::rename(st_file(&c), c.path("elsewhere/model.safetensors")).unwrap();
+    std::fs::write(
+        c.path("src/model.safetensors.index.json"),
+        r#"{"weight_map": {"model.embed_tokens.weight": "../elsewhere/model.safetensors"}}"#,
+    )
+    .unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &[
+            "model.safetensors.index.json",
+            "weight_map.model.embed_tokens.weight",
+            "../elsewhere/model.safetensors",
+        ],
+    );
+}
+
 #[test]
 fn input_is_never_modified() {
     let c = Case::with_model(&TinyLlama::default());
@@ -743,6 +786,21 @@ fn train_overwrite_never_deletes_an_input() {
         "{err}"
     );
     assert!(c.path("out/data.jsonl").is_file(), "the dataset is kept");
+}
+
+/// The base model's weights link into output_dir: `--overwrite` would delete them.
+#[cfg(unix)]
+#[test]
+fn train_overwrite_never_deletes_a_file_the_model_links_to() {
+    let c = train_case("");
+    let model = c.path("src/model.safetensors");
+    std::fs::create_dir(c.path("out")).unwrap();
+    std::fs::rename(&model, c.path("out/model.safetensors")).unwrap();
+    std::os::unix::fs::symlink(c.path("out/model.safetensors"), &model).unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
+    assert!(!ok && err.contains("--overwrite would delete it"), "{err}");
+    assert_eq!(before, std::fs::read(&model).unwrap(), "base weights kept");
 }
 
 #[test]

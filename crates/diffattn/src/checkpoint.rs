@@ -87,6 +87,20 @@ impl Checkpoint {
                     value: file.to_string(),
                     reason: "must be a file name".into(),
                 })?;
+                // A shard is a file of this directory: no absolute path, no `..`, no
+                // subdirectory (transformers writes plain names).
+                let plain = Path::new(file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+                    && Path::new(file).components().count() == 1;
+                if !plain {
+                    return Err(Error::InvalidValue {
+                        path: index.clone(),
+                        key: format!("weight_map.{name}"),
+                        value: file.to_string(),
+                        reason: "must be the name of a file in the checkpoint's directory".into(),
+                    });
+                }
                 by_file
                     .entry(file.to_string())
                     .or_default()

@@ -43,6 +43,17 @@ pub fn absolutize(p: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The entries of directory `dir` with symlinks resolved (empty when `dir` is not a readable
+/// directory): what replacing another directory must leave alone.
+pub fn resolved_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.path().canonicalize().ok())
+        .collect()
+}
+
 fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -81,6 +92,19 @@ impl StagedDir {
                     output: dest.clone(),
                     source_dir: input,
                 });
+            }
+            // Files of an input directory may be symlinks (the Hugging Face cache's layout):
+            // replacing `dest` must not delete what one of them points to.
+            if overwrite {
+                if let Some(file) = resolved_files(&input)
+                    .into_iter()
+                    .find(|f| f.starts_with(&dest))
+                {
+                    return Err(Error::OutputInsideSource {
+                        output: dest.clone(),
+                        source_dir: file,
+                    });
+                }
             }
         }
         if dest.exists() {

@@ -193,6 +193,55 @@ fn warmup_mix_is_saved_and_reload_reproduces_eval_loss() {
     }
 }
 
+/// Resuming in the run's directory with `save_total_limit: 1` rotates away the checkpoint the
+/// run resumed from before the final save: the final model still carries the tokenizer and
+/// generation files (read when training starts), so it loads and tokenizes.
+#[test]
+fn resumed_run_whose_checkpoint_is_rotated_away_keeps_its_tokenizer() {
+    let s = setup("llama_gqa");
+    std::fs::write(
+        s.model.join("generation_config.json"),
+        r#"{"eos_token_id": 2}"#,
+    )
+    .unwrap();
+    let (first, _) = run(&s.config("rot", "max_steps: 2\nsave_steps: 2\n"));
+    assert_eq!(first.global_step, 2);
+    // What an interrupted run leaves: its checkpoints only.
+    for e in std::fs::read_dir(s.out("rot")).unwrap() {
+        let p = e.unwrap().path();
+        if !p.ends_with("checkpoint-2") {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    let resumed = s.config(
+        "rot",
+        "max_steps: 4\nsave_steps: 2\nsave_total_limit: 1\nresume_from_checkpoint: true\n",
+    );
+    let (report, _) = run(&resumed);
+    assert_eq!(report.global_step, 4);
+    let out = s.out("rot");
+    assert!(!out.join("checkpoint-2").exists(), "rotated away");
+    for dir in [out.clone(), out.join("checkpoint-4")] {
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            assert_eq!(
+                std::fs::read(dir.join(f)).unwrap(),
+                std::fs::read(s.model.join(f)).unwrap(),
+                "{}/{f}",
+                dir.display()
+            );
+        }
+    }
+    diffattn::generate::TextCodec::load(&out).unwrap();
+}
+
 #[test]
 fn resume_continues_step_count_and_schedule() {
     let s = setup("diff_split_subln_gqa");

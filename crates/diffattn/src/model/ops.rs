@@ -405,14 +405,24 @@ mod rms_tests {
         let w = Tensor::randn(1f32, 0.2, 64, &d).unwrap();
         let want = rms_norm(&x, Some(&w), 1e-5).unwrap();
         for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
-            let got = rms_norm(&x.to_dtype(dt).unwrap(), Some(&w.to_dtype(dt).unwrap()), 1e-5)
-                .unwrap();
+            let got = rms_norm(
+                &x.to_dtype(dt).unwrap(),
+                Some(&w.to_dtype(dt).unwrap()),
+                1e-5,
+            )
+            .unwrap();
             assert_eq!(got.dtype(), dt);
             let got = got.to_dtype(candle_core::DType::F32).unwrap();
             // Rows have RMS 1 before the weight: |y| is O(1); half precision keeps ~3e-3.
             let err = max_diff(&got, &want);
             assert!(err < 3e-2, "{dt:?}: max |delta| {err}");
-            let peak = got.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let peak = got
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(peak > 1.0, "{dt:?}: the row was zeroed (max |y| {peak})");
         }
     }

@@ -250,14 +250,45 @@ impl TensorProducer for MapProducer<'_> {
     }
 }
 
+/// The tokenizer and generation files every saved model carries, read once when training
+/// starts: a resumed checkpoint they came from may be rotated away (`save_total_limit`)
+/// before the final save.
+pub(crate) struct SideFiles(Vec<(&'static str, Vec<u8>)>);
+
+impl SideFiles {
+    /// Reads `dir`'s tokenizer files and `generation_config.json` (those present).
+    fn read(dir: &Path) -> Result<Self> {
+        let mut files = Vec::new();
+        for name in crate::convert::TOKENIZER_FILES
+            .iter()
+            .copied()
+            .chain(["generation_config.json"])
+        {
+            let from = dir.join(name);
+            if from.is_file() {
+                files.push((name, std::fs::read(&from).at(&from)?));
+            }
+        }
+        Ok(Self(files))
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        for (name, bytes) in &self.0 {
+            let to = dir.join(name);
+            std::fs::write(&to, bytes).at(&to)?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes the model's tensors (in `dtype`), its config.json with `diff_attn_mix`, and the
-/// tokenizer / generation files of `side_dir` into `dir`.
+/// tokenizer / generation files `side` into `dir`.
 fn write_model(
     dir: &Path,
     tm: &TrainableModel,
     mix: f64,
     with_mix: bool,
-    side_dir: &Path,
+    side: &SideFiles,
 ) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (n, v) in &tm.vars {
@@ -282,7 +313,7 @@ fn write_model(
         raw.remove(MIX_KEY);
     }
     crate::config::write_json(&dir.join("config.json"), &Value::Object(raw))?;
-    crate::convert::copy_tokenizer_files(side_dir, &[side_dir], dir)?;
+    side.write(dir)?;
     Ok(())
 }
 
@@ -691,6 +722,9 @@ pub fn train(
         if let Some(t) = &cfg.axolotl.tokenizer_config {
             inputs.push(PathBuf::from(t));
         }
+        for dir in base.iter().chain([&model_dir]) {
+            inputs.extend(crate::output::resolved_files(dir));
+        }
         for input in inputs {
             let abs = crate::output::absolutize(&input)?;
             if abs.starts_with(&output_dir) {
@@ -731,6 +765,7 @@ pub fn train(
         });
     }
     let prepared = prepare_data(cfg, &tokenizer_dir, &tm.config)?;
+    let side = SideFiles::read(&tokenizer_dir)?;
     let n_train = prepared.train.len();
     if n_train == 0 {
         return Err(Error::InvalidValue {
@@ -1082,7 +1117,7 @@ pub fn train(
                     loss_total,
                     &sinks.history,
                 );
-                save_checkpoint(&dir, &tm, &opt, &st, is_diff, &tokenizer_dir)?;
+                save_checkpoint(&dir, &tm, &opt, &st, is_diff, &side)?;
                 on_event(Event::Info(format!("saved {}", dir.display())));
                 if let Some(limit) = cfg.save_total_limit {
                     for old in old_checkpoints(&output_dir, limit) {
@@ -1155,7 +1190,7 @@ pub fn train(
         loss_total,
         &sinks.history,
     );
-    save_final(&output_dir, &tm, &st, is_diff, &tokenizer_dir)?;
+    save_final(&output_dir, &tm, &st, is_diff, &side)?;
     let train_only: BTreeMap<_, _> = metrics
         .iter()
         .filter(|(k, _)| !k.starts_with("eval_") && *k != "perplexity")
@@ -1197,10 +1232,10 @@ fn save_checkpoint(
     opt: &optim::AdamW,
     st: &TrainerState,
     is_diff: bool,
-    side_dir: &Path,
+    side: &SideFiles,
 ) -> Result<()> {
     let staged = StagedDir::create(dir, true, &[])?;
-    write_model(staged.path(), tm, st.diff_attn_mix, is_diff, side_dir)?;
+    write_model(staged.path(), tm, st.diff_attn_mix, is_diff, side)?;
     let opt_tensors: HashMap<String, Tensor> = opt.state_tensors()?.into_iter().collect();
     let p = staged.path().join(OPTIMIZER_FILE);
     candle_core::safetensors::save(&opt_tensors, &p).map_err(|e| Error::Safetensors {
@@ -1223,14 +1258,14 @@ fn save_final(
     tm: &TrainableModel,
     st: &TrainerState,
     is_diff: bool,
-    side_dir: &Path,
+    side: &SideFiles,
 ) -> Result<()> {
     let stage = output_dir.join(format!(".final.partial-{}", std::process::id()));
     if stage.exists() {
         std::fs::remove_dir_all(&stage).at(&stage)?;
     }
     std::fs::create_dir(&stage).at(&stage)?;
-    let written = write_model(&stage, tm, st.diff_attn_mix, is_diff, side_dir).and_then(|_| {
+    let written = write_model(&stage, tm, st.diff_attn_mix, is_diff, side).and_then(|_| {
         crate::config::write_json(
             &stage.join(STATE_FILE),
             &serde_json::to_value(st).expect("serialisable"),
