@@ -134,9 +134,12 @@ struct EvaluateArgs {
     /// or one of its checkpoint-N directories.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Also write the metrics as JSON to this file.
+    /// Also write the metrics as JSON to this file (a new file, or see --overwrite).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(clap::Args)]
@@ -215,6 +218,9 @@ struct CompareArgs {
     /// Write each prompt's ids and both models' float32 logits as .npy with a manifest.json.
     #[arg(long)]
     save_logits: Option<PathBuf>,
+    /// Replace a non-empty --save-logits directory.
+    #[arg(long)]
+    overwrite: bool,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -672,6 +678,14 @@ fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
         }
         prompts.push("The quick brown fox".into());
     }
+    // Checked before the models run: refused inside an input or over a non-empty directory.
+    let staged = a
+        .save_logits
+        .as_ref()
+        .map(|d| {
+            diffattn::output::StagedDir::create(d, a.overwrite, &[&a.source_dir, &a.converted_dir])
+        })
+        .transpose()?;
     let results = diffattn::compare::compare_dirs(
         &a.source_dir,
         &a.converted_dir,
@@ -679,8 +693,8 @@ fn run_compare(a: &CompareArgs) -> Result<ExitCode> {
         a.max_new_tokens,
         compute_dtype(&a.dtype)?,
     )?;
-    if let Some(dir) = &a.save_logits {
-        diffattn::compare::save_logits(dir, &results)?;
+    if let Some(staged) = staged {
+        diffattn::compare::save_logits(staged, &results)?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
@@ -784,6 +798,13 @@ fn run_train(a: &TrainArgs) -> Result<()> {
 
 fn run_evaluate(a: &EvaluateArgs) -> Result<()> {
     let cfg = diffattn::train::TrainConfig::from_file(&a.config)?;
+    // The inputs --json must not replace: the config, the datasets, the model evaluated.
+    let mut inputs: Vec<&Path> = vec![&a.config];
+    inputs.extend(cfg.datasets.iter().map(|d| d.path.as_path()));
+    inputs.extend(a.model.as_deref());
+    if let Some(p) = &a.json {
+        diffattn::output::check_output_file(p, a.overwrite, &inputs)?;
+    }
     let (dir, r) = diffattn::train::evaluate(&cfg, a.model.as_deref())?;
     println!("model: {}", dir.display());
     let metrics = r.metrics();
@@ -791,8 +812,12 @@ fn run_evaluate(a: &EvaluateArgs) -> Result<()> {
         println!("  {k}: {v:.6}");
     }
     if let Some(p) = &a.json {
-        diffattn::config::write_json(p, &serde_json::json!(metrics))?;
-        println!("wrote {}", p.display());
+        inputs.push(&dir);
+        let mut text = serde_json::to_string_pretty(&serde_json::json!(metrics))?;
+        text.push('\n');
+        let written =
+            diffattn::output::write_file_safely(p, text.as_bytes(), a.overwrite, &inputs)?;
+        println!("wrote {}", written.display());
     }
     Ok(())
 }

@@ -740,6 +740,67 @@ fn evaluate_without_validation_split() {
     );
 }
 
+/// `evaluate --json` never replaces an input (the model's config.json here) nor, without
+/// `--overwrite`, an existing file; with it, the file is replaced.
+#[test]
+fn evaluate_json_never_replaces_an_input_or_an_existing_file() {
+    let c = train_case("val_set_size: 1\n");
+    let src = c.path("src");
+    let cfg_json = src.join("config.json");
+    let before = std::fs::read(&cfg_json).unwrap();
+    let config = c.config();
+    for model in [None, Some(src.to_str().unwrap())] {
+        let mut args = vec!["evaluate", &config];
+        args.extend(model.map(|m| ["--model", m]).into_iter().flatten());
+        let target = cfg_json.display().to_string();
+        args.extend(["--json", &target, "--overwrite"]);
+        let (ok, err) = cli(&args);
+        assert!(
+            !ok && err.contains("overlap") && err.contains("src"),
+            "{err}"
+        );
+        assert_eq!(before, std::fs::read(&cfg_json).unwrap());
+    }
+    let out = c.path("metrics.json");
+    std::fs::write(&out, "keep").unwrap();
+    let target = out.display().to_string();
+    let (ok, err) = cli(&["evaluate", &c.config(), "--json", &target]);
+    assert!(
+        !ok && err.contains("exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "keep");
+    let (ok, err) = cli(&["evaluate", &c.config(), "--json", &target, "--overwrite"]);
+    assert!(ok, "{err}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert!(m["eval_loss"].as_f64().unwrap().is_finite(), "{m}");
+}
+
+/// `compare --save-logits` refuses a directory inside either model and a non-empty directory
+/// (without `--overwrite`), before running anything.
+#[test]
+fn compare_save_logits_refuses_inputs_and_non_empty_directories() {
+    let c = Case::with_model(&TinyLlama::default());
+    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    let src = c.path("src").display().to_string();
+    let inside = c.path("src/logits").display().to_string();
+    let (ok, err) = cli(&["compare", &src, &src, "--save-logits", &inside]);
+    assert!(!ok && err.contains("overlap"), "{err}");
+    assert!(!c.path("src/logits").exists());
+    std::fs::create_dir(c.path("logits")).unwrap();
+    std::fs::write(c.path("logits/keep.txt"), "keep").unwrap();
+    let dir = c.path("logits").display().to_string();
+    let (ok, err) = cli(&["compare", &src, &src, "--save-logits", &dir]);
+    assert!(
+        !ok && err.contains("not empty") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert!(c.path("logits/keep.txt").is_file());
+    let (ok, err) = cli(&["compare", &src, &src, "--save-logits", &dir, "--overwrite"]);
+    assert!(ok, "{err}");
+    assert!(c.path("logits/manifest.json").is_file() && !c.path("logits/keep.txt").exists());
+}
+
 #[test]
 fn plot_without_metrics() {
     let c = Case::new();

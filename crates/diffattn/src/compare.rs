@@ -2,15 +2,16 @@
 //! with logits): per prompt, max and mean |Δ logit|, mean KL(source ‖ converted), top-1
 //! agreement over positions, and greedy continuations of both with and without the KV cache.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::generate::{generate, Sampling, TextCodec};
 use crate::model::Model;
+use crate::output::StagedDir;
 
 /// SPEC §8: output-preserving conversion vs source, f32.
 pub const PRESERVED_MAX_ABS: f32 = 1e-4;
@@ -206,15 +207,11 @@ pub fn compare_dirs(
 
 /// Writes, per prompt i, `prompt{i}_input_ids.npy` (u32 `[seq]`),
 /// `prompt{i}_source_logits.npy` and `prompt{i}_converted_logits.npy` (f32 `[seq, vocab]`),
-/// and `manifest.json` listing them with the prompts.
-pub fn save_logits(dir: &Path, results: &[PromptComparison]) -> Result<()> {
-    if dir.join("config.json").exists() || dir.join("model.safetensors").exists() {
-        return Err(Error::InvalidOptions(format!(
-            "--save-logits {}: this is a model directory; choose an empty or new directory",
-            dir.display()
-        )));
-    }
-    std::fs::create_dir_all(dir).at(dir)?;
+/// and `manifest.json` listing them with the prompts, into `staged` (see
+/// [`StagedDir::create`]: refused inside an input, or over a non-empty directory without
+/// `--overwrite`), then moves it into place.
+pub fn save_logits(staged: StagedDir, results: &[PromptComparison]) -> Result<PathBuf> {
+    let dir = staged.path();
     let mut entries = Vec::new();
     for (i, r) in results.iter().enumerate() {
         let ids = format!("prompt{i}_input_ids.npy");
@@ -240,5 +237,6 @@ pub fn save_logits(dir: &Path, results: &[PromptComparison]) -> Result<()> {
     crate::config::write_json(
         &dir.join("manifest.json"),
         &serde_json::json!({ "prompts": entries }),
-    )
+    )?;
+    staged.commit()
 }

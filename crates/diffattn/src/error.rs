@@ -80,6 +80,9 @@ pub enum Error {
     #[error("output directory {path} is not empty; pass --overwrite to replace it")]
     OutputNotEmpty { path: PathBuf },
 
+    #[error("output file {path} exists; pass --overwrite to replace it")]
+    OutputExists { path: PathBuf },
+
     #[error("output directory {path} is not writable: {source}")]
     OutputNotWritable {
         path: PathBuf,

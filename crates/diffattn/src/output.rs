@@ -43,6 +43,59 @@ pub fn absolutize(p: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Writes one output file the way [`StagedDir`] writes a directory: refused when `path` is (or
+/// is inside) one of `inputs` or is the target of one of their links, when it exists and
+/// `overwrite` is false, or when it is a directory; written to a hidden `.NAME.partial-PID`
+/// sibling and renamed into place.
+pub fn write_file_safely(
+    path: &Path,
+    bytes: &[u8],
+    overwrite: bool,
+    inputs: &[&Path],
+) -> Result<PathBuf> {
+    let dest = check_output_file(path, overwrite, inputs)?;
+    let parent = dest.parent().unwrap_or(Path::new("/"));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &dest));
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::OutputNotWritable { path: dest, source });
+    }
+    Ok(dest)
+}
+
+/// The checks of [`write_file_safely`] alone (to refuse before a long computation); returns
+/// the absolute destination.
+pub fn check_output_file(path: &Path, overwrite: bool, inputs: &[&Path]) -> Result<PathBuf> {
+    let dest = absolutize(path)?;
+    for input in inputs {
+        let input = absolutize(input)?;
+        if dest.starts_with(&input) || resolved_files(&input).contains(&dest) {
+            return Err(Error::OutputInsideSource {
+                output: dest.clone(),
+                source_dir: input,
+            });
+        }
+    }
+    if dest.is_dir() {
+        return Err(Error::OutputNotWritable {
+            path: dest,
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a directory with this name exists",
+            ),
+        });
+    }
+    if dest.exists() && !overwrite {
+        return Err(Error::OutputExists { path: dest });
+    }
+    Ok(dest)
+}
+
 /// The entries of directory `dir` with symlinks resolved (empty when `dir` is not a readable
 /// directory): what replacing another directory must leave alone.
 pub fn resolved_files(dir: &Path) -> Vec<PathBuf> {
