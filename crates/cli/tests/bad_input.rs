@@ -152,6 +152,39 @@ fn model_config_json_not_json() {
     );
 }
 
+/// Valid JSON with a value of the wrong type, or without a required key: the message names
+/// the key and the value, and does not call the file invalid JSON.
+#[test]
+fn model_config_wrong_type_or_missing_key_names_it() {
+    for (edit, needles) in [
+        (
+            ("num_attention_heads", "-4"),
+            &["src/config.json", "`num_attention_heads`", "-4"][..],
+        ),
+        (
+            ("num_attention_heads", "\"4\""),
+            &["`num_attention_heads`", "\"4\""][..],
+        ),
+        (("vocab_size", "null"), &["`vocab_size`"][..]),
+    ] {
+        let c = Case::with_model(&TinyLlama::default());
+        let path = c.path("src/config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[edit.0] = serde_json::from_str(edit.1).unwrap();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let err = c.fails(&["convert", &c.config()], needles);
+        assert!(!err.contains("not valid JSON"), "{err}");
+    }
+    let c = Case::with_model(&TinyLlama::default());
+    let path = c.path("src/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    c.fails(&["convert", &c.config()], &["`hidden_size`", "missing"]);
+}
+
 #[test]
 fn unsupported_architecture() {
     let c = Case::with_model(&TinyLlama::default());
@@ -540,6 +573,48 @@ fn config_declares_fewer_layers_than_the_weights() {
         &["convert", &c.config()],
         &["belongs to layer 1", "num_hidden_layers = 1"],
     );
+}
+
+/// An absurd layer count is refused at once against the layers the weights hold (it used to
+/// build a list of 10^15 expected tensors, or abort on an allocation in `generate`).
+#[test]
+fn config_declares_more_layers_than_the_weights() {
+    let c = Case::with_model(&TinyLlama::default());
+    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    edit_config(
+        &c,
+        "\"num_hidden_layers\": 2",
+        "\"num_hidden_layers\": 1000000000000000",
+    );
+    let needles = [
+        "config.json",
+        "`num_hidden_layers`",
+        "1000000000000000",
+        "2 decoder layers",
+    ];
+    c.fails(&["convert", &c.config()], &needles);
+    let src = c.path("src").display().to_string();
+    c.fails(&["generate", "--model", &src, "--prompt", "the"], &needles);
+}
+
+/// `tie_word_embeddings: false` without `lm_head.weight`: refused by name, not read as tied
+/// (transformers would give the missing head random values).
+#[test]
+fn untied_config_without_lm_head() {
+    let c = Case::with_model(&TinyLlama {
+        tie_word_embeddings: true,
+        ..TinyLlama::default()
+    });
+    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    edit_config(
+        &c,
+        "\"tie_word_embeddings\": true",
+        "\"tie_word_embeddings\": false",
+    );
+    let needles = ["lm_head.weight", "tie_word_embeddings: false"];
+    c.fails(&["convert", &c.config()], &needles);
+    let src = c.path("src").display().to_string();
+    c.fails(&["generate", "--model", &src, "--prompt", "the"], &needles);
 }
 
 #[test]

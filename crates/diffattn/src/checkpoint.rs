@@ -269,6 +269,11 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// [`check_layer_count`] over this checkpoint's tensor names.
+    pub fn check_layer_count(&self, num_layers: usize, config: &Path) -> Result<()> {
+        check_layer_count(self.names(), num_layers, config)
+    }
+
     /// Raw little-endian bytes of a tensor (borrowed from the memory map).
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let info = self.require(name)?;
@@ -308,4 +313,50 @@ impl Checkpoint {
             };
         }
     }
+}
+
+/// The decoder layer a tensor name belongs to (`model.layers.N.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Checks `num_hidden_layers` of `config` against the layers the tensor `names` hold, before
+/// anything is sized by it: more layers than the weights hold (an absurd count would
+/// otherwise allocate or loop for each missing layer), or a tensor of a layer beyond it.
+pub fn check_layer_count<'a>(
+    names: impl Iterator<Item = &'a str>,
+    num_layers: usize,
+    config: &Path,
+) -> Result<()> {
+    let mut present = 0;
+    let mut beyond = None;
+    for name in names {
+        if let Some(l) = layer_of(name) {
+            present = present.max(l + 1);
+            if l >= num_layers && beyond.is_none() {
+                beyond = Some((name.to_string(), l));
+            }
+        }
+    }
+    if let Some((name, l)) = beyond {
+        return Err(Error::Safetensors {
+            path: config.to_path_buf(),
+            msg: format!(
+                "tensor `{name}` belongs to layer {l}, but config.json has num_hidden_layers = {num_layers}"
+            ),
+        });
+    }
+    if num_layers > present {
+        return Err(Error::InvalidValue {
+            path: config.to_path_buf(),
+            key: "num_hidden_layers".into(),
+            value: num_layers.to_string(),
+            reason: format!("the weights hold {present} decoder layers (model.layers.N tensors)"),
+        });
+    }
+    Ok(())
 }

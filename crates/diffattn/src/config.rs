@@ -132,11 +132,7 @@ impl ModelConfig {
                 reason: "config.json must be a JSON object".into(),
             });
         };
-        let typed: LlamaConfig =
-            serde_json::from_value(Value::Object(raw.clone())).map_err(|source| Error::Json {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let typed: LlamaConfig = typed_from_json(Value::Object(raw.clone()), path)?;
         let architecture = match typed.architectures.as_deref() {
             Some([name]) => Architecture::from_class_name(name).ok_or_else(|| {
                 Error::UnsupportedArchitecture {
@@ -296,8 +292,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// `tie_word_embeddings`, default false as in transformers' LlamaConfig... except that a
-    /// checkpoint without `lm_head.weight` is tied whatever the flag says.
     /// `diff_attn_mix` (the warm-up factor in force when a training checkpoint was written;
     /// see [`MIX_KEY`]), validated to lie in [0, 1]; None when absent.
     pub fn diff_attn_mix(&self) -> Result<Option<f64>> {
@@ -315,6 +309,15 @@ impl ModelConfig {
         }
     }
 
+    /// Whether config.json says explicitly `"tie_word_embeddings": false`: the checkpoint must
+    /// then hold `lm_head.weight` (transformers would give a missing one random values).
+    pub fn requires_lm_head(&self) -> bool {
+        self.typed.tie_word_embeddings == Some(false)
+    }
+
+    /// `tie_word_embeddings`, default false as in transformers' LlamaConfig; a checkpoint
+    /// without `lm_head.weight` whose config does not say false is read as tied (see
+    /// [`ModelConfig::requires_lm_head`]).
     pub fn tie_word_embeddings(&self) -> bool {
         self.typed.tie_word_embeddings.unwrap_or(false)
     }
@@ -354,6 +357,50 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
     text.push('\n');
     std::fs::write(path, text).at(path)
+}
+
+/// Deserialises valid JSON `value` (read from `path`) into `T`; a wrong type or a missing
+/// field is reported with the key that holds it (`num_attention_heads`, `rope_scaling.factor`)
+/// and its value, not as invalid JSON.
+pub(crate) fn typed_from_json<T: serde::de::DeserializeOwned>(
+    value: Value,
+    path: &Path,
+) -> Result<T> {
+    let lookup = value.clone();
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let key = e.path().to_string();
+        let reason = e.inner().to_string();
+        if let Some(field) = reason
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'))
+        {
+            let key = if key == "." {
+                field.to_string()
+            } else {
+                format!("{key}.{field}")
+            };
+            return Error::MissingKey {
+                path: path.to_path_buf(),
+                key,
+            };
+        }
+        let found = key
+            .split('.')
+            .try_fold(&lookup, |v, k| {
+                match k.strip_prefix('[').and_then(|k| k.strip_suffix(']')) {
+                    Some(i) => v.get(i.parse::<usize>().ok()?),
+                    None => v.get(k),
+                }
+            })
+            .map(short)
+            .unwrap_or_default();
+        Error::InvalidValue {
+            path: path.to_path_buf(),
+            key,
+            value: found,
+            reason,
+        }
+    })
 }
 
 fn short(v: &Value) -> String {

@@ -338,6 +338,13 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     }
     let vocab = src.config.typed.vocab_size;
     src.config.check_supported()?;
+    ck.check_layer_count(dims.num_hidden_layers, &src.config.path)?;
+    if src.config.requires_lm_head() && ck.info("lm_head.weight").is_none() {
+        return Err(Error::MissingTensor {
+            path: ck.dir.clone(),
+            name: "lm_head.weight (config.json has tie_word_embeddings: false)".into(),
+        });
+    }
     ck.check_against(
         &src.config.expected_tensors()?,
         dims.num_hidden_layers,

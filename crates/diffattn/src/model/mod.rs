@@ -341,6 +341,11 @@ impl Model {
         origin: &Path,
         device: &Device,
     ) -> Result<Self> {
+        crate::checkpoint::check_layer_count(
+            w.keys().map(String::as_str),
+            mc.typed.num_hidden_layers,
+            &mc.path,
+        )?;
         let cfg = Config::from_model_config(mc)?;
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = w.get(name).ok_or_else(|| Error::MissingTensor {
@@ -435,6 +440,12 @@ impl Model {
         let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, dm])?;
         let lm_head = match w.get("lm_head.weight") {
             Some(_) => get("lm_head.weight", &[cfg.vocab_size, dm])?,
+            None if mc.requires_lm_head() => {
+                return Err(Error::MissingTensor {
+                    path: origin.to_path_buf(),
+                    name: "lm_head.weight (config.json has tie_word_embeddings: false)".into(),
+                })
+            }
             None => embed_tokens.clone(),
         };
         let dtype = embed_tokens.dtype();

@@ -366,7 +366,11 @@ impl TrainerState {
 fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).at(&p)?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: p, source })
+    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: p.clone(),
+        source,
+    })?;
+    crate::config::typed_from_json(value, &p)
 }
 
 /// `checkpoint-N` directories of `dir` beyond the newest `keep` (oldest first).
