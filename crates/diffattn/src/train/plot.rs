@@ -77,6 +77,21 @@ fn panel<DB: DrawingBackend>(
         y0 -= pad;
         y1 += pad;
     }
+    // Values near f64's limits (a diverged run's loss, a hand-edited file) make the span
+    // infinite, where plotters' tick search never ends: such a panel says so instead.
+    let plottable = [x0, x1, y0, y1, x1 - x0, y1 - y0]
+        .iter()
+        .all(|v| v.is_finite());
+    let message = if pts.is_empty() {
+        Some("no data in this run")
+    } else if !plottable {
+        Some("values too large to plot (the span overflows f64)")
+    } else {
+        None
+    };
+    if !plottable {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(8)
@@ -84,25 +99,28 @@ fn panel<DB: DrawingBackend>(
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
+    // Scientific notation for small values, with enough digits to tell ticks of a narrow
+    // range apart (a constant learning rate of 1e-5 spans 9.8e-6..1.02e-5).
     let small = y1.abs().max(y0.abs()) < 1e-2;
     let fmt = move |y: &f64| {
         if small {
-            format!("{y:.1e}")
+            format!("{y:.2e}")
         } else {
             format!("{y:.3}")
         }
     };
+    let x_digits = if x1 - x0 < 5.0 { 1 } else { 0 };
     chart
         .configure_mesh()
         .x_desc("step")
-        .x_label_formatter(&|x: &f64| format!("{x:.0}"))
+        .x_label_formatter(&|x: &f64| format!("{x:.x_digits$}"))
         .y_label_formatter(&fmt)
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(|e| e.to_string())?;
-    if pts.is_empty() {
+    if let Some(message) = message {
         area.draw(&Text::new(
-            "no data in this run",
+            message,
             (120, 100),
             ("sans-serif", 14).into_font(),
         ))
@@ -120,7 +138,7 @@ fn panel<DB: DrawingBackend>(
             });
         if s.len() == 1 {
             chart
-                .draw_series(std::iter::once(Circle::new(s[0], 3, color.filled())))
+                .draw_series(std::iter::once(Circle::new(s[0], 5, color.filled())))
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -193,7 +211,7 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             });
         }
     }
-    {
+    let drawn = (|| -> Result<()> {
         let root = BitMapBackend::new(&tmp, (1200, 800)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
         let areas = root.split_evenly((2, 2));
@@ -228,7 +246,39 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             .collect();
         panel(&areas[3], "negative-branch warm-up mix", &mix).map_err(fail)?;
         root.present().map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    })();
+    if let Err(e) = drawn {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, out).at(out)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values whose span overflows f64 used to send plotters' tick search into an endless
+    /// loop: the panel now says so and the plot is written (run on a thread with a deadline,
+    /// so a regression fails instead of hanging).
+    #[test]
+    fn values_spanning_beyond_f64_are_plotted_with_a_note() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(crate::train::METRICS_FILE),
+            "{\"step\":1,\"loss\":1e308,\"learning_rate\":1e308}\n{\"step\":2,\"loss\":-1e308,\"learning_rate\":0}\n{\"step\":1e308,\"diff_attn_mix\":1}\n{\"step\":-1e308,\"diff_attn_mix\":0}\n",
+        )
+        .unwrap();
+        let out = dir.path().join("plot.png");
+        let (run_dir, png) = (dir.path().to_path_buf(), out.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(plot(&run_dir, &png).map_err(|e| e.to_string())));
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("plot finished within 120 s");
+        r.unwrap();
+        assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
+    }
 }
