@@ -31,6 +31,8 @@ def main(run_dir: str) -> None:
                 tag = f"diff_attn/{k}"
             elif k.startswith("eval_"):
                 tag = f"eval/{k[5:]}"
+            elif k == "perplexity":  # logged with the eval record (train/mod.rs Sinks::log)
+                tag = "eval/perplexity"
             else:
                 tag = f"train/{k}"
             expected[(tag, step)] = v

@@ -482,7 +482,11 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
         } else {
             "the negative branch is non-zero (lambda != 0)"
         };
-        println!("  a match is not expected: {why}; --zero-init or --preserving-mirror with --no-sublayer-norm preserve outputs");
+        if o.layout == Layout::SplitHeads {
+            println!("  a match is not expected: {why} (no split-heads conversion preserves outputs; double heads with --zero-init or --preserving-mirror and --no-sublayer-norm do)");
+        } else {
+            println!("  a match is not expected: {why}; --zero-init or --preserving-mirror with --no-sublayer-norm preserve outputs");
+        }
     }
     Ok(())
 }
@@ -831,6 +835,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal (not in logs or captured stderr); no timestamp or
+        // module path, like the command's other messages.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {

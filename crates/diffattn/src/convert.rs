@@ -236,6 +236,10 @@ impl Plan {
             Layout::SplitHeads => "split heads",
         };
         let init = match self.options.init {
+            // Split heads draw no q/k: the second half of the source heads is the negative part.
+            Init::Random if self.options.layout == Layout::SplitHeads => {
+                "random lambda (q/k copied: heads H/2..H are the negative components; lambda ~ N(0, 0.1))"
+            }
             Init::Random => "random (negative q/k ~ N(0, initializer_range), lambda ~ N(0, 0.1))",
             Init::Zero => "zero-init (negative q/k = 0, lambda = 0, lambda_init = 0)",
             Init::Mirror => "mirror-weights (negative q/k = positive q/k, lambda ~ N(0, 0.1))",

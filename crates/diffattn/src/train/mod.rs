@@ -871,7 +871,7 @@ pub fn train(
         == Some(true);
     if preserving && cfg.diff_attn_warmup_steps.is_some() && is_diff {
         on_event(Event::Warning(
-            "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it              computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first              steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
+            "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
                 .into(),
         ));
     }
