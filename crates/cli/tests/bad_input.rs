@@ -185,6 +185,61 @@ fn model_config_wrong_type_or_missing_key_names_it() {
     c.fails(&["convert", &c.config()], &["`hidden_size`", "missing"]);
 }
 
+/// Numbers the forward depends on are checked when config.json is read, by `convert` as by
+/// `generate` (they used to run into NaN and print an empty generation, or be written into a
+/// converted config that the tool then could not run).
+#[test]
+fn model_config_numbers_out_of_range() {
+    for (key, value, needles) in [
+        ("rope_theta", "0", &["`rope_theta`", "positive"][..]),
+        ("rms_norm_eps", "-1", &["`rms_norm_eps`", "-1"][..]),
+        (
+            "max_position_embeddings",
+            "-1",
+            &["`max_position_embeddings`", "-1"][..],
+        ),
+        (
+            "rope_scaling",
+            r#"{"rope_type": "linear", "factor": 0}"#,
+            &["`rope_scaling`", "positive numeric `factor`"][..],
+        ),
+        (
+            "rope_scaling",
+            r#"{"rope_type": "llama3", "factor": 8.0}"#,
+            &["`rope_scaling`", "low_freq_factor"][..],
+        ),
+        (
+            "rope_scaling",
+            r#"{"type": "yarn", "factor": 2.0}"#,
+            &["`rope_scaling`", "yarn"][..],
+        ),
+    ] {
+        let c = Case::with_model(&TinyLlama::default());
+        diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+        let path = c.path("src/config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        c.fails(&["convert", &c.config()], needles);
+        let src = c.path("src").display().to_string();
+        c.fails(&["generate", "--model", &src, "--prompt", "the"], needles);
+    }
+}
+
+/// A tokenizer with more tokens than the model's vocabulary: a prompt token the embedding
+/// cannot look up is refused naming tokenizer.json and config.json's vocab_size.
+#[test]
+fn tokenizer_ids_beyond_the_vocabulary() {
+    let c = Case::with_model(&TinyLlama::default()); // vocab_size 32
+    diffattn::testing::write_word_tokenizer(&c.path("src"), 64).unwrap();
+    let src = c.path("src").display().to_string();
+    c.fails(
+        &["generate", "--model", &src, "--prompt", "the time said"],
+        &["tokenizer.json", "vocab_size 32", "does not belong"],
+    );
+}
+
 #[test]
 fn unsupported_architecture() {
     let c = Case::with_model(&TinyLlama::default());

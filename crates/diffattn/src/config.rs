@@ -169,8 +169,56 @@ impl ModelConfig {
             typed,
             architecture,
         };
-        cfg.dims()?;
+        let dims = cfg.dims()?;
+        cfg.check_numbers(dims.head_dim)?;
         Ok(cfg)
+    }
+
+    /// The numeric fields every forward depends on, checked when the config is read (so that
+    /// `convert` refuses what `generate` could not run, and nothing runs into NaN): `rope_theta`
+    /// finite and positive, `rms_norm_eps` finite and >= 0, `max_position_embeddings` a
+    /// non-negative integer, `rope_scaling` of a supported type with positive parameters.
+    fn check_numbers(&self, head_dim: usize) -> Result<()> {
+        let invalid = |key: &str, value: String, reason: &str| Error::InvalidValue {
+            path: self.path.clone(),
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        let (theta, scaling) = self.rope();
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(invalid(
+                "rope_theta",
+                theta.to_string(),
+                "must be a positive number",
+            ));
+        }
+        if let Some(e) = self.typed.rms_norm_eps {
+            if !(e.is_finite() && e >= 0.0) {
+                return Err(invalid(
+                    "rms_norm_eps",
+                    e.to_string(),
+                    "must be a number >= 0",
+                ));
+            }
+        }
+        if let Some(v) = self.raw.get("max_position_embeddings") {
+            if v.as_u64().is_none() {
+                return Err(invalid(
+                    "max_position_embeddings",
+                    short(v),
+                    "must be a non-negative integer",
+                ));
+            }
+        }
+        crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
+            invalid(
+                "rope_scaling",
+                scaling.map(|s| short(&s)).unwrap_or_default(),
+                &reason,
+            )
+        })?;
+        Ok(())
     }
 
     /// Resolves and validates the attention geometry.

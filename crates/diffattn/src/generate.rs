@@ -21,6 +21,10 @@ pub struct TextCodec {
     eos_token: Option<String>,
     /// Stop ids: generation_config.json's `eos_token_id`, else config.json's.
     pub eos_token_ids: Vec<u32>,
+    /// tokenizer.json's path and config.json's `vocab_size` (when the directory has one):
+    /// ids the embedding cannot look up are refused naming both.
+    tokenizer_path: std::path::PathBuf,
+    vocab_size: Option<u64>,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -67,17 +71,29 @@ impl TextCodec {
             bos_token: token_str(tc.get("bos_token")),
             eos_token: token_str(tc.get("eos_token")),
             eos_token_ids: eos,
+            vocab_size: cc.get("vocab_size").and_then(Value::as_u64),
+            tokenizer_path: tok_path,
         })
     }
 
     /// Token ids of a plain prompt (special tokens as the tokenizer's post-processor adds).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
+        let ids = self
             .tokenizer
             .encode(text, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?
             .get_ids()
-            .to_vec())
+            .to_vec();
+        if let Some(v) = self.vocab_size {
+            if let Some(&id) = ids.iter().find(|&&id| u64::from(id) >= v) {
+                return Err(Error::Tokenizer(format!(
+                    "{}: the prompt's token id {id} ({:?}) is beyond config.json's vocab_size {v}: this tokenizer does not belong to the model",
+                    self.tokenizer_path.display(),
+                    self.tokenizer.id_to_token(id).unwrap_or_default()
+                )));
+            }
+        }
+        Ok(ids)
     }
 
     /// Renders the chat template for one user message with the generation prompt, as

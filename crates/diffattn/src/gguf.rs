@@ -453,7 +453,9 @@ pub fn hf_config(g: &GgufFile, dtype: DType) -> Result<Value> {
         "rms_norm_eps".into(),
         json!(g
             .number(&key("attention.layer_norm_rms_epsilon"))?
-            .map(|e| e as f32 as f64)
+            // GGUF stores an f32: write its shortest decimal form (1e-5, not
+            // 9.999999747378752e-6); the two differ by ~2e-13 relatively.
+            .map(|e| format!("{}", e as f32).parse::<f64>().unwrap_or(e))
             .unwrap_or(1e-5)),
     );
     m.insert("rope_scaling".into(), rope_scaling);

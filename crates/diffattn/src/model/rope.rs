@@ -33,8 +33,9 @@ pub fn inv_freq(
     let num = |k: &str| -> std::result::Result<f32, String> {
         s.get(k)
             .and_then(Value::as_f64)
+            .filter(|v| v.is_finite() && *v > 0.0)
             .map(|v| v as f32)
-            .ok_or_else(|| format!("rope scaling {kind:?} needs a numeric `{k}`"))
+            .ok_or_else(|| format!("rope scaling {kind:?} needs a positive numeric `{k}`"))
     };
     match kind {
         "default" => Ok(base),
