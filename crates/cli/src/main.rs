@@ -534,6 +534,9 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
+    if a.temperature == 0.0 && (a.top_k.is_some() || a.top_p.is_some()) {
+        eprintln!("warning: --top-k/--top-p apply only when sampling: with --temperature 0 (the default) decoding is greedy");
+    }
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout();
@@ -806,7 +809,7 @@ fn run_train(a: &TrainArgs) -> Result<()> {
 }
 
 fn run_evaluate(a: &EvaluateArgs) -> Result<()> {
-    let cfg = diffattn::train::TrainConfig::from_file(&a.config)?;
+    let cfg = diffattn::train::TrainConfig::from_file_for_evaluation(&a.config)?;
     // The inputs --json must not replace: the config, the datasets, the model evaluated.
     let mut inputs: Vec<&Path> = vec![&a.config];
     inputs.extend(cfg.datasets.iter().map(|d| d.path.as_path()));

@@ -906,6 +906,27 @@ fn evaluate_json_never_replaces_an_input_or_an_existing_file() {
     assert!(m["eval_loss"].as_f64().unwrap().is_finite(), "{m}");
 }
 
+/// `evaluate` reads the data keys only: a config without the training keys `learning_rate`
+/// and `output_dir` evaluates.
+#[test]
+fn evaluate_without_training_keys() {
+    let c = train_case("val_set_size: 1\n");
+    let text: String = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("learning_rate:") && !l.starts_with("output_dir:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    c.write_config(&text);
+    let (ok, err) = cli(&["evaluate", &c.config()]);
+    assert!(ok, "{err}");
+    let (ok, err) = cli(&["train", &c.config()]);
+    assert!(
+        !ok && err.contains("`learning_rate`"),
+        "train still needs it: {err}"
+    );
+}
+
 /// `compare --save-logits` refuses a directory inside either model and a non-empty directory
 /// (without `--overwrite`), before running anything.
 #[test]

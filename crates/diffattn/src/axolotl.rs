@@ -69,6 +69,8 @@ impl AxolotlConfig {
 
     /// Parses YAML text; `path` names the source in errors.
     pub fn from_str(text: &str, path: &Path) -> Result<Self> {
+        // A UTF-8 byte order mark (some Windows editors write one) is not YAML content.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let value: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Yaml {
             path: path.to_path_buf(),
             msg: e.to_string(),
@@ -93,6 +95,12 @@ impl AxolotlConfig {
                 Some(v) => Err(invalid(key, v, "expected a non-empty string")),
             }
         };
+        // axolotl reads `plugins` as a list of names; the converted config appends to it.
+        match map.get("plugins") {
+            None | Some(Value::Null) => {}
+            Some(Value::Sequence(items)) if items.iter().all(Value::is_string) => {}
+            Some(v) => return Err(invalid("plugins", v, "expected a list of plugin names")),
+        }
         let base_model = string("base_model")?.ok_or_else(|| Error::MissingKey {
             path: path.to_path_buf(),
             key: "base_model".into(),
@@ -208,6 +216,7 @@ fn edit_document(text: &str) -> Result<(yaml_edit::Document, yaml_edit::Mapping)
         path: PathBuf::from("<axolotl config>"),
         msg,
     };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let doc = yaml_edit::Document::from_str(text).map_err(|e| bad(e.to_string()))?;
     let map = doc
         .as_mapping()

@@ -113,3 +113,24 @@ fn typed_keys_and_dtype_choice() {
         "{bad}"
     );
 }
+
+/// `plugins` that is not a list of names is refused by key (it used to be replaced silently),
+/// and a UTF-8 byte order mark is not taken for YAML content.
+#[test]
+fn plugins_not_a_list_and_byte_order_mark() {
+    let p = std::path::Path::new("c.yml");
+    for bad in [
+        "plugins: notalist\n",
+        "plugins:\n  x: 1\n",
+        "plugins:\n  - 3\n",
+    ] {
+        let text = format!("base_model: a/b\noutput_dir: o\n{bad}");
+        let err = AxolotlConfig::from_str(&text, p).unwrap_err().to_string();
+        assert!(
+            err.contains("`plugins`") && err.contains("list of plugin names"),
+            "{err}"
+        );
+    }
+    let cfg = AxolotlConfig::from_str("\u{feff}base_model: a/b\noutput_dir: o\n", p).unwrap();
+    assert_eq!(cfg.base_model, "a/b");
+}

@@ -539,6 +539,22 @@ impl TrainConfig {
         Self::from_axolotl(AxolotlConfig::from_file(path)?)
     }
 
+    /// [`TrainConfig::from_file`] for `evaluate`, which reads only the data keys (datasets,
+    /// `val_set_size`, `seed`, `sequence_len`...): the training-only keys `learning_rate` and
+    /// `output_dir` may be absent (every key present is still checked).
+    pub fn from_file_for_evaluation(path: &Path) -> Result<Self> {
+        let mut a = AxolotlConfig::from_file(path)?;
+        if let Some(m) = a.value.as_mapping_mut() {
+            if !m.contains_key("learning_rate") {
+                m.insert("learning_rate".into(), 0.0.into());
+            }
+        }
+        if a.output_dir.is_none() {
+            a.output_dir = Some(PathBuf::from("."));
+        }
+        Self::from_axolotl(a)
+    }
+
     /// Warm-up steps of the learning rate for `total` steps.
     pub fn lr_warmup(&self, total: usize) -> usize {
         match (self.warmup_steps, self.warmup_ratio) {
