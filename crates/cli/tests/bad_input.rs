@@ -240,6 +240,39 @@ fn tokenizer_ids_beyond_the_vocabulary() {
     );
 }
 
+/// A boolean of a differential config that is not a boolean is refused by key, by the
+/// forward and by export (it used to be read as the default).
+#[test]
+fn differential_flag_of_the_wrong_type() {
+    let c = Case::with_model(&TinyLlama::default());
+    let (ok, err) = cli(&["convert", &c.config()]);
+    assert!(ok, "{err}");
+    let conv = c.path("out");
+    diffattn::testing::write_word_tokenizer(&conv, 32).unwrap();
+    let path = conv.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["sublayer_norm"] = serde_json::json!("yes");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let dir = conv.display().to_string();
+    for args in [
+        vec!["generate", "--model", &dir, "--prompt", "the"],
+        vec![
+            "export",
+            "--to",
+            "diffllama",
+            &dir,
+            "/nonexistent-dt-test/x",
+        ],
+    ] {
+        let (ok, err) = cli(&args);
+        assert!(
+            !ok && err.contains("`sublayer_norm`") && err.contains("\"yes\""),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn unsupported_architecture() {
     let c = Case::with_model(&TinyLlama::default());

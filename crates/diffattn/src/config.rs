@@ -357,6 +357,21 @@ impl ModelConfig {
         }
     }
 
+    /// A boolean key of config.json (`split_heads`, `sublayer_norm`...): `default` when absent
+    /// or null; any other type is refused by key (not read as the default).
+    pub fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(Error::InvalidValue {
+                path: self.path.clone(),
+                key: key.into(),
+                value: short(v),
+                reason: "expected true or false".into(),
+            }),
+        }
+    }
+
     /// Whether config.json says explicitly `"tie_word_embeddings": false`: the checkpoint must
     /// then hold `lm_head.weight` (transformers would give a missing one random values).
     pub fn requires_lm_head(&self) -> bool {

@@ -142,8 +142,8 @@ pub fn export(
     );
     let ck = &src.checkpoint;
     let out_dtype = ck.require("model.embed_tokens.weight")?.dtype;
-    let flag = |k: &str, default: bool| cfg.raw.get(k).and_then(Value::as_bool).unwrap_or(default);
-    let split = from == Format::DiffLlama || flag("split_heads", false);
+    let flag = |k: &str, default: bool| cfg.flag(k, default);
+    let split = from == Format::DiffLlama || flag("split_heads", false)?;
     let mut warnings = Vec::new();
     let mut tensors: Vec<(PlannedTensor, Recipe)> = Vec::new();
     let mut push = |name: String, shape: Vec<usize>, r: Recipe| {
@@ -186,7 +186,7 @@ pub fn export(
         let formula = lambda_init(l);
         match to {
             Format::DiffLlama => {
-                if !flag("sublayer_norm", true) {
+                if !flag("sublayer_norm", true)? {
                     return Err(refuse(&src, "a model without a sub-layer norm cannot be expressed in the diffllama format: its RMS norm has no off switch".into()));
                 }
                 let stored = ck.to_f32(&format!("{a}lambda_init"))?[0] as f64;

@@ -80,15 +80,15 @@ impl Config {
         mc.check_supported()?;
         let dims = mc.dims()?;
         let raw = &mc.raw;
-        let flag = |k: &str, default: bool| raw.get(k).and_then(Value::as_bool).unwrap_or(default);
+        let flag = |k: &str, default: bool| mc.flag(k, default);
         let (attention, sublayer_norm) = match mc.architecture {
             Architecture::LlamaDifferential => (
-                if flag("split_heads", false) {
+                if flag("split_heads", false)? {
                     AttentionKind::SplitHeads
                 } else {
                     AttentionKind::DoubleHeads
                 },
-                if flag("sublayer_norm", true) {
+                if flag("sublayer_norm", true)? {
                     SubLayerNorm::Affine
                 } else {
                     SubLayerNorm::None
