@@ -237,13 +237,11 @@ impl Checkpoint {
     }
 
     /// Checks that the checkpoint matches `expected` (name -> shape): every expected tensor is
-    /// present with its shape, and no tensor of a layer beyond `num_layers` exists (a config that
-    /// declares fewer layers than the weights hold). `lm_head.weight`, when present, must have
-    /// `lm_head_shape`.
+    /// present with its shape. `lm_head.weight`, when present, must have `lm_head_shape`. (The
+    /// layer count is [`Checkpoint::check_layer_count`]'s.)
     pub fn check_against(
         &self,
         expected: &BTreeMap<String, Vec<usize>>,
-        num_layers: usize,
         lm_head_shape: &[usize],
     ) -> Result<()> {
         for (name, shape) in expected {
@@ -251,20 +249,6 @@ impl Checkpoint {
         }
         if self.info("lm_head.weight").is_some() {
             self.require_shape("lm_head.weight", lm_head_shape)?;
-        }
-        for name in self.names() {
-            let layer = name
-                .strip_prefix("model.layers.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|l| l.parse::<usize>().ok());
-            if let Some(l) = layer.filter(|&l| l >= num_layers) {
-                return Err(Error::Safetensors {
-                    path: self.file_of(name).unwrap_or(&self.dir).to_path_buf(),
-                    msg: format!(
-                        "tensor `{name}` belongs to layer {l}, but config.json has num_hidden_layers = {num_layers}"
-                    ),
-                });
-            }
         }
         Ok(())
     }
