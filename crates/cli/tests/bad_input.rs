@@ -166,6 +166,11 @@ fn model_config_wrong_type_or_missing_key_names_it() {
             &["`num_attention_heads`", "\"4\""][..],
         ),
         (("vocab_size", "null"), &["`vocab_size`"][..]),
+        // A nested key: the value is found through the path's segments.
+        (
+            ("architectures", "[3]"),
+            &["`architectures[0]`", "value 3:"][..],
+        ),
     ] {
         let c = Case::with_model(&TinyLlama::default());
         let path = c.path("src/config.json");

@@ -89,11 +89,7 @@ impl Checkpoint {
                 })?;
                 // A shard is a file of this directory: no absolute path, no `..`, no
                 // subdirectory (transformers writes plain names).
-                let plain = Path::new(file)
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)))
-                    && Path::new(file).components().count() == 1;
-                if !plain {
+                if Path::new(file).file_name() != Some(std::ffi::OsStr::new(file)) {
                     return Err(Error::InvalidValue {
                         path: index.clone(),
                         key: format!("weight_map.{name}"),

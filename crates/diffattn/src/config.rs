@@ -185,7 +185,7 @@ impl ModelConfig {
             value,
             reason: reason.into(),
         };
-        let (theta, scaling) = self.rope();
+        let (theta, _) = self.rope();
         if !(theta.is_finite() && theta > 0.0) {
             return Err(invalid(
                 "rope_theta",
@@ -211,14 +211,22 @@ impl ModelConfig {
                 ));
             }
         }
-        crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
-            invalid(
-                "rope_scaling",
-                scaling.map(|s| short(&s)).unwrap_or_default(),
-                &reason,
-            )
-        })?;
+        self.inv_freq(head_dim)?;
         Ok(())
+    }
+
+    /// RoPE inverse frequencies `[head_dim / 2]` of [`ModelConfig::rope`] (see
+    /// `model::rope::inv_freq`); an unsupported or incomplete `rope_scaling` is refused by key.
+    pub fn inv_freq(&self, head_dim: usize) -> Result<Vec<f32>> {
+        let (theta, scaling) = self.rope();
+        crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
+            Error::InvalidValue {
+                path: self.path.clone(),
+                key: "rope_scaling".into(),
+                value: scaling.map(|s| short(&s)).unwrap_or_default(),
+                reason,
+            }
+        })
     }
 
     /// Resolves and validates the attention geometry.
@@ -372,15 +380,22 @@ impl ModelConfig {
         }
     }
 
-    /// Whether config.json says explicitly `"tie_word_embeddings": false`: the checkpoint must
-    /// then hold `lm_head.weight` (transformers would give a missing one random values).
-    pub fn requires_lm_head(&self) -> bool {
-        self.typed.tie_word_embeddings == Some(false)
+    /// Refuses a checkpoint (`origin`) without `lm_head.weight` (`has_lm_head` false) when
+    /// config.json says explicitly `"tie_word_embeddings": false`: transformers would give the
+    /// missing head random values.
+    pub fn check_lm_head(&self, has_lm_head: bool, origin: &Path) -> Result<()> {
+        if !has_lm_head && self.typed.tie_word_embeddings == Some(false) {
+            return Err(Error::MissingTensor {
+                path: origin.to_path_buf(),
+                name: "lm_head.weight (config.json has tie_word_embeddings: false)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// `tie_word_embeddings`, default false as in transformers' LlamaConfig; a checkpoint
     /// without `lm_head.weight` whose config does not say false is read as tied (see
-    /// [`ModelConfig::requires_lm_head`]).
+    /// [`ModelConfig::check_lm_head`]).
     pub fn tie_word_embeddings(&self) -> bool {
         self.typed.tie_word_embeddings.unwrap_or(false)
     }
@@ -447,13 +462,13 @@ pub(crate) fn typed_from_json<T: serde::de::DeserializeOwned>(
                 key,
             };
         }
-        let found = key
-            .split('.')
-            .try_fold(&lookup, |v, k| {
-                match k.strip_prefix('[').and_then(|k| k.strip_suffix(']')) {
-                    Some(i) => v.get(i.parse::<usize>().ok()?),
-                    None => v.get(k),
-                }
+        let found = e
+            .path()
+            .iter()
+            .try_fold(&lookup, |v, segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => v.get(index),
+                serde_path_to_error::Segment::Map { key } => v.get(key.as_str()),
+                _ => None,
             })
             .map(short)
             .unwrap_or_default();

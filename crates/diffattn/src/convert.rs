@@ -343,12 +343,8 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     let vocab = src.config.typed.vocab_size;
     src.config.check_supported()?;
     ck.check_layer_count(dims.num_hidden_layers, &src.config.path)?;
-    if src.config.requires_lm_head() && ck.info("lm_head.weight").is_none() {
-        return Err(Error::MissingTensor {
-            path: ck.dir.clone(),
-            name: "lm_head.weight (config.json has tie_word_embeddings: false)".into(),
-        });
-    }
+    src.config
+        .check_lm_head(ck.info("lm_head.weight").is_some(), &ck.dir)?;
     ck.check_against(&src.config.expected_tensors()?, &[vocab, dm])?;
     let embed = ck.require("model.embed_tokens.weight")?;
     let out_dtype = options.dtype.resolve(embed.dtype);
@@ -674,23 +670,45 @@ pub fn copy_tokenizer_files(
     generation_dirs: &[&Path],
     dst: &Path,
 ) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    for name in TOKENIZER_FILES {
-        let from = tokenizer_dir.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, dst.join(name)).at(&from)?;
-            copied.push(name.to_string());
+    SideFiles::read(tokenizer_dir, generation_dirs)?.write(dst)
+}
+
+/// The tokenizer and generation files a model directory carries besides its weights and
+/// config, held in memory (a few MB): training reads them once and writes them with every
+/// checkpoint.
+pub(crate) struct SideFiles(Vec<(&'static str, Vec<u8>)>);
+
+impl SideFiles {
+    /// The [`TOKENIZER_FILES`] present in `tokenizer_dir` and the first
+    /// `generation_config.json` found in `generation_dirs`.
+    pub(crate) fn read(tokenizer_dir: &Path, generation_dirs: &[&Path]) -> Result<Self> {
+        let mut files = Vec::new();
+        let found = TOKENIZER_FILES
+            .iter()
+            .map(|&name| (name, tokenizer_dir.join(name)))
+            .chain(
+                generation_dirs
+                    .iter()
+                    .map(|d| d.join("generation_config.json"))
+                    .find(|p| p.is_file())
+                    .map(|p| ("generation_config.json", p)),
+            );
+        for (name, from) in found {
+            if from.is_file() {
+                files.push((name, std::fs::read(&from).at(&from)?));
+            }
         }
+        Ok(Self(files))
     }
-    for dir in generation_dirs {
-        let from = dir.join("generation_config.json");
-        if from.is_file() {
-            std::fs::copy(&from, dst.join("generation_config.json")).at(&from)?;
-            copied.push("generation_config.json".into());
-            break;
+
+    /// Writes the files into `dst`; returns their names.
+    pub(crate) fn write(&self, dst: &Path) -> Result<Vec<String>> {
+        for (name, bytes) in &self.0 {
+            let to = dst.join(name);
+            std::fs::write(&to, bytes).at(&to)?;
         }
+        Ok(self.0.iter().map(|(n, _)| n.to_string()).collect())
     }
-    Ok(copied)
 }
 
 /// What a finished conversion wrote.

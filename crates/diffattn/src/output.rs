@@ -43,6 +43,16 @@ pub fn absolutize(p: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The hidden staging sibling `.NAME.partial-PID{suffix}` of `dest`, renamed into place once
+/// complete ([`sweep_dead_partials`] removes those of killed runs).
+pub(crate) fn partial_path(dest: &Path, suffix: &str) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    dest.with_file_name(format!(".{name}.partial-{}{suffix}", std::process::id()))
+}
+
 /// Writes one output file the way [`StagedDir`] writes a directory: refused when `path` is (or
 /// is inside) one of `inputs` or is the target of one of their links, when it exists and
 /// `overwrite` is false, or when it is a directory; written to a hidden `.NAME.partial-PID`
@@ -54,12 +64,7 @@ pub fn write_file_safely(
     inputs: &[&Path],
 ) -> Result<PathBuf> {
     let dest = check_output_file(path, overwrite, inputs)?;
-    let parent = dest.parent().unwrap_or(Path::new("/"));
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let tmp = partial_path(&dest, "");
     let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &dest));
     if let Err(source) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -185,7 +190,7 @@ impl StagedDir {
             source,
         })?;
         sweep_dead_partials(&parent, &name);
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        let tmp = partial_path(&dest, "");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).at(&tmp)?;
         }

@@ -105,16 +105,7 @@ impl Config {
                 num_key_value_heads: dims.num_key_value_heads,
             });
         }
-        let (theta, scaling) = mc.rope();
-        let inv_freq =
-            rope::inv_freq(dims.head_dim, theta, scaling.as_ref()).map_err(|reason| {
-                Error::InvalidValue {
-                    path: mc.path.clone(),
-                    key: "rope_scaling".into(),
-                    value: scaling.map(|s| s.to_string()).unwrap_or_default(),
-                    reason,
-                }
-            })?;
+        let inv_freq = mc.inv_freq(dims.head_dim)?;
         Ok(Self {
             architecture: mc.architecture,
             hidden_size: dims.hidden_size,
@@ -440,13 +431,10 @@ impl Model {
         let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, dm])?;
         let lm_head = match w.get("lm_head.weight") {
             Some(_) => get("lm_head.weight", &[cfg.vocab_size, dm])?,
-            None if mc.requires_lm_head() => {
-                return Err(Error::MissingTensor {
-                    path: origin.to_path_buf(),
-                    name: "lm_head.weight (config.json has tie_word_embeddings: false)".into(),
-                })
+            None => {
+                mc.check_lm_head(false, origin)?;
+                embed_tokens.clone()
             }
-            None => embed_tokens.clone(),
         };
         let dtype = embed_tokens.dtype();
         let rope = rope::Rope::new(&cfg.inv_freq, d, cfg.max_position_embeddings.max(1), device)?;

@@ -353,7 +353,10 @@ impl candle_core::CustomOp2 for RmsNormW {
 /// multiplies it, as transformers' `LlamaRMSNorm` does: the residual stream of real models
 /// holds values whose square overflows f16 (max 65504), which would zero the whole row.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
-    if x.dtype() != candle_core::DType::F32 && x.dtype() != candle_core::DType::F64 {
+    if matches!(
+        x.dtype(),
+        candle_core::DType::F16 | candle_core::DType::BF16
+    ) {
         let y = rms_norm(&x.to_dtype(candle_core::DType::F32)?, None, eps)?.to_dtype(x.dtype())?;
         return match weight {
             Some(w) => y.broadcast_mul(w),

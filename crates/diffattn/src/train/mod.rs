@@ -40,6 +40,7 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
 use crate::config::{Architecture, ModelConfig};
+use crate::convert::SideFiles;
 use crate::error::{Error, IoContext, Result};
 use crate::generate::TextCodec;
 use crate::model::{AttentionProbs, Model};
@@ -247,37 +248,6 @@ impl TensorProducer for MapProducer<'_> {
             .flatten_all()?
             .to_vec1::<f32>()?;
         Ok(Cow::Owned(crate::dtype::from_f32(&x, t.dtype)))
-    }
-}
-
-/// The tokenizer and generation files every saved model carries, read once when training
-/// starts: a resumed checkpoint they came from may be rotated away (`save_total_limit`)
-/// before the final save.
-pub(crate) struct SideFiles(Vec<(&'static str, Vec<u8>)>);
-
-impl SideFiles {
-    /// Reads `dir`'s tokenizer files and `generation_config.json` (those present).
-    fn read(dir: &Path) -> Result<Self> {
-        let mut files = Vec::new();
-        for name in crate::convert::TOKENIZER_FILES
-            .iter()
-            .copied()
-            .chain(["generation_config.json"])
-        {
-            let from = dir.join(name);
-            if from.is_file() {
-                files.push((name, std::fs::read(&from).at(&from)?));
-            }
-        }
-        Ok(Self(files))
-    }
-
-    fn write(&self, dir: &Path) -> Result<()> {
-        for (name, bytes) in &self.0 {
-            let to = dir.join(name);
-            std::fs::write(&to, bytes).at(&to)?;
-        }
-        Ok(())
     }
 }
 
@@ -769,7 +739,9 @@ pub fn train(
         });
     }
     let prepared = prepare_data(cfg, &tokenizer_dir, &tm.config)?;
-    let side = SideFiles::read(&tokenizer_dir)?;
+    // Read once: a resumed checkpoint they come from may be rotated away
+    // (`save_total_limit`) before the final save.
+    let side = SideFiles::read(&tokenizer_dir, &[&tokenizer_dir])?;
     let n_train = prepared.train.len();
     if n_train == 0 {
         return Err(Error::InvalidValue {
@@ -1264,7 +1236,7 @@ fn save_final(
     is_diff: bool,
     side: &SideFiles,
 ) -> Result<()> {
-    let stage = output_dir.join(format!(".final.partial-{}", std::process::id()));
+    let stage = crate::output::partial_path(&output_dir.join("final"), "");
     if stage.exists() {
         std::fs::remove_dir_all(&stage).at(&stage)?;
     }

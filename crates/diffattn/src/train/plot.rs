@@ -193,13 +193,8 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
         path: out.to_path_buf(),
         source: std::io::Error::other(e),
     };
-    let tmp = out.with_file_name(format!(
-        ".{}.partial-{}.png",
-        out.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    // `.png` kept last: the bitmap backend picks the format from the extension.
+    let tmp = crate::output::partial_path(out, ".png");
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
             return Err(Error::OutputNotWritable {
