@@ -6,9 +6,9 @@
 //! op copies with candle's generic strided copy, and splitting `[b, s, n·d]` into heads then
 //! applying RoPE is six ops each allocating a tensor. Here:
 //! - [`linear`]: `y = x Wᵀ`, `x` `[n, in]`, `W` `[out, in]` -> `[n, out]`. With 16 rows or more
-//!   the product is computed as `W xᵀ` (`[out, n]`, the orientation in which the `gemm` crate
-//!   splits work over both threads) and transposed by a blocked copy; the backward does the same
-//!   for `dx = g W` (as `Wᵀ gᵀ`) and computes `dW = gᵀ x` directly.
+//!   the product is computed as `W xᵀ` (`[out, n]`), written column-major straight into `y`,
+//!   with `W`'s rows cut into one block per thread ([`gemm_col_major_split`]); the backward
+//!   does the same for `dx = g W` (as `Wᵀ gᵀ`) and computes `dW = gᵀ x` directly.
 //! - [`rope_heads`]: `[b, s, n·d]` -> `[b, n, s, d]` with rotary embeddings applied
 //!   (Hugging Face `rotate_half` convention: `x·cos + rotate_half(x)·sin`), one pass; backward
 //!   rotates the gradient back (the transpose of the rotation) in one pass.
@@ -123,36 +123,96 @@ fn gemm_with(
     }
 }
 
-/// `dst [cols, rows] = srcᵀ` for `src [rows, cols]`, in parallel over blocks of 16 `dst` rows.
-///
-/// Each 16 × 16 tile is read row by row from `src` into a small buffer and written row by row
-/// to `dst`, so both sides touch whole cache lines. (Writing `dst` one column at a time instead
-/// sends 16-32 lines `rows · 4` bytes apart into the same few L1 sets whenever `rows` is a
-/// multiple of 1024: 1536-row products transposed 3× slower.)
-pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const T: usize = 16;
-    assert_eq!(src.len(), rows * cols);
-    assert_eq!(dst.len(), rows * cols);
-    dst.par_chunks_mut((T * rows).max(1))
-        .enumerate()
-        .for_each(|(cb, out)| {
-            let c0 = cb * T;
-            let nc = out.len() / rows;
-            let mut tile = [0f32; T * T];
-            for r0 in (0..rows).step_by(T) {
-                let nr = (rows - r0).min(T);
-                for r in 0..nr {
-                    let at = (r0 + r) * cols + c0;
-                    for (c, &v) in src[at..at + nc].iter().enumerate() {
-                        tile[c * T + r] = v;
-                    }
-                }
-                for c in 0..nc {
-                    out[c * rows + r0..c * rows + r0 + nr]
-                        .copy_from_slice(&tile[c * T..c * T + nr]);
-                }
-            }
-        });
+/// `dst = a · b` for `a` `[m, k]`, `b` `[k, n]` and `dst` `[m, n]` laid out column-major
+/// (`dst[i, j]` at `i + j·ld`, `ld >= m`: the transpose of a row-major `[n, ld]` buffer), its
+/// `m` rows cut into one block per thread (multiples of 16 rows: the AVX2 kernel's 16-row
+/// tile), each block a single-threaded product. Compared with one multi-threaded product
+/// (the `gemm` crate synchronises its threads after packing each operand block of every
+/// depth chunk) and a transposing copy of the result, this writes `dst` in place and
+/// synchronises once. SmolLM2's 128-token prefill, 2 cores (AMD EPYC, AVX2), 8 alternations
+/// against the previous binary: median 254 -> 286 tok/s, faster in every pair.
+pub(crate) fn gemm_col_major_split(
+    dst: &mut [f32],
+    ld: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+) {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    gemm_col_major_blocks(dst, ld, m, n, k, a, b, threads)
+}
+
+/// [`gemm_col_major_split`] in (at most) `blocks` blocks of rows.
+#[allow(clippy::too_many_arguments)]
+fn gemm_col_major_blocks(
+    dst: &mut [f32],
+    ld: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    blocks: usize,
+) {
+    /// The destination's base address, shared by the blocks (each writes its own rows).
+    struct Dst(*mut f32);
+    // SAFETY: only used to write disjoint element sets from the threads below.
+    unsafe impl Sync for Dst {}
+    assert!(ld >= m && dst.len() >= ld * n.saturating_sub(1) + m);
+    let last = |x: &Mat, r: usize, c: usize| {
+        (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for col in dst.chunks_mut(ld).take(n) {
+            col[..m].fill(0.0);
+        }
+        return;
+    }
+    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
+    let rows = m.div_ceil(blocks.max(1)).next_multiple_of(16).min(m);
+    let base = Dst(dst.as_mut_ptr());
+    let base = &base;
+    let block = |i0: usize| {
+        let len = rows.min(m - i0);
+        // SAFETY: rows i0..i0 + len of `a` and `dst` lie inside their slices (bounds checked
+        // above for the whole product); blocks write disjoint rows of `dst`, and `dst` is
+        // borrowed mutably for the whole call.
+        unsafe {
+            gemm::gemm(
+                len,
+                n,
+                k,
+                base.0.add(i0),
+                ld as isize,
+                1,
+                false,
+                a.data.as_ptr().offset(i0 as isize * a.rs),
+                a.cs,
+                a.rs,
+                b.data.as_ptr(),
+                b.cs,
+                b.rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if rows >= m {
+        block(0);
+    } else {
+        (0..m.div_ceil(rows))
+            .into_par_iter()
+            .for_each(|b| block(b * rows));
+    }
 }
 
 /// Where the weight gradients of [`linear`] go while a [`WeightGradSink`] is open on this
@@ -286,9 +346,8 @@ impl LinearOp {
             cs: inp as isize,
         };
         if n >= TRANSPOSED_FROM_ROWS {
-            let mut tmp = buffer(out * n);
-            gemm_into(&mut tmp, out, n, inp, ws, xt);
-            transpose_into(&tmp, out, n, &mut y);
+            // yᵀ = W xᵀ, written column-major into y.
+            gemm_col_major_split(&mut y, out, out, n, inp, ws, xt);
         } else if out * inp < FEW_ROWS_SPLIT_FROM || candle_core::utils::get_num_threads() < 2 {
             gemm_into(&mut y, n, out, inp, xs, wt);
         } else {
@@ -425,14 +484,13 @@ pub(crate) fn linear_grads(
     });
     let mut dx = buffer(n * inp);
     if n >= TRANSPOSED_FROM_ROWS {
-        let mut tmp = buffer(inp * n);
+        // dxᵀ = Wᵀ gᵀ, written column-major into dx.
         let wt = Mat {
             data: w,
             rs: 1,
             cs: inp as isize,
         };
-        gemm_into(&mut tmp, inp, n, out, wt, gt);
-        transpose_into(&tmp, inp, n, &mut dx);
+        gemm_col_major_split(&mut dx, inp, inp, n, out, wt, gt);
     } else {
         // g [n, out] is gᵀ read the other way round.
         let gs = Mat {
@@ -800,10 +858,12 @@ mod tests {
     fn linear_matches_matmul_and_its_gradients() {
         let d = Device::Cpu;
         // Few rows, many rows; few rows over a weight large enough to be split over threads
-        // (`FEW_ROWS_SPLIT_FROM`; 1299 rows: blocks of unequal length).
+        // (`FEW_ROWS_SPLIT_FROM`); many rows, whose products go to the threads in blocks of
+        // 16-row multiples (53 and 1299 rows: blocks of unequal length).
         for (n, out, inp) in [
             (3usize, 53usize, 37usize),
             (40, 53, 37),
+            (40, 1299, 64),
             (1, 1299, 64),
             (5, 1299, 64),
         ] {
@@ -823,6 +883,55 @@ mod tests {
                 );
                 assert!(max_diff(p, q) < 1e-4, "n {n}: {}", max_diff(p, q));
                 assert!(max_diff(p, &p.zeros_like().unwrap()) > 0.1);
+            }
+        }
+    }
+
+    /// The blocked column-major product against a plain triple loop: blocks of unequal
+    /// length, more blocks than 16-row tiles, a leading dimension wider than the rows (the
+    /// padding left untouched), strided operands and an empty sum.
+    #[test]
+    fn column_major_blocks_match_a_plain_product() {
+        for (m, n, k, ld, blocks) in [
+            (53usize, 7usize, 9usize, 53usize, 2usize),
+            (53, 7, 9, 60, 3),
+            (16, 3, 5, 16, 4),
+            (1299, 4, 6, 1300, 2),
+            (40, 5, 0, 41, 2),
+            (8, 2, 3, 8, 1),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
+                .collect();
+            // a [m, k] row-major; b [k, n] stored column-major (as `xᵀ` is).
+            let am = Mat {
+                data: &a,
+                rs: k as isize,
+                cs: 1,
+            };
+            let bm = Mat {
+                data: &b,
+                rs: 1,
+                cs: k as isize,
+            };
+            let mut dst = vec![f32::NAN; ld * n];
+            gemm_col_major_blocks(&mut dst, ld, m, n, k, am, bm, blocks);
+            for j in 0..n {
+                for i in 0..ld {
+                    let got = dst[i + j * ld];
+                    if i >= m {
+                        assert!(got.is_nan(), "padding written at {i},{j}");
+                        continue;
+                    }
+                    let want: f32 = (0..k).map(|p| a[i * k + p] * b[p + j * k]).sum();
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} in {blocks} blocks at {i},{j}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
@@ -1033,31 +1142,5 @@ mod tests {
                 .unwrap(),
             0.0
         );
-    }
-
-    #[test]
-    fn transpose_blocks_cover_every_element() {
-        // Partial tiles on either side, exact tiles, single rows/columns, a 1024-multiple.
-        for (rows, cols) in [
-            (70usize, 45usize),
-            (1536, 20),
-            (5, 3),
-            (16, 32),
-            (33, 1),
-            (1, 40),
-        ] {
-            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let mut dst = vec![-1f32; rows * cols];
-            transpose_into(&src, rows, cols, &mut dst);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(
-                        dst[c * rows + r],
-                        src[r * cols + c],
-                        "{rows}x{cols} at {r},{c}"
-                    );
-                }
-            }
-        }
     }
 }
