@@ -7,7 +7,7 @@
 //! applying RoPE is six ops each allocating a tensor. Here:
 //! - [`linear`]: `y = x Wᵀ`, `x` `[n, in]`, `W` `[out, in]` -> `[n, out]`. With 16 rows or more
 //!   the product is computed as `W xᵀ` (`[out, n]`), written column-major straight into `y`,
-//!   with `W`'s rows cut into one block per thread ([`gemm_col_major_split`]); the backward
+//!   with `W`'s rows cut into one block per thread ([`gemm_split`]); the backward
 //!   does the same for `dx = g W` (as `Wᵀ gᵀ`) and computes `dW = gᵀ x` directly.
 //! - [`rope_heads`]: `[b, s, n·d]` -> `[b, n, s, d]` with rotary embeddings applied
 //!   (Hugging Face `rotate_half` convention: `x·cos + rotate_half(x)·sin`), one pass; backward
@@ -50,25 +50,14 @@ pub(crate) struct Mat<'a> {
     pub cs: isize,
 }
 
-/// `dst` `[m, n]` (row-major, contiguous) `= a [m, k] · b [k, n]`.
+/// `dst` `[m, n]` (row-major, contiguous) `= a [m, k] · b [k, n]`, one product of the `gemm`
+/// crate on all threads.
 pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
-    gemm_mat(dst, m, n, k, a, b, false)
+    gemm_with(dst, m, n, k, a, b, false, threads())
 }
 
-/// `dst [m, n] (+)= a · b`: overwritten, or accumulated into when `accumulate`.
-pub(crate) fn gemm_mat(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
-    gemm_with(dst, m, n, k, a, b, accumulate, threads())
-}
-
-/// [`gemm_mat`] on the given threads.
+/// `dst [m, n] (+)= a · b` (row-major, contiguous) on the given threads: overwritten, or
+/// accumulated into when `accumulate`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_with(
     dst: &mut [f32],
@@ -123,56 +112,71 @@ fn gemm_with(
     }
 }
 
-/// `dst = a · b` for `a` `[m, k]`, `b` `[k, n]` and `dst` `[m, n]` laid out column-major
-/// (`dst[i, j]` at `i + j·ld`, `ld >= m`: the transpose of a row-major `[n, ld]` buffer), its
-/// `m` rows cut into one block per thread (multiples of 16 rows: the AVX2 kernel's 16-row
-/// tile), each block a single-threaded product. Compared with one multi-threaded product
-/// (the `gemm` crate synchronises its threads after packing each operand block of every
-/// depth chunk) and a transposing copy of the result, this writes `dst` in place and
-/// synchronises once. SmolLM2's 128-token prefill, 2 cores (AMD EPYC, AVX2), 8 alternations
-/// against the previous binary: median 254 -> 286 tok/s, faster in every pair.
-pub(crate) fn gemm_col_major_split(
+/// `dst [m, n] (+)= a [m, k] · b [k, n]`, `dst[i, j]` at `i·rs + j·cs` (row-major `rs = n,
+/// cs = 1`, or the transpose of a row-major buffer: `rs = 1, cs = ld`), overwritten or
+/// accumulated into when `accumulate`. The `m` rows are cut into one block per thread
+/// (multiples of 16 rows, the AVX2 kernel's tile), each block a single-threaded product.
+///
+/// Why: a multi-threaded product of the `gemm` crate synchronises its threads after packing
+/// each operand block of every depth chunk, and a result computed transposed (`W xᵀ`, the
+/// orientation that keeps both threads busy) had to be copied back; here the result is
+/// written in place with one synchronisation. SmolLM2's 128-token prefill, 2 cores (AMD EPYC,
+/// AVX2), 8 alternations against the previous binary: median 254 -> 286 tok/s, faster in
+/// every pair.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_split(
     dst: &mut [f32],
-    ld: usize,
+    rs: usize,
+    cs: usize,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
     b: Mat,
+    accumulate: bool,
 ) {
     let threads = candle_core::utils::get_num_threads().max(1);
-    gemm_col_major_blocks(dst, ld, m, n, k, a, b, threads)
+    gemm_blocks(dst, rs, cs, m, n, k, a, b, accumulate, threads)
 }
 
-/// [`gemm_col_major_split`] in (at most) `blocks` blocks of rows.
+/// [`gemm_split`] in (at most) `blocks` blocks of rows.
 #[allow(clippy::too_many_arguments)]
-fn gemm_col_major_blocks(
+fn gemm_blocks(
     dst: &mut [f32],
-    ld: usize,
+    rs: usize,
+    cs: usize,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
     b: Mat,
+    accumulate: bool,
     blocks: usize,
 ) {
     /// The destination's base address, shared by the blocks (each writes its own rows).
     struct Dst(*mut f32);
     // SAFETY: only used to write disjoint element sets from the threads below.
     unsafe impl Sync for Dst {}
-    assert!(ld >= m && dst.len() >= ld * n.saturating_sub(1) + m);
-    let last = |x: &Mat, r: usize, c: usize| {
-        (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
-    };
     if m == 0 || n == 0 {
         return;
     }
+    // Distinct (row, column) pairs must address distinct elements, all inside `dst`.
+    assert!((rs >= n * cs || cs >= m * rs) && (m - 1) * rs + (n - 1) * cs < dst.len());
     if k == 0 {
-        for col in dst.chunks_mut(ld).take(n) {
-            col[..m].fill(0.0);
+        // An empty sum (the gemm crate would leave dst unwritten).
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * rs + j * cs] = 0.0;
+                }
+            }
         }
         return;
     }
+    let last = |x: &Mat, r: usize, c: usize| {
+        (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
+    };
+    assert!(a.rs >= 0 && a.cs >= 0 && b.rs >= 0 && b.cs >= 0);
     assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
     let rows = m.div_ceil(blocks.max(1)).next_multiple_of(16).min(m);
     let base = Dst(dst.as_mut_ptr());
@@ -180,24 +184,25 @@ fn gemm_col_major_blocks(
     let block = |i0: usize| {
         let len = rows.min(m - i0);
         // SAFETY: rows i0..i0 + len of `a` and `dst` lie inside their slices (bounds checked
-        // above for the whole product); blocks write disjoint rows of `dst`, and `dst` is
+        // above for the whole product, strides non-negative); distinct rows address distinct
+        // elements (checked above), so the blocks write disjoint elements, and `dst` is
         // borrowed mutably for the whole call.
         unsafe {
             gemm::gemm(
                 len,
                 n,
                 k,
-                base.0.add(i0),
-                ld as isize,
-                1,
-                false,
+                base.0.add(i0 * rs),
+                cs as isize,
+                rs as isize,
+                accumulate,
                 a.data.as_ptr().offset(i0 as isize * a.rs),
                 a.cs,
                 a.rs,
                 b.data.as_ptr(),
                 b.cs,
                 b.rs,
-                0.0,
+                if accumulate { 1.0 } else { 0.0 },
                 1.0,
                 false,
                 false,
@@ -347,7 +352,7 @@ impl LinearOp {
         };
         if n >= TRANSPOSED_FROM_ROWS {
             // yᵀ = W xᵀ, written column-major into y.
-            gemm_col_major_split(&mut y, out, out, n, inp, ws, xt);
+            gemm_split(&mut y, 1, out, out, n, inp, ws, xt, false);
         } else if out * inp < FEW_ROWS_SPLIT_FROM || candle_core::utils::get_num_threads() < 2 {
             gemm_into(&mut y, n, out, inp, xs, wt);
         } else {
@@ -480,7 +485,7 @@ pub(crate) fn linear_grads(
         cs: 1,
     };
     let dw = weight_gradient(weight, out * inp, |acc, fresh| {
-        gemm_mat(acc, out, inp, n, gt, xs, !fresh)
+        gemm_split(acc, inp, 1, out, inp, n, gt, xs, !fresh)
     });
     let mut dx = buffer(n * inp);
     if n >= TRANSPOSED_FROM_ROWS {
@@ -490,7 +495,7 @@ pub(crate) fn linear_grads(
             rs: 1,
             cs: inp as isize,
         };
-        gemm_col_major_split(&mut dx, inp, inp, n, out, wt, gt);
+        gemm_split(&mut dx, 1, inp, inp, n, out, wt, gt, false);
     } else {
         // g [n, out] is gᵀ read the other way round.
         let gs = Mat {
@@ -887,18 +892,20 @@ mod tests {
         }
     }
 
-    /// The blocked column-major product against a plain triple loop: blocks of unequal
-    /// length, more blocks than 16-row tiles, a leading dimension wider than the rows (the
-    /// padding left untouched), strided operands and an empty sum.
+    /// The blocked product against a plain triple loop, in the two layouts it is used with:
+    /// row-major, and column-major with a leading dimension wider than the rows (the padding
+    /// left untouched); blocks of unequal length, more blocks than 16-row tiles, an operand
+    /// read transposed, accumulation and an empty sum.
     #[test]
-    fn column_major_blocks_match_a_plain_product() {
-        for (m, n, k, ld, blocks) in [
-            (53usize, 7usize, 9usize, 53usize, 2usize),
-            (53, 7, 9, 60, 3),
-            (16, 3, 5, 16, 4),
-            (1299, 4, 6, 1300, 2),
-            (40, 5, 0, 41, 2),
-            (8, 2, 3, 8, 1),
+    fn blocked_products_match_a_plain_product() {
+        for (m, n, k, ld, blocks, accumulate) in [
+            (53usize, 7usize, 9usize, 53usize, 2usize, false),
+            (53, 7, 9, 60, 3, true),
+            (16, 3, 5, 16, 4, false),
+            (1299, 4, 6, 1300, 2, false),
+            (40, 5, 0, 41, 2, false),
+            (40, 5, 0, 41, 2, true),
+            (8, 2, 3, 8, 1, true),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
@@ -917,19 +924,44 @@ mod tests {
                 rs: 1,
                 cs: k as isize,
             };
+            let start = |i: usize, j: usize| ((i * 3 + j * 5) % 7) as f32 - 3.0;
+            let want = |i: usize, j: usize| {
+                let p: f32 = (0..k).map(|p| a[i * k + p] * b[p + j * k]).sum();
+                p + if accumulate { start(i, j) } else { 0.0 }
+            };
+            let close = |got: f32, want: f32| (got - want).abs() <= 1e-4 * (1.0 + want.abs());
+            // Column-major into a wider buffer.
             let mut dst = vec![f32::NAN; ld * n];
-            gemm_col_major_blocks(&mut dst, ld, m, n, k, am, bm, blocks);
+            for j in 0..n {
+                for i in 0..m {
+                    dst[i + j * ld] = start(i, j);
+                }
+            }
+            gemm_blocks(&mut dst, 1, ld, m, n, k, am, bm, accumulate, blocks);
             for j in 0..n {
                 for i in 0..ld {
                     let got = dst[i + j * ld];
                     if i >= m {
                         assert!(got.is_nan(), "padding written at {i},{j}");
-                        continue;
+                    } else {
+                        assert!(
+                            close(got, want(i, j)),
+                            "{m}x{n}x{k} col-major in {blocks} blocks at {i},{j}: {got} vs {}",
+                            want(i, j)
+                        );
                     }
-                    let want: f32 = (0..k).map(|p| a[i * k + p] * b[p + j * k]).sum();
+                }
+            }
+            // Row-major.
+            let mut dst: Vec<f32> = (0..m * n).map(|e| start(e / n, e % n)).collect();
+            gemm_blocks(&mut dst, n, 1, m, n, k, am, bm, accumulate, blocks);
+            for i in 0..m {
+                for j in 0..n {
+                    let got = dst[i * n + j];
                     assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} in {blocks} blocks at {i},{j}: {got} vs {want}"
+                        close(got, want(i, j)),
+                        "{m}x{n}x{k} row-major in {blocks} blocks at {i},{j}: {got} vs {}",
+                        want(i, j)
                     );
                 }
             }
