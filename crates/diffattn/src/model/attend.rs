@@ -17,6 +17,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::cpu::{all_cpu_f32, f32_slice, with_f32};
+use super::layout::{gemm_strided, Mat, Threads};
 
 use super::AttentionKind;
 
@@ -39,44 +40,23 @@ fn gemm_rows(
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(dst.len() >= (m - 1) * dst_rs + n);
-    assert!(k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the asserts bound every address the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    let mat = |data, rs: usize, cs: usize| Mat {
+        data,
+        rs: rs as isize,
+        cs: cs as isize,
+    };
+    gemm_strided(
+        dst,
+        dst_rs,
+        1,
+        m,
+        n,
+        k,
+        mat(a, a_rs, a_cs),
+        mat(b, b_rs, b_cs),
+        accumulate,
+        Threads::Gemm(gemm::Parallelism::None),
+    )
 }
 
 /// Attention probabilities of `m` query rows (`q` `[m, d]`) over the first `t` keys (`k`

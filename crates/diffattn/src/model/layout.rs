@@ -7,7 +7,7 @@
 //! applying RoPE is six ops each allocating a tensor. Here:
 //! - [`linear`]: `y = x Wᵀ`, `x` `[n, in]`, `W` `[out, in]` -> `[n, out]`. With 16 rows or more
 //!   the product is computed as `W xᵀ` (`[out, n]`), written column-major straight into `y`,
-//!   with `W`'s rows cut into one block per thread ([`gemm_split`]); the backward
+//!   with `W`'s rows cut into one block per thread ([`gemm_strided`] in [`Threads::Blocks`]); the backward
 //!   does the same for `dx = g W` (as `Wᵀ gᵀ`) and computes `dW = gᵀ x` directly.
 //! - [`rope_heads`]: `[b, s, n·d]` -> `[b, n, s, d]` with rotary embeddings applied
 //!   (Hugging Face `rotate_half` convention: `x·cos + rotate_half(x)·sin`), one pass; backward
@@ -35,8 +35,13 @@ pub(crate) fn buffer(len: usize) -> Vec<f32> {
     v
 }
 
+/// Threads of the matrix products (candle's count: `RAYON_NUM_THREADS`, else the cores).
+pub(crate) fn n_threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
 fn threads() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
+    match n_threads() {
         0 | 1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
     }
@@ -50,17 +55,71 @@ pub(crate) struct Mat<'a> {
     pub cs: isize,
 }
 
+impl Mat<'_> {
+    /// The operand from row `r` on.
+    fn rows_from(&self, r: usize) -> Self {
+        Mat {
+            data: &self.data[r * self.rs as usize..],
+            ..*self
+        }
+    }
+}
+
 /// `dst` `[m, n]` (row-major, contiguous) `= a [m, k] · b [k, n]`, one product of the `gemm`
 /// crate on all threads.
 pub(crate) fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, a: Mat, b: Mat) {
-    gemm_with(dst, m, n, k, a, b, false, threads())
+    gemm_strided(dst, n, 1, m, n, k, a, b, false, Threads::Gemm(threads()))
 }
 
-/// `dst [m, n] (+)= a · b` (row-major, contiguous) on the given threads: overwritten, or
-/// accumulated into when `accumulate`.
+/// Checks of a product `dst [m, n] (+)= a [m, k] · b [k, n]` with `dst[i, j]` at `i·rs + j·cs`:
+/// distinct `(i, j)` address distinct elements, every address the strides reach lies inside
+/// its slice (strides non-negative). Returns whether a product remains to be computed: none
+/// when `dst` is empty, and an empty sum (`k = 0`) is written here (the `gemm` crate would
+/// leave `dst` unwritten).
 #[allow(clippy::too_many_arguments)]
-fn gemm_with(
+fn checked_product(
     dst: &mut [f32],
+    rs: usize,
+    cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &Mat,
+    b: &Mat,
+    accumulate: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    assert!((m == 1 || n == 1 || rs >= n * cs || cs >= m * rs) && (rs > 0 || m == 1));
+    assert!((cs > 0 || n == 1) && (m - 1) * rs + (n - 1) * cs < dst.len());
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * rs + j * cs] = 0.0;
+                }
+            }
+        }
+        return false;
+    }
+    // The last element each operand's strides reach.
+    let last = |x: &Mat, r: usize, c: usize| (r - 1) * x.rs as usize + (c - 1) * x.cs as usize;
+    assert!(a.rs >= 0 && a.cs >= 0 && b.rs >= 0 && b.cs >= 0);
+    assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len());
+    true
+}
+
+/// The `gemm` crate's product into `dst` (see [`checked_product`] for the layout).
+///
+/// # Safety
+/// The product must have passed [`checked_product`] for a `dst` slice starting at `dst`, and
+/// no other thread may access the elements it writes while it runs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_unchecked(
+    dst: *mut f32,
+    rs: usize,
+    cs: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -69,62 +128,51 @@ fn gemm_with(
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
-    assert_eq!(dst.len(), m * n);
-    // Bounds of the strided operands (the last element each can address).
-    let last = |x: &Mat, r: usize, c: usize| {
-        (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
-    };
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        // An empty sum (the gemm crate would leave dst unwritten).
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
-    // SAFETY: the operands cover every address the strides reach (checked above); dst is
-    // contiguous [m, n] (read too when accumulating: alpha = 1).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        cs as isize,
+        rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs,
+        a.rs,
+        b.data.as_ptr(),
+        b.cs,
+        b.rs,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// How a product uses the threads.
+#[derive(Clone, Copy)]
+pub(crate) enum Threads {
+    /// One product of the `gemm` crate, on these threads.
+    Gemm(gemm::Parallelism),
+    /// The rows cut into (at most) this many blocks (one per thread: [`n_threads`]; multiples
+    /// of 16 rows, the AVX2 kernel's tile), each a single-threaded product on rayon's pool.
+    ///
+    /// Why: a multi-threaded product of the `gemm` crate synchronises its threads after
+    /// packing each operand block of every depth chunk, and a result computed transposed
+    /// (`W xᵀ`, the orientation that keeps both threads busy) had to be copied back; blocks
+    /// write the result in place (`rs = 1, cs = ld`) with one synchronisation. SmolLM2's
+    /// 128-token prefill, 2 cores (AMD EPYC, AVX2), 8 alternations against the previous
+    /// binary: median 254 -> 286 tok/s, faster in every pair.
+    Blocks(usize),
 }
 
 /// `dst [m, n] (+)= a [m, k] · b [k, n]`, `dst[i, j]` at `i·rs + j·cs` (row-major `rs = n,
-/// cs = 1`, or the transpose of a row-major buffer: `rs = 1, cs = ld`), overwritten or
-/// accumulated into when `accumulate`. The `m` rows are cut into one block per thread
-/// (multiples of 16 rows, the AVX2 kernel's tile), each block a single-threaded product.
-///
-/// Why: a multi-threaded product of the `gemm` crate synchronises its threads after packing
-/// each operand block of every depth chunk, and a result computed transposed (`W xᵀ`, the
-/// orientation that keeps both threads busy) had to be copied back; here the result is
-/// written in place with one synchronisation. SmolLM2's 128-token prefill, 2 cores (AMD EPYC,
-/// AVX2), 8 alternations against the previous binary: median 254 -> 286 tok/s, faster in
-/// every pair.
+/// cs = 1`, or the transpose of a row-major buffer `rs = 1, cs = ld`): overwritten, or
+/// accumulated into when `accumulate`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_split(
+pub(crate) fn gemm_strided(
     dst: &mut [f32],
     rs: usize,
     cs: usize,
@@ -134,79 +182,54 @@ pub(crate) fn gemm_split(
     a: Mat,
     b: Mat,
     accumulate: bool,
-) {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    gemm_blocks(dst, rs, cs, m, n, k, a, b, accumulate, threads)
-}
-
-/// [`gemm_split`] in (at most) `blocks` blocks of rows.
-#[allow(clippy::too_many_arguments)]
-fn gemm_blocks(
-    dst: &mut [f32],
-    rs: usize,
-    cs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-    blocks: usize,
+    threads: Threads,
 ) {
     /// The destination's base address, shared by the blocks (each writes its own rows).
     struct Dst(*mut f32);
     // SAFETY: only used to write disjoint element sets from the threads below.
     unsafe impl Sync for Dst {}
-    if m == 0 || n == 0 {
+    if !checked_product(dst, rs, cs, m, n, k, &a, &b, accumulate) {
         return;
     }
-    // Distinct (row, column) pairs must address distinct elements, all inside `dst`.
-    assert!((rs >= n * cs || cs >= m * rs) && (m - 1) * rs + (n - 1) * cs < dst.len());
-    if k == 0 {
-        // An empty sum (the gemm crate would leave dst unwritten).
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    dst[i * rs + j * cs] = 0.0;
-                }
-            }
+    let blocks = match threads {
+        Threads::Gemm(parallelism) => {
+            // SAFETY: checked above; `dst` is borrowed mutably.
+            unsafe {
+                gemm_unchecked(
+                    dst.as_mut_ptr(),
+                    rs,
+                    cs,
+                    m,
+                    n,
+                    k,
+                    a,
+                    b,
+                    accumulate,
+                    parallelism,
+                )
+            };
+            return;
         }
-        return;
-    }
-    let last = |x: &Mat, r: usize, c: usize| {
-        (r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs) as usize
+        Threads::Blocks(blocks) => blocks,
     };
-    assert!(a.rs >= 0 && a.cs >= 0 && b.rs >= 0 && b.cs >= 0);
-    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len());
     let rows = m.div_ceil(blocks.max(1)).next_multiple_of(16).min(m);
     let base = Dst(dst.as_mut_ptr());
     let base = &base;
     let block = |i0: usize| {
         let len = rows.min(m - i0);
-        // SAFETY: rows i0..i0 + len of `a` and `dst` lie inside their slices (bounds checked
-        // above for the whole product, strides non-negative); distinct rows address distinct
-        // elements (checked above), so the blocks write disjoint elements, and `dst` is
-        // borrowed mutably for the whole call.
+        // SAFETY: rows i0..i0 + len of the checked product (distinct rows address distinct
+        // elements, so the blocks write disjoint elements; `dst` is borrowed mutably).
         unsafe {
-            gemm::gemm(
+            gemm_unchecked(
+                base.0.add(i0 * rs),
+                rs,
+                cs,
                 len,
                 n,
                 k,
-                base.0.add(i0 * rs),
-                cs as isize,
-                rs as isize,
+                a.rows_from(i0),
+                b,
                 accumulate,
-                a.data.as_ptr().offset(i0 as isize * a.rs),
-                a.cs,
-                a.rs,
-                b.data.as_ptr(),
-                b.cs,
-                b.rs,
-                if accumulate { 1.0 } else { 0.0 },
-                1.0,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             )
         }
@@ -352,8 +375,19 @@ impl LinearOp {
         };
         if n >= TRANSPOSED_FROM_ROWS {
             // yᵀ = W xᵀ, written column-major into y.
-            gemm_split(&mut y, 1, out, out, n, inp, ws, xt, false);
-        } else if out * inp < FEW_ROWS_SPLIT_FROM || candle_core::utils::get_num_threads() < 2 {
+            gemm_strided(
+                &mut y,
+                1,
+                out,
+                out,
+                n,
+                inp,
+                ws,
+                xt,
+                false,
+                Threads::Blocks(n_threads()),
+            );
+        } else if out * inp < FEW_ROWS_SPLIT_FROM || n_threads() < 2 {
             gemm_into(&mut y, n, out, inp, xs, wt);
         } else {
             Self::few_rows(&mut y, x, w, n, inp, out);
@@ -367,7 +401,7 @@ impl LinearOp {
     /// token, 7.7 GB/s); here blocks of `W`'s rows go to the threads, each a product of its
     /// own (every output element is the same dot product, whatever the split).
     fn few_rows(y: &mut [f32], x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) {
-        let blocks = 4 * candle_core::utils::get_num_threads();
+        let blocks = 4 * n_threads();
         let rows = out.div_ceil(blocks).next_multiple_of(16).min(out);
         let xs = Mat {
             data: x,
@@ -386,15 +420,17 @@ impl LinearOp {
                     cs: inp as isize,
                 };
                 let mut part = buffer(n * len);
-                gemm_with(
+                gemm_strided(
                     &mut part,
+                    len,
+                    1,
                     n,
                     len,
                     inp,
                     xs,
                     wt,
                     false,
-                    gemm::Parallelism::None,
+                    Threads::Gemm(gemm::Parallelism::None),
                 );
                 (j0, part)
             })
@@ -485,7 +521,18 @@ pub(crate) fn linear_grads(
         cs: 1,
     };
     let dw = weight_gradient(weight, out * inp, |acc, fresh| {
-        gemm_split(acc, inp, 1, out, inp, n, gt, xs, !fresh)
+        gemm_strided(
+            acc,
+            inp,
+            1,
+            out,
+            inp,
+            n,
+            gt,
+            xs,
+            !fresh,
+            Threads::Blocks(n_threads()),
+        )
     });
     let mut dx = buffer(n * inp);
     if n >= TRANSPOSED_FROM_ROWS {
@@ -495,7 +542,18 @@ pub(crate) fn linear_grads(
             rs: 1,
             cs: inp as isize,
         };
-        gemm_split(&mut dx, 1, inp, inp, n, out, wt, gt, false);
+        gemm_strided(
+            &mut dx,
+            1,
+            inp,
+            inp,
+            n,
+            out,
+            wt,
+            gt,
+            false,
+            Threads::Blocks(n_threads()),
+        );
     } else {
         // g [n, out] is gᵀ read the other way round.
         let gs = Mat {
@@ -892,10 +950,10 @@ mod tests {
         }
     }
 
-    /// The blocked product against a plain triple loop, in the two layouts it is used with:
-    /// row-major, and column-major with a leading dimension wider than the rows (the padding
-    /// left untouched); blocks of unequal length, more blocks than 16-row tiles, an operand
-    /// read transposed, accumulation and an empty sum.
+    /// Strided products (in blocks and as one product) against a plain triple loop, in the
+    /// two layouts they are used with: row-major, and column-major with a leading dimension
+    /// wider than the rows (the padding left untouched); blocks of unequal length, more blocks
+    /// than 16-row tiles, an operand read transposed, accumulation and an empty sum.
     #[test]
     fn blocked_products_match_a_plain_product() {
         for (m, n, k, ld, blocks, accumulate) in [
@@ -930,39 +988,34 @@ mod tests {
                 p + if accumulate { start(i, j) } else { 0.0 }
             };
             let close = |got: f32, want: f32| (got - want).abs() <= 1e-4 * (1.0 + want.abs());
-            // Column-major into a wider buffer.
-            let mut dst = vec![f32::NAN; ld * n];
-            for j in 0..n {
-                for i in 0..m {
-                    dst[i + j * ld] = start(i, j);
-                }
-            }
-            gemm_blocks(&mut dst, 1, ld, m, n, k, am, bm, accumulate, blocks);
-            for j in 0..n {
-                for i in 0..ld {
-                    let got = dst[i + j * ld];
-                    if i >= m {
-                        assert!(got.is_nan(), "padding written at {i},{j}");
-                    } else {
-                        assert!(
-                            close(got, want(i, j)),
-                            "{m}x{n}x{k} col-major in {blocks} blocks at {i},{j}: {got} vs {}",
-                            want(i, j)
-                        );
+            // Column-major into a wider buffer (its padding must stay untouched), row-major.
+            for (rs, cs, len) in [(1, ld, ld * n), (n, 1, m * n)] {
+                for threads in [
+                    Threads::Blocks(blocks),
+                    Threads::Gemm(gemm::Parallelism::Rayon(2)),
+                ] {
+                    let mut dst = vec![f32::NAN; len];
+                    for i in 0..m {
+                        for j in 0..n {
+                            dst[i * rs + j * cs] = start(i, j);
+                        }
                     }
-                }
-            }
-            // Row-major.
-            let mut dst: Vec<f32> = (0..m * n).map(|e| start(e / n, e % n)).collect();
-            gemm_blocks(&mut dst, n, 1, m, n, k, am, bm, accumulate, blocks);
-            for i in 0..m {
-                for j in 0..n {
-                    let got = dst[i * n + j];
-                    assert!(
-                        close(got, want(i, j)),
-                        "{m}x{n}x{k} row-major in {blocks} blocks at {i},{j}: {got} vs {}",
-                        want(i, j)
-                    );
+                    gemm_strided(&mut dst, rs, cs, m, n, k, am, bm, accumulate, threads);
+                    let what = match threads {
+                        Threads::Blocks(b) => format!("{b} blocks"),
+                        Threads::Gemm(_) => "one product".into(),
+                    };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = std::mem::replace(&mut dst[i * rs + j * cs], f32::NAN);
+                            assert!(
+                                close(got, want(i, j)),
+                                "{m}x{n}x{k} strides {rs},{cs}, {what}, at {i},{j}: {got} vs {}",
+                                want(i, j)
+                            );
+                        }
+                    }
+                    assert!(dst.iter().all(|v| v.is_nan()), "padding written");
                 }
             }
         }

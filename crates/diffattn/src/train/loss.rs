@@ -179,7 +179,7 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::model::layout::{buffer, gemm_split, Mat};
+        use crate::model::layout::{buffer, gemm_strided, n_threads, Mat, Threads};
         let h = f32_slice(s1, l1, "head cross-entropy")?;
         let w = f32_slice(s2, l2, "head cross-entropy")?;
         let (n, dm) = l1.shape().dims2()?;
@@ -204,7 +204,18 @@ impl candle_core::CustomOp2 for HeadCrossEntropy {
             rs: 1,
             cs: dm as isize,
         };
-        gemm_split(&mut z, n, 1, v, n, dm, wm, ht, false);
+        gemm_strided(
+            &mut z,
+            n,
+            1,
+            v,
+            n,
+            dm,
+            wm,
+            ht,
+            false,
+            Threads::Blocks(n_threads()),
+        );
         let lse = column_lse(&z, v, n);
         let out = (0..n)
             .map(|j| lse[j] - z[self.targets[j] as usize * n + j])
