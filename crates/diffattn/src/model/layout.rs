@@ -156,8 +156,9 @@ unsafe fn gemm_unchecked(
 pub(crate) enum Threads {
     /// One product of the `gemm` crate, on these threads.
     Gemm(gemm::Parallelism),
-    /// The rows cut into (at most) this many blocks (one per thread: [`n_threads`]; multiples
-    /// of 16 rows, the AVX2 kernel's tile), each a single-threaded product on rayon's pool.
+    /// The rows cut into (at most) this many blocks (one per thread: [`n_threads`]; whole
+    /// 16-row tiles, the AVX2 kernel's, and at least [`MIN_BLOCK_ROWS`] rows), each a
+    /// single-threaded product on rayon's pool; bit-identical to one product.
     ///
     /// Why: a multi-threaded product of the `gemm` crate synchronises its threads after
     /// packing each operand block of every depth chunk, and a result computed transposed
@@ -212,11 +213,16 @@ pub(crate) fn gemm_strided(
         }
         Threads::Blocks(blocks) => blocks,
     };
-    let rows = m.div_ceil(blocks.max(1)).next_multiple_of(16).min(m);
+    // Blocks of whole 16-row tiles, each (the last one too) of at least MIN_BLOCK_ROWS rows
+    // and more than 256 elements.
+    let fewest = MIN_BLOCK_ROWS.max(256 / n + 1);
+    let blocks = blocks.min(m / fewest).max(1);
+    let tiles = m.div_ceil(16);
     let base = Dst(dst.as_mut_ptr());
     let base = &base;
-    let block = |i0: usize| {
-        let len = rows.min(m - i0);
+    let block = |j: usize| {
+        let i0 = 16 * (j * tiles / blocks);
+        let len = (16 * ((j + 1) * tiles / blocks)).min(m) - i0;
         // SAFETY: rows i0..i0 + len of the checked product (distinct rows address distinct
         // elements, so the blocks write disjoint elements; `dst` is borrowed mutably).
         unsafe {
@@ -234,14 +240,21 @@ pub(crate) fn gemm_strided(
             )
         }
     };
-    if rows >= m {
+    if blocks == 1 {
         block(0);
     } else {
-        (0..m.div_ceil(rows))
-            .into_par_iter()
-            .for_each(|b| block(b * rows));
+        (0..blocks).into_par_iter().for_each(block);
     }
 }
+
+/// The fewest rows of a block of [`Threads::Blocks`]. The `gemm` crate (`gemm-common` 0.19,
+/// `gemm_basic_generic`) forms products of at most 256 elements with dot-product kernels,
+/// sums products of at most 64 × 64 in depth chunks of 512, and larger ones in chunks of its
+/// cache-derived size. A block in one of the first two cases while the whole product is
+/// not would round differently, and the result would depend on the thread count. Blocks of
+/// at least 80 rows (the 16-row tile after 64) and more than 256 elements sum as the whole
+/// product does: the same bits whatever the number of threads.
+const MIN_BLOCK_ROWS: usize = 80;
 
 /// Where the weight gradients of [`linear`] go while a [`WeightGradSink`] is open on this
 /// thread: one buffer per weight, accumulated by the matrix product itself (`dW += gᵀx`).
@@ -964,6 +977,12 @@ mod tests {
             (40, 5, 0, 41, 2, false),
             (40, 5, 0, 41, 2, true),
             (8, 2, 3, 8, 1, true),
+            // Depth above 512 (see MIN_BLOCK_ROWS): 3 blocks of 64 rows would round
+            // differently, so 2 are taken; 12 blocks of 6-7 tiles, the last one partial.
+            (192, 25, 576, 192, 3, false),
+            (1299, 25, 576, 1300, 12, true),
+            // Two columns: blocks of 100 rows would take the dot-product kernels.
+            (300, 2, 576, 300, 3, false),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
@@ -990,10 +1009,7 @@ mod tests {
             let close = |got: f32, want: f32| (got - want).abs() <= 1e-4 * (1.0 + want.abs());
             // Column-major into a wider buffer (its padding must stay untouched), row-major.
             for (rs, cs, len) in [(1, ld, ld * n), (n, 1, m * n)] {
-                for threads in [
-                    Threads::Blocks(blocks),
-                    Threads::Gemm(gemm::Parallelism::Rayon(2)),
-                ] {
+                let run = |threads| {
                     let mut dst = vec![f32::NAN; len];
                     for i in 0..m {
                         for j in 0..n {
@@ -1001,10 +1017,24 @@ mod tests {
                         }
                     }
                     gemm_strided(&mut dst, rs, cs, m, n, k, am, bm, accumulate, threads);
+                    dst
+                };
+                let single = run(Threads::Gemm(gemm::Parallelism::None));
+                for threads in [
+                    Threads::Blocks(blocks),
+                    Threads::Gemm(gemm::Parallelism::Rayon(2)),
+                ] {
+                    let mut dst = run(threads);
                     let what = match threads {
                         Threads::Blocks(b) => format!("{b} blocks"),
                         Threads::Gemm(_) => "one product".into(),
                     };
+                    // The same bits as a single-threaded product, whatever the threads.
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(&dst) == bits(&single),
+                        "{m}x{n}x{k}, {what}: other bits"
+                    );
                     for i in 0..m {
                         for j in 0..n {
                             let got = std::mem::replace(&mut dst[i * rs + j * cs], f32::NAN);
