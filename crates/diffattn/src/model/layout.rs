@@ -91,8 +91,12 @@ fn checked_product(
     if m == 0 || n == 0 {
         return false;
     }
-    assert!((m == 1 || n == 1 || rs >= n * cs || cs >= m * rs) && (rs > 0 || m == 1));
-    assert!((cs > 0 || n == 1) && (m - 1) * rs + (n - 1) * cs < dst.len());
+    // Saturating: a product whose addresses overflow fails the bounds check.
+    let at = |i: usize, s: usize, j: usize, t: usize| {
+        i.saturating_mul(s).saturating_add(j.saturating_mul(t))
+    };
+    assert!(m == 1 || n == 1 || rs >= n.saturating_mul(cs) || cs >= m.saturating_mul(rs));
+    assert!((rs > 0 || m == 1) && (cs > 0 || n == 1) && at(m - 1, rs, n - 1, cs) < dst.len());
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -104,7 +108,7 @@ fn checked_product(
         return false;
     }
     // The last element each operand's strides reach.
-    let last = |x: &Mat, r: usize, c: usize| (r - 1) * x.rs as usize + (c - 1) * x.cs as usize;
+    let last = |x: &Mat, r: usize, c: usize| at(r - 1, x.rs as usize, c - 1, x.cs as usize);
     assert!(a.rs >= 0 && a.cs >= 0 && b.rs >= 0 && b.cs >= 0);
     assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len());
     true
