@@ -5,10 +5,10 @@
 //! orientation (few rows of output, one thread busy) or returns a transposed view that the next
 //! op copies with candle's generic strided copy, and splitting `[b, s, n·d]` into heads then
 //! applying RoPE is six ops each allocating a tensor. Here:
-//! - [`linear`]: `y = x Wᵀ`, `x` `[n, in]`, `W` `[out, in]` -> `[n, out]`. With 16 rows or more
-//!   the product is computed as `W xᵀ` (`[out, n]`), written column-major straight into `y`,
-//!   with `W`'s rows cut into one block per thread ([`gemm_strided`] in [`Threads::Blocks`]); the backward
-//!   does the same for `dx = g W` (as `Wᵀ gᵀ`) and computes `dW = gᵀ x` directly.
+//! - [`linear`]: `y = x Wᵀ`, `x` `[n, in]`, `W` `[out, in]` -> `[n, out]`, computed as `W xᵀ`
+//!   (`[out, n]`) written column-major straight into `y`, `W`'s rows cut into one block per
+//!   thread ([`gemm_strided`] in [`Threads::Blocks`]); from 16 rows on the backward does the
+//!   same for `dx = g W` (as `Wᵀ gᵀ`), and it computes `dW = gᵀ x` directly.
 //! - [`rope_heads`]: `[b, s, n·d]` -> `[b, n, s, d]` with rotary embeddings applied
 //!   (Hugging Face `rotate_half` convention: `x·cos + rotate_half(x)·sin`), one pass; backward
 //!   rotates the gradient back (the transpose of the rotation) in one pass.
@@ -361,17 +361,21 @@ impl Drop for WeightGradSink {
     }
 }
 
-/// Rows from which the product is formed transposed (see the module docs).
+/// Rows from which the backward's `dx` is formed transposed (see the module docs).
 const TRANSPOSED_FROM_ROWS: usize = 16;
 
 struct LinearOp;
 
 impl LinearOp {
-    /// `x [n, in] · Wᵀ` -> `[n, out]`.
+    /// `x [n, in] · Wᵀ` -> `[n, out]`, as `yᵀ = W xᵀ` written column-major into `y` in blocks
+    /// of `W`'s rows, one per thread ([`Threads::Blocks`]). For a few rows (decoding) this
+    /// also streams the weight on every thread: the gemm crate's one-row product is a
+    /// single-threaded matrix-vector kernel, and one core cannot stream the weights at the
+    /// memory's speed (SmolLM2's 113 MB output head: 14.8 ms per token, 7.7 GB/s).
     fn forward(x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
         let mut y = buffer(n * out);
-        let xs = Mat {
-            data: x,
+        let ws = Mat {
+            data: w,
             rs: inp as isize,
             cs: 1,
         };
@@ -380,90 +384,21 @@ impl LinearOp {
             rs: 1,
             cs: inp as isize,
         };
-        let ws = Mat {
-            data: w,
-            rs: inp as isize,
-            cs: 1,
-        };
-        let wt = Mat {
-            data: w,
-            rs: 1,
-            cs: inp as isize,
-        };
-        if n >= TRANSPOSED_FROM_ROWS {
-            // yᵀ = W xᵀ, written column-major into y.
-            gemm_strided(
-                &mut y,
-                1,
-                out,
-                out,
-                n,
-                inp,
-                ws,
-                xt,
-                false,
-                Threads::Blocks(n_threads()),
-            );
-        } else if out * inp < FEW_ROWS_SPLIT_FROM || n_threads() < 2 {
-            gemm_into(&mut y, n, out, inp, xs, wt);
-        } else {
-            Self::few_rows(&mut y, x, w, n, inp, out);
-        }
+        gemm_strided(
+            &mut y,
+            1,
+            out,
+            out,
+            n,
+            inp,
+            ws,
+            xt,
+            false,
+            Threads::Blocks(n_threads()),
+        );
         y
     }
-
-    /// `y [n, out] = x [n, in] · Wᵀ` for a few rows (decoding). The `gemm` crate computes
-    /// one-row products with a single-threaded matrix-vector kernel, and one core cannot
-    /// stream the weights at the memory's speed (SmolLM2's 113 MB output head: 14.8 ms per
-    /// token, 7.7 GB/s); here blocks of `W`'s rows go to the threads, each a product of its
-    /// own (every output element is the same dot product, whatever the split).
-    fn few_rows(y: &mut [f32], x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) {
-        let blocks = 4 * n_threads();
-        let rows = out.div_ceil(blocks).next_multiple_of(16).min(out);
-        let xs = Mat {
-            data: x,
-            rs: inp as isize,
-            cs: 1,
-        };
-        let parts: Vec<(usize, Vec<f32>)> = (0..out)
-            .step_by(rows)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|j0| {
-                let len = rows.min(out - j0);
-                let wt = Mat {
-                    data: &w[j0 * inp..(j0 + len) * inp],
-                    rs: 1,
-                    cs: inp as isize,
-                };
-                let mut part = buffer(n * len);
-                gemm_strided(
-                    &mut part,
-                    len,
-                    1,
-                    n,
-                    len,
-                    inp,
-                    xs,
-                    wt,
-                    false,
-                    Threads::Gemm(gemm::Parallelism::None),
-                );
-                (j0, part)
-            })
-            .collect();
-        for (j0, part) in parts {
-            let len = part.len() / n;
-            for (r, row) in part.chunks(len).enumerate() {
-                y[r * out + j0..r * out + j0 + len].copy_from_slice(row);
-            }
-        }
-    }
 }
-
-/// Weight elements from which a few-row product is split over the threads (below, the
-/// tasks' overhead outweighs the bandwidth gained).
-const FEW_ROWS_SPLIT_FROM: usize = 1 << 16;
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
@@ -932,14 +867,13 @@ mod tests {
     use crate::model::cpu::testing::max_diff;
     use candle_core::{Device, Var};
 
-    /// Forward and both gradients against candle's matmul, for the direct (few rows) and the
-    /// transposed (many rows) orientation.
+    /// Forward and both gradients against candle's matmul, for few rows (the backward's
+    /// direct `dx`) and many.
     #[test]
     fn linear_matches_matmul_and_its_gradients() {
         let d = Device::Cpu;
-        // Few rows, many rows; few rows over a weight large enough to be split over threads
-        // (`FEW_ROWS_SPLIT_FROM`); many rows, whose products go to the threads in blocks of
-        // 16-row multiples (53 and 1299 rows: blocks of unequal length).
+        // Few rows and many, over a small weight (one block) and one large enough to be cut
+        // into a block per thread (1299 rows: blocks of unequal length).
         for (n, out, inp) in [
             (3usize, 53usize, 37usize),
             (40, 53, 37),
@@ -947,7 +881,6 @@ mod tests {
             (1, 1299, 64),
             (5, 1299, 64),
         ] {
-            assert_eq!(out * inp >= FEW_ROWS_SPLIT_FROM, out > 1000);
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, inp), &d).unwrap()).unwrap();
             let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (out, inp), &d).unwrap()).unwrap();
             let r = Tensor::randn(0f32, 1.0, (n, out), &d).unwrap();
@@ -987,6 +920,9 @@ mod tests {
             (1299, 25, 576, 1300, 12, true),
             // Two columns: blocks of 100 rows would take the dot-product kernels.
             (300, 2, 576, 300, 3, false),
+            // One to three columns (decoding one to three sequences): matrix-vector kernels.
+            (576, 1, 576, 576, 2, false),
+            (576, 3, 576, 576, 4, false),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
