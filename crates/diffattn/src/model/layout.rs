@@ -35,9 +35,12 @@ pub(crate) fn buffer(len: usize) -> Vec<f32> {
     v
 }
 
-/// Threads of the matrix products (candle's count: `RAYON_NUM_THREADS`, else the cores).
+/// Threads of the matrix products: candle's count (`RAYON_NUM_THREADS`, else the physical
+/// cores), read once. candle recomputes it on every call, and without `RAYON_NUM_THREADS` that
+/// parses `/proc/cpuinfo` (`num_cpus::get_physical`): ~200 times per decoded token.
 pub(crate) fn n_threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 fn threads() -> gemm::Parallelism {
