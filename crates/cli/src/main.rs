@@ -28,10 +28,14 @@ fn keep_freed_memory() {
 /// A short spin (unless the user set `CANDLE_BARRIER_POOL_SPIN_LIMIT`) measured on SmolLM2,
 /// 2 cores: prefill 128 tokens 260-316 -> 370-400 tok/s for the converted model.
 fn shorten_candle_spin() {
-    const KEY: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(KEY).is_none() {
-        // Called first thing in `main`, before any other thread exists.
-        std::env::set_var(KEY, "100");
+    env_default("CANDLE_BARRIER_POOL_SPIN_LIMIT", || "100".into());
+}
+
+/// Sets environment variable `key` to `value()` unless the user set it. Only for the start of
+/// `main`, before any other thread exists.
+fn env_default(key: &str, value: impl FnOnce() -> String) {
+    if std::env::var_os(key).is_none() {
+        std::env::set_var(key, value());
     }
 }
 use std::time::Instant;
@@ -840,12 +844,9 @@ fn run_evaluate(a: &EvaluateArgs) -> Result<()> {
 /// and gives rayon's pool the same count. SmolLM2 decode, 2 cores: ~12 -> ~20 tok/s (see the
 /// README).
 fn fix_thread_count() {
-    const KEY: &str = "RAYON_NUM_THREADS";
-    if std::env::var_os(KEY).is_none() {
-        let n = candle_core::utils::get_num_threads();
-        // Called first thing in `main`, before any other thread exists.
-        std::env::set_var(KEY, n.to_string());
-    }
+    env_default("RAYON_NUM_THREADS", || {
+        candle_core::utils::get_num_threads().to_string()
+    });
 }
 
 fn main() -> ExitCode {
