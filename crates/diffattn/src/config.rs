@@ -10,55 +10,78 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, IoContext, Result};
+use crate::families::{Activation, Family, LayerAttention, Shapes, WindowRule, FAMILIES, LLAMA};
 
-/// The architectures we read, dispatched on `architectures[0]` of config.json.
+/// How a checkpoint's attention is laid out on disk, read from `architectures[0]` (or
+/// `model_type`): a source model of its family, or one of the differential formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    /// `LlamaForCausalLM`
-    Llama,
-    /// `MistralForCausalLM` (same tensor layout as Llama)
-    Mistral,
-    /// `Qwen2ForCausalLM` (Llama layout with q/k/v biases)
-    Qwen2,
-    /// `LlamaDifferentialForCausalLM`, format A of SPEC §4 (the axolotl plugin's
-    /// `llama-differential`).
+pub enum Format {
+    /// A source checkpoint of its family (standard attention).
+    Source,
+    /// Format A, `llama-differential` (`LlamaDifferentialForCausalLM`; the axolotl plugin's).
     LlamaDifferential,
-    /// `DiffLlamaForCausalLM`, format B of SPEC §5 (transformers' native `diffllama`).
+    /// Format B, `diffllama` (`DiffLlamaForCausalLM`, native in transformers).
     DiffLlama,
+    /// The family's own differential format, `<model_type>-differential`
+    /// (`<Family>DifferentialForCausalLM`), for sources a Llama config cannot express.
+    FamilyDifferential,
 }
 
-impl Architecture {
-    /// Every accepted `architectures` value.
-    pub const SUPPORTED: [&'static str; 5] = [
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "LlamaDifferentialForCausalLM",
-        "DiffLlamaForCausalLM",
-    ];
-
-    /// Whether the attention is already differential (format A or B).
+impl Format {
+    /// Whether the attention is already differential.
     pub fn is_differential(self) -> bool {
-        matches!(self, Self::LlamaDifferential | Self::DiffLlama)
-    }
-
-    /// Maps a Hugging Face class name to the enum; `None` for anything else.
-    pub fn from_class_name(name: &str) -> Option<Self> {
-        match name {
-            "LlamaForCausalLM" => Some(Self::Llama),
-            "MistralForCausalLM" => Some(Self::Mistral),
-            "Qwen2ForCausalLM" => Some(Self::Qwen2),
-            // The plugin itself writes `LlamaDifferentialModel`; accept both.
-            "LlamaDifferentialForCausalLM" | "LlamaDifferentialModel" => {
-                Some(Self::LlamaDifferential)
-            }
-            "DiffLlamaForCausalLM" => Some(Self::DiffLlama),
-            _ => None,
-        }
+        self != Self::Source
     }
 }
 
-/// Typed mirror of the config.json fields the converter needs (names as in config.json).
+/// Every accepted `architectures` value, for error messages.
+pub fn supported_architectures() -> String {
+    let mut v: Vec<String> = FAMILIES.iter().map(|f| f.class.to_string()).collect();
+    v.push("LlamaDifferentialForCausalLM".into());
+    v.push("DiffLlamaForCausalLM".into());
+    v.extend(FAMILIES[1..].iter().map(|f| f.differential_class()));
+    v.join(", ")
+}
+
+/// The family and format of an `architectures[0]` class name.
+pub fn from_class_name(name: &str) -> Option<(&'static Family, Format)> {
+    if let Some(f) = Family::from_class(name) {
+        return Some((f, Format::Source));
+    }
+    match name {
+        // The plugin itself writes `LlamaDifferentialModel`; accept both.
+        "LlamaDifferentialForCausalLM" | "LlamaDifferentialModel" => {
+            return Some((&LLAMA, Format::LlamaDifferential))
+        }
+        "DiffLlamaForCausalLM" => return Some((&LLAMA, Format::DiffLlama)),
+        _ => {}
+    }
+    FAMILIES[1..]
+        .iter()
+        .copied()
+        .find(|f| f.differential_class() == name)
+        .map(|f| (f, Format::FamilyDifferential))
+}
+
+/// The family and format of a `model_type` (used when `architectures` is absent).
+pub fn from_model_type(model_type: &str) -> Option<(&'static Family, Format)> {
+    if let Some(f) = Family::from_model_type(model_type) {
+        return Some((f, Format::Source));
+    }
+    match model_type {
+        "llama-differential" => return Some((&LLAMA, Format::LlamaDifferential)),
+        "diffllama" => return Some((&LLAMA, Format::DiffLlama)),
+        _ => {}
+    }
+    FAMILIES[1..]
+        .iter()
+        .copied()
+        .find(|f| f.differential_model_type() == model_type)
+        .map(|f| (f, Format::FamilyDifferential))
+}
+
+/// Typed mirror of the config.json fields every family shares (names as in config.json);
+/// family-specific keys are read from [`ModelConfig::raw`] by the family's rules.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaConfig {
     pub architectures: Option<Vec<String>>,
@@ -82,7 +105,7 @@ pub struct LlamaConfig {
     pub torch_dtype: Option<String>,
 }
 
-/// A config.json as read from disk: the raw object, its typed view and the architecture.
+/// A config.json as read from disk: the raw object, its typed view, the family and the format.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     /// Where it was read from (for error messages).
@@ -90,7 +113,8 @@ pub struct ModelConfig {
     /// The whole JSON object, key order preserved.
     pub raw: Map<String, Value>,
     pub typed: LlamaConfig,
-    pub architecture: Architecture,
+    pub family: &'static Family,
+    pub format: Format,
 }
 
 /// Attention geometry resolved from a config (SPEC §1 notation).
@@ -133,41 +157,27 @@ impl ModelConfig {
             });
         };
         let typed: LlamaConfig = typed_from_json(Value::Object(raw.clone()), path)?;
-        let architecture = match typed.architectures.as_deref() {
-            Some([name]) => Architecture::from_class_name(name).ok_or_else(|| {
-                Error::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    value: name.clone(),
-                    supported: Architecture::SUPPORTED.join(", "),
-                }
-            })?,
-            Some(other) => {
-                return Err(Error::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    value: format!("{other:?}"),
-                    supported: Architecture::SUPPORTED.join(", "),
-                })
-            }
+        let unsupported = |value: String| Error::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            value,
+            supported: supported_architectures(),
+        };
+        let (family, format) = match typed.architectures.as_deref() {
+            Some([name]) => from_class_name(name).ok_or_else(|| unsupported(name.clone()))?,
+            Some(other) => return Err(unsupported(format!("{other:?}"))),
             None => match typed.model_type.as_deref() {
-                Some("llama") => Architecture::Llama,
-                Some("mistral") => Architecture::Mistral,
-                Some("qwen2") => Architecture::Qwen2,
-                Some("llama-differential") => Architecture::LlamaDifferential,
-                Some("diffllama") => Architecture::DiffLlama,
-                other => {
-                    return Err(Error::UnsupportedArchitecture {
-                        path: path.to_path_buf(),
-                        value: format!("architectures missing, model_type {other:?}"),
-                        supported: Architecture::SUPPORTED.join(", "),
-                    })
-                }
+                Some(t) => from_model_type(t).ok_or_else(|| {
+                    unsupported(format!("architectures missing, model_type {t:?}"))
+                })?,
+                None => return Err(unsupported("architectures missing, model_type None".into())),
             },
         };
         let cfg = Self {
             path: path.to_path_buf(),
             raw,
             typed,
-            architecture,
+            family,
+            format,
         };
         let dims = cfg.dims()?;
         cfg.check_numbers(dims.head_dim)?;
@@ -212,6 +222,19 @@ impl ModelConfig {
             }
         }
         self.inv_freq(head_dim)?;
+        // The sliding layers' own RoPE (Gemma); nothing here is sized by num_hidden_layers,
+        // which is checked against the weights before the layers are resolved.
+        if let Some((theta, scaling)) = self.local_rope()? {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(invalid(
+                    "rope_local_base_freq",
+                    theta.to_string(),
+                    "must be a positive number",
+                ));
+            }
+            self.rope_inv_freq(head_dim, theta, scaling)?;
+        }
+        self.sliding_window()?;
         Ok(())
     }
 
@@ -219,6 +242,16 @@ impl ModelConfig {
     /// `model::rope::inv_freq`); an unsupported or incomplete `rope_scaling` is refused by key.
     pub fn inv_freq(&self, head_dim: usize) -> Result<Vec<f32>> {
         let (theta, scaling) = self.rope();
+        self.rope_inv_freq(head_dim, theta, scaling)
+    }
+
+    /// RoPE inverse frequencies of a layer's (theta, scaling) (see [`Self::layer_attention`]).
+    pub fn rope_inv_freq(
+        &self,
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<Value>,
+    ) -> Result<Vec<f32>> {
         crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
             Error::InvalidValue {
                 path: self.path.clone(),
@@ -279,73 +312,226 @@ impl ModelConfig {
         })
     }
 
-    /// Every tensor a source checkpoint of this config must hold, with its shape (HF names):
-    /// embeddings, final norm, per layer the two norms, q/k/v/o (and their biases when
-    /// `attention_bias` is true, q/k/v biases for Qwen2) and the SwiGLU MLP. `lm_head.weight`
-    /// is optional (tied embeddings) and not listed.
-    pub fn expected_tensors(&self) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    /// Shapes the family's tensor names are sized by.
+    pub fn shapes(&self) -> Result<Shapes> {
         let d = self.dims()?;
-        let (dm, h, kv, hd) = (
-            d.hidden_size,
-            d.num_attention_heads,
-            d.num_key_value_heads,
-            d.head_dim,
-        );
-        let i = self.typed.intermediate_size;
-        let mut m = std::collections::BTreeMap::new();
-        m.insert(
-            "model.embed_tokens.weight".to_string(),
-            vec![self.typed.vocab_size, dm],
-        );
-        m.insert("model.norm.weight".to_string(), vec![dm]);
-        let bias = self.typed.attention_bias.unwrap_or(false);
-        for l in 0..d.num_hidden_layers {
-            let p = format!("model.layers.{l}.");
-            m.insert(format!("{p}input_layernorm.weight"), vec![dm]);
-            m.insert(format!("{p}post_attention_layernorm.weight"), vec![dm]);
-            for (proj, rows, cols) in [
-                ("q_proj", h * hd, dm),
-                ("k_proj", kv * hd, dm),
-                ("v_proj", kv * hd, dm),
-                ("o_proj", dm, h * hd),
-            ] {
-                m.insert(format!("{p}self_attn.{proj}.weight"), vec![rows, cols]);
-                let qkv_bias = self.architecture == Architecture::Qwen2 && proj != "o_proj";
-                if bias || qkv_bias {
-                    m.insert(format!("{p}self_attn.{proj}.bias"), vec![rows]);
-                }
-            }
-            m.insert(format!("{p}mlp.gate_proj.weight"), vec![i, dm]);
-            m.insert(format!("{p}mlp.up_proj.weight"), vec![i, dm]);
-            m.insert(format!("{p}mlp.down_proj.weight"), vec![dm, i]);
-        }
-        Ok(m)
+        Ok(Shapes {
+            hidden_size: d.hidden_size,
+            intermediate_size: self.typed.intermediate_size,
+            num_attention_heads: d.num_attention_heads,
+            num_key_value_heads: d.num_key_value_heads,
+            head_dim: d.head_dim,
+            num_hidden_layers: d.num_hidden_layers,
+            vocab_size: self.typed.vocab_size,
+            attention_bias: self.typed.attention_bias.unwrap_or(false),
+        })
     }
 
-    /// Checks the non-shape fields a Llama-family forward depends on.
+    /// Every tensor a source checkpoint of this config must hold, with its shape (HF names;
+    /// see [`Family::expected_tensors`]). `lm_head.weight` is optional (tied embeddings) and
+    /// not listed.
+    pub fn expected_tensors(&self) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+        Ok(self.family.expected_tensors(&self.shapes()?))
+    }
+
+    fn invalid(&self, key: &str, value: String, reason: impl Into<String>) -> Error {
+        Error::InvalidValue {
+            path: self.path.clone(),
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    /// The MLP activation (the family's key, e.g. `hidden_act` or `hidden_activation`).
+    pub fn activation(&self) -> Result<Activation> {
+        let key = self.family.activation_key;
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(self.family.default_activation),
+            Some(Value::String(name)) => Activation::from_name(name)
+                .filter(|a| *a == self.family.default_activation)
+                .ok_or_else(|| {
+                    self.invalid(
+                        key,
+                        format!("{name:?}"),
+                        format!(
+                            "{} models use {}",
+                            self.family.class,
+                            self.family.default_activation.names()[0]
+                        ),
+                    )
+                }),
+            Some(v) => Err(self.invalid(key, short(v), "expected a string")),
+        }
+    }
+
+    /// Checks the non-shape fields a forward of this family depends on.
     pub fn check_supported(&self) -> Result<()> {
-        let act = self
-            .raw
-            .get("hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("silu");
-        if act != "silu" {
-            return Err(Error::InvalidValue {
-                path: self.path.clone(),
-                key: "hidden_act".into(),
-                value: format!("{act:?}"),
-                reason: "only silu (SwiGLU MLP) is supported".into(),
-            });
-        }
+        self.activation()?;
         if self.typed.num_hidden_layers == 0 {
-            return Err(Error::InvalidValue {
-                path: self.path.clone(),
-                key: "num_hidden_layers".into(),
-                value: "0".into(),
-                reason: "must be positive".into(),
-            });
+            return Err(self.invalid("num_hidden_layers", "0".into(), "must be positive"));
         }
+        for key in ["attn_logit_softcapping"] {
+            if let Some(v) = self.raw.get(key).filter(|v| !v.is_null()) {
+                return Err(self.invalid(key, short(v), "attention-score soft capping is not supported"));
+            }
+        }
+        if self.flag("use_bidirectional_attention", false)? {
+            return Err(self.invalid(
+                "use_bidirectional_attention",
+                "true".into(),
+                "only causal language models are supported",
+            ));
+        }
+        self.final_logit_softcapping()?;
+        self.query_scale()?;
         Ok(())
+    }
+
+    /// A positive number of config.json (`key`), None when absent or null.
+    fn positive(&self, key: &str) -> Result<Option<f64>> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                _ => Err(self.invalid(key, short(v), "must be a positive number")),
+            },
+        }
+    }
+
+    /// `final_logit_softcapping` of families that read it (logits = c·tanh(logits / c)).
+    pub fn final_logit_softcapping(&self) -> Result<Option<f64>> {
+        if !self.family.final_logit_softcapping {
+            return Ok(None);
+        }
+        self.positive("final_logit_softcapping")
+    }
+
+    /// The factor scores are multiplied by: `query_pre_attn_scalar ** -0.5` (Gemma), else
+    /// `head_dim ** -0.5` (transformers' `self.scaling`).
+    pub fn query_scale(&self) -> Result<f64> {
+        let d = self.dims()?.head_dim as f64;
+        Ok(match self.family.query_pre_attn_scalar {
+            Some((key, default)) => self.positive(key)?.unwrap_or(default).powf(-0.5),
+            None => d.powf(-0.5),
+        })
+    }
+
+    /// `sliding_window` as a positive integer, None when null or absent.
+    fn sliding_window(&self) -> Result<Option<usize>> {
+        match self.raw.get("sliding_window") {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(w) if w > 0 => Ok(Some(w as usize)),
+                _ => Err(self.invalid("sliding_window", short(v), "must be a positive integer or null")),
+            },
+        }
+    }
+
+    /// Whether layer l is a sliding-window layer, per the family's [`WindowRule`].
+    fn sliding_layers(&self) -> Result<Vec<bool>> {
+        let n = self.typed.num_hidden_layers;
+        let from_types = || -> Result<Option<Vec<bool>>> {
+            let Some(v) = self.raw.get("layer_types").filter(|v| !v.is_null()) else {
+                return Ok(None);
+            };
+            let bad = |reason: &str| self.invalid("layer_types", short(v), reason);
+            let list = v.as_array().ok_or_else(|| bad("expected a list"))?;
+            if list.len() != n {
+                return Err(bad(&format!(
+                    "has {} entries for num_hidden_layers = {n}",
+                    list.len()
+                )));
+            }
+            list.iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(bad("entries must be \"sliding_attention\" or \"full_attention\"")),
+                })
+                .collect::<Result<Vec<bool>>>()
+                .map(Some)
+        };
+        Ok(match self.family.windows {
+            WindowRule::None => vec![false; n],
+            WindowRule::EveryLayer => vec![true; n],
+            WindowRule::UseSlidingWindow => match from_types()? {
+                Some(v) => v,
+                None => {
+                    let on = self.flag("use_sliding_window", false)?;
+                    let first = match self.raw.get("max_window_layers") {
+                        None | Some(Value::Null) => 28,
+                        Some(v) => v.as_u64().ok_or_else(|| {
+                            self.invalid("max_window_layers", short(v), "must be a non-negative integer")
+                        })? as usize,
+                    };
+                    (0..n).map(|l| on && l >= first).collect()
+                }
+            },
+            WindowRule::Pattern => match from_types()? {
+                Some(v) => v,
+                None => {
+                    let pattern = match self.raw.get("sliding_window_pattern") {
+                        None | Some(Value::Null) => 6,
+                        Some(v) => match v.as_u64() {
+                            Some(p) if p > 0 => p as usize,
+                            _ => {
+                                return Err(self.invalid(
+                                    "sliding_window_pattern",
+                                    short(v),
+                                    "must be a positive integer",
+                                ))
+                            }
+                        },
+                    };
+                    (0..n).map(|l| (l + 1) % pattern != 0).collect()
+                }
+            },
+        })
+    }
+
+    /// Per layer: sliding window (None = full attention) and RoPE (base, scaling), as the
+    /// family's config class resolves them (transformers 4.x keys or 5.x `rope_parameters`,
+    /// flat or keyed by layer type).
+    pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
+        let window = match self.family.windows {
+            WindowRule::None => None,
+            // Qwen2/Qwen3: `sliding_window` only counts with `use_sliding_window` (or
+            // explicit `layer_types`), as their config classes null it otherwise.
+            _ => self.sliding_window()?,
+        };
+        let sliding = self.sliding_layers()?;
+        let (full_theta, full_scaling) = self.rope();
+        let local = self.local_rope()?;
+        Ok(sliding
+            .into_iter()
+            .map(|is_sliding| {
+                let (rope_theta, rope_scaling) = match (&local, is_sliding) {
+                    (Some((theta, scaling)), true) => (*theta, scaling.clone()),
+                    _ => (full_theta, full_scaling.clone()),
+                };
+                LayerAttention {
+                    sliding_window: if is_sliding { window } else { None },
+                    rope_theta,
+                    rope_scaling,
+                }
+            })
+            .collect())
+    }
+
+    /// RoPE of the sliding layers for families that give them their own base: 5.x
+    /// `rope_parameters.sliding_attention`, else 4.x `rope_local_base_freq` (default scaling).
+    fn local_rope(&self) -> Result<Option<(f64, Option<Value>)>> {
+        let Some((key, default)) = self.family.local_rope else {
+            return Ok(None);
+        };
+        if let Some(Value::Object(p)) = self.typed.rope_parameters.as_ref() {
+            if let Some(Value::Object(sliding)) = p.get("sliding_attention") {
+                let theta = sliding.get("rope_theta").and_then(Value::as_f64).unwrap_or(default);
+                return Ok(Some((theta, Some(Value::Object(sliding.clone())))));
+            }
+        }
+        Ok(Some((self.positive(key)?.unwrap_or(default), None)))
     }
 
     /// `diff_attn_mix` (the warm-up factor in force when a training checkpoint was written;
@@ -393,11 +579,22 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// `tie_word_embeddings`, default false as in transformers' LlamaConfig; a checkpoint
-    /// without `lm_head.weight` whose config does not say false is read as tied (see
-    /// [`ModelConfig::check_lm_head`]).
+    /// `tie_word_embeddings`, default the family's (false for Llama's config class, true for
+    /// Gemma 3); a checkpoint without `lm_head.weight` whose config does not say false is read
+    /// as tied (see [`ModelConfig::check_lm_head`]).
     pub fn tie_word_embeddings(&self) -> bool {
-        self.typed.tie_word_embeddings.unwrap_or(false)
+        self.typed
+            .tie_word_embeddings
+            .unwrap_or(self.family.default_tie_word_embeddings)
+    }
+
+    /// `max_position_embeddings`, default the family's.
+    pub fn max_position_embeddings(&self) -> usize {
+        self.raw
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(self.family.default_max_position_embeddings)
     }
 
     /// `initializer_range`, default 0.02 (transformers' LlamaConfig default).
@@ -405,28 +602,35 @@ impl ModelConfig {
         self.typed.initializer_range.unwrap_or(0.02)
     }
 
-    /// RoPE parameters from either convention: (`rope_theta`, scaling object or None).
-    /// transformers 4.x: `rope_theta` + `rope_scaling`; 5.x: `rope_parameters` holding
-    /// `rope_type`, `rope_theta` and the scaling keys. Default theta 10000.
+    /// RoPE parameters of the model's (full-attention) layers from either convention:
+    /// (`rope_theta`, scaling object or None). transformers 4.x: `rope_theta` +
+    /// `rope_scaling`; 5.x: `rope_parameters` holding `rope_type`, `rope_theta` and the
+    /// scaling keys, or (Gemma 3) one such object per layer type, `full_attention` here.
+    /// Default theta: the family's (10000; Gemma 3 1e6).
     pub fn rope(&self) -> (f64, Option<Value>) {
         let t = &self.typed;
+        let default = self.family.default_rope_theta;
         if let Some(Value::Object(p)) = &t.rope_parameters {
+            let p = match p.get("full_attention") {
+                Some(Value::Object(full)) => full,
+                _ => p,
+            };
             let theta = p
                 .get("rope_theta")
                 .and_then(Value::as_f64)
                 .or(t.rope_theta)
-                .unwrap_or(10000.0);
+                .unwrap_or(default);
             return (theta, Some(Value::Object(p.clone())));
         }
         (
-            t.rope_theta.unwrap_or(10000.0),
+            t.rope_theta.unwrap_or(default),
             t.rope_scaling.clone().filter(|v| !v.is_null()),
         )
     }
 
-    /// `rms_norm_eps`, default 1e-6 (transformers' LlamaConfig default).
+    /// `rms_norm_eps`, default the family's (1e-6 in every family read here).
     pub fn rms_norm_eps(&self) -> f64 {
-        self.typed.rms_norm_eps.unwrap_or(1e-6)
+        self.typed.rms_norm_eps.unwrap_or(self.family.default_rms_norm_eps)
     }
 }
 

@@ -1,5 +1,7 @@
-//! Llama -> differential attention, format A (`llama-differential`, the axolotl plugin's
-//! format; SPEC §3-4).
+//! A source checkpoint of any family -> differential attention (`docs/spec.md`), written as
+//! format A (`llama-differential`, the axolotl plugin's format) where a Llama config
+//! expresses the source exactly, else as the family's `<model_type>-differential`
+//! ([`crate::format`]).
 //!
 //! The conversion is a plan (every output tensor's name, dtype, shape and recipe, validated
 //! against config.json before anything is written) executed by a streaming writer that makes
@@ -19,6 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{lambda_init, write_json, AttentionDims, ModelConfig};
 use crate::dtype::{self, DType};
 use crate::error::{Error, IoContext, Result};
+use crate::format::Target;
 use crate::output::{write_safetensors, PlannedTensor, StagedDir, TensorProducer};
 
 /// Tokenizer files copied from the source when present.
@@ -208,6 +211,14 @@ impl Source {
 /// The full conversion plan, printed before writing.
 pub struct Plan {
     pub dims: AttentionDims,
+    /// The source's family (`llama`, `qwen3`...).
+    pub family: &'static crate::families::Family,
+    /// The format written, and why format A could not be (None when it is format A).
+    pub target: Target,
+    pub not_llama: Option<String>,
+    /// Tensors the source does not have that the format needs besides the differential
+    /// ones (zero `o_proj.bias` of Qwen2 in format A), for the plan.
+    pub added: Vec<String>,
     pub options: ConvertOptions,
     pub out_dtype: DType,
     /// Width of the value vector a differential head reads: d (double) or 2d (split).
@@ -247,12 +258,25 @@ impl Plan {
                 "preserving-mirror (negative q/k = positive q/k, lambda ~ N(0, 0.1), o_proj / (1 - lambda))"
             }
         };
+        let (model_type, _) = self.format_names();
+        let format = match &self.not_llama {
+            None => model_type,
+            Some(why) => format!("{model_type} (a Llama config cannot express {why})"),
+        };
+        let added = if self.added.is_empty() {
+            String::new()
+        } else {
+            format!("\nadded: {}", self.added.join("; "))
+        };
         format!(
-            "layout: {layout}\ninit: {init}\nsublayer_norm: {}\nseed: {}\n\
+            "family: {} ({})\nformat: {format}{added}\n\
+             layout: {layout}\ninit: {init}\nsublayer_norm: {}\nseed: {}\n\
              H = {}, Hkv = {}, d = {}, layers = {}, hidden = {}\n\
              differential heads per layer: {}, value head dim: {}\n\
              dtype: {}\nparameters: {} -> {} ({:+})\n\
              KV-cache bytes per token: {} -> {}",
+            self.family.name,
+            self.family.class,
             self.options.sublayer_norm,
             self.options.seed,
             d.num_attention_heads,
@@ -269,6 +293,22 @@ impl Plan {
             self.kv_bytes_per_token_before,
             self.kv_bytes_per_token_after,
         )
+    }
+}
+
+impl Plan {
+    /// `model_type` and `architectures[0]` the converted config gets.
+    pub fn format_names(&self) -> (String, String) {
+        match &self.target {
+            Target::LlamaDifferential { .. } => (
+                "llama-differential".into(),
+                "LlamaDifferentialForCausalLM".into(),
+            ),
+            Target::Family => (
+                self.family.differential_model_type(),
+                self.family.differential_class(),
+            ),
+        }
     }
 }
 
@@ -325,11 +365,14 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
             num_key_value_heads: hkv,
         });
     }
-    if src.config.architecture.is_differential() {
+    if src.config.format.is_differential() {
         return Err(Error::UnsupportedArchitecture {
             path: src.config.path.clone(),
             value: src.config.typed.architectures.clone().unwrap_or_default().join(","),
-            supported: "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (the model is already differential)".into(),
+            supported: format!(
+                "{} (the model is already differential)",
+                crate::families::FAMILIES.map(|f| f.class).join(", ")
+            ),
         });
     }
     for name in ck.names() {
@@ -356,6 +399,22 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
             name.to_string(),
             (info.shape.clone(), Recipe::Copy(name.to_string())),
         );
+    }
+    src.config.layer_attention()?;
+    let target = crate::format::target(&src.config);
+    let not_llama = crate::format::why_not_llama(&src.config);
+    let mut added = Vec::new();
+    if target == (Target::LlamaDifferential { zero_o_bias: true }) {
+        for layer in 0..dims.num_hidden_layers {
+            let name = format!("{}o_proj.bias", attn_prefix(layer));
+            if ck.info(&name).is_none() {
+                recipes.insert(name, (vec![dm], Recipe::Values(vec![0.0; dm])));
+            }
+        }
+        added.push(format!(
+            "o_proj.bias = 0 [{dm}] in each of the {} layers (format A's attention_bias: true puts a bias on o_proj as well; {} has none)",
+            dims.num_hidden_layers, src.config.family.class
+        ));
     }
     let seed = options.seed;
     let neg_rows = |layer: usize, kind: u64, is_bias: bool| match options.init {
@@ -504,6 +563,10 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         .collect();
     Ok(Plan {
         dims,
+        family: src.config.family,
+        target,
+        not_llama,
+        added,
         options: options.clone(),
         out_dtype,
         value_head_dim: match options.layout {
@@ -626,14 +689,18 @@ impl TensorProducer for Producer<'_> {
     }
 }
 
-/// The config.json of the converted model (SPEC §4).
+/// The config.json of the converted model (`docs/formats.md`): the source config (as a Llama
+/// config for format A) plus the differential keys.
 pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
-    let mut raw = src.raw.clone();
-    raw.insert(
-        "architectures".into(),
-        json!(["LlamaDifferentialForCausalLM"]),
-    );
-    raw.insert("model_type".into(), json!("llama-differential"));
+    let mut raw = match plan.target {
+        Target::LlamaDifferential { zero_o_bias } => {
+            crate::format::as_llama_config(src, zero_o_bias)
+        }
+        Target::Family => src.raw.clone(),
+    };
+    let (model_type, class) = plan.format_names();
+    raw.insert("architectures".into(), json!([class]));
+    raw.insert("model_type".into(), json!(model_type));
     raw.insert("torch_dtype".into(), json!(plan.out_dtype.torch_name()));
     if raw.contains_key("dtype") {
         // transformers >= 5 writes `dtype` instead of `torch_dtype`.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::config::{lambda_init, write_json, Architecture};
+use crate::config::{self, lambda_init, write_json};
 use crate::convert::{copy_side_files, Producer, Recipe, Source};
 use crate::error::{Error, Result};
 use crate::output::{write_safetensors, PlannedTensor, StagedDir};
@@ -120,10 +120,22 @@ pub fn export(
 ) -> Result<ExportReport> {
     let src = Source::from_dir(src_dir)?;
     let cfg = &src.config;
-    let from = match cfg.architecture {
-        Architecture::LlamaDifferential => Format::LlamaDifferential,
-        Architecture::DiffLlama => Format::DiffLlama,
-        _ => {
+    let from = match cfg.format {
+        config::Format::LlamaDifferential => Format::LlamaDifferential,
+        config::Format::DiffLlama => Format::DiffLlama,
+        config::Format::FamilyDifferential => {
+            return Err(refuse(
+                &src,
+                format!(
+                    "a {} checkpoint ({}) cannot be exported: format A and diffllama are Llama configs, which cannot express a {} block ({})",
+                    cfg.family.differential_model_type(),
+                    cfg.family.differential_class(),
+                    cfg.family.class,
+                    crate::format::why_not_llama(cfg).unwrap_or_else(|| "its own block".into()),
+                ),
+            ))
+        }
+        config::Format::Source => {
             return Err(refuse(
                 &src,
                 "not a differential model (architectures must be LlamaDifferentialForCausalLM or DiffLlamaForCausalLM); convert it first".into(),

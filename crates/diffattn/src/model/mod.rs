@@ -1,8 +1,11 @@
-//! Our forward pass (candle, f32 compute by default) for the source Llama family and for
-//! differential attention: format A (`llama-differential`, SPEC §4: double and split heads,
-//! optional affine sub-layer norm, stored `lambda_init`, warm-up factor `mix`, no
-//! `(1 - lambda_init)`) and format B (`diffllama`, SPEC §5: split pairing, weightless RMS norm
-//! over 2d, `(1 - lambda_init)` scale).
+//! Our forward pass (candle, f32 compute by default) for every family of [`crate::families`]
+//! (its block: norms and their form, MLP activation, embedding scale, q/k norms, per-layer
+//! sliding window and RoPE, query scale, logit soft cap) and, independently of the family,
+//! for differential attention as each format lays it out: format A and the family formats
+//! (`llama-differential`, `<model_type>-differential`: double and split heads, optional affine
+//! sub-layer norm, stored `lambda_init`, warm-up factor `mix`, no `(1 - lambda_init)`) and
+//! format B (`diffllama`: split pairing, weightless RMS norm over 2d, `(1 - lambda_init)`
+//! scale). See `docs/spec.md` and `docs/formats.md`.
 //!
 //! Every op on the training path is differentiable (candle ops, or our CPU kernels with their
 //! own backward: [`layout`], [`ops`], [`attend::sdpa`]; never candle's gradient-dropping fused
@@ -25,10 +28,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use serde_json::Value;
 
-use crate::config::{lambda_init, Architecture, ModelConfig};
+use crate::config::{lambda_init, Format, ModelConfig};
 use crate::error::{Error, Result};
+use crate::families::{Activation, BlockNorms, Family, NormForm};
 
 /// How a layer's attention is computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,7 +60,8 @@ pub enum SubLayerNorm {
 /// Runtime configuration resolved from config.json.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub architecture: Architecture,
+    pub family: &'static Family,
+    pub format: Format,
     pub hidden_size: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
@@ -70,6 +74,17 @@ pub struct Config {
     pub attention: AttentionKind,
     pub sublayer_norm: SubLayerNorm,
     pub inv_freq: Vec<f32>,
+    /// Per layer: sliding window (None = full attention) and the index of its RoPE table.
+    pub layer_windows: Vec<Option<usize>>,
+    pub layer_rope: Vec<usize>,
+    /// Distinct RoPE inverse-frequency tables the layers use (`layer_rope` indexes them).
+    pub rope_tables: Vec<Vec<f32>>,
+    /// Factor queries are multiplied by so that the kernels' `head_dim ** -0.5` gives the
+    /// family's query scale (1 except for Gemma's `query_pre_attn_scalar != head_dim`).
+    pub query_factor: f64,
+    pub activation: Activation,
+    /// `final_logit_softcapping` (Gemma): logits = c·tanh(logits / c).
+    pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -81,8 +96,8 @@ impl Config {
         let dims = mc.dims()?;
         let raw = &mc.raw;
         let flag = |k: &str, default: bool| mc.flag(k, default);
-        let (attention, sublayer_norm) = match mc.architecture {
-            Architecture::LlamaDifferential => (
+        let differential = || -> Result<(AttentionKind, SubLayerNorm)> {
+            Ok((
                 if flag("split_heads", false)? {
                     AttentionKind::SplitHeads
                 } else {
@@ -93,9 +108,12 @@ impl Config {
                 } else {
                     SubLayerNorm::None
                 },
-            ),
-            Architecture::DiffLlama => (AttentionKind::SplitHeads, SubLayerNorm::ScaledPlain),
-            _ => (AttentionKind::Standard, SubLayerNorm::None),
+            ))
+        };
+        let (attention, sublayer_norm) = match mc.format {
+            Format::LlamaDifferential | Format::FamilyDifferential => differential()?,
+            Format::DiffLlama => (AttentionKind::SplitHeads, SubLayerNorm::ScaledPlain),
+            Format::Source => (AttentionKind::Standard, SubLayerNorm::None),
         };
         if attention == AttentionKind::SplitHeads
             && (dims.num_attention_heads % 2 != 0 || dims.num_key_value_heads % 2 != 0)
@@ -106,8 +124,24 @@ impl Config {
             });
         }
         let inv_freq = mc.inv_freq(dims.head_dim)?;
+        let mut rope_tables: Vec<Vec<f32>> = Vec::new();
+        let mut layer_rope = Vec::new();
+        let mut layer_windows = Vec::new();
+        for la in mc.layer_attention()? {
+            let table = mc.rope_inv_freq(dims.head_dim, la.rope_theta, la.rope_scaling)?;
+            let at = match rope_tables.iter().position(|t| *t == table) {
+                Some(i) => i,
+                None => {
+                    rope_tables.push(table);
+                    rope_tables.len() - 1
+                }
+            };
+            layer_rope.push(at);
+            layer_windows.push(la.sliding_window);
+        }
         Ok(Self {
-            architecture: mc.architecture,
+            family: mc.family,
+            format: mc.format,
             hidden_size: dims.hidden_size,
             num_attention_heads: dims.num_attention_heads,
             num_key_value_heads: dims.num_key_value_heads,
@@ -115,14 +149,17 @@ impl Config {
             num_hidden_layers: dims.num_hidden_layers,
             vocab_size: mc.typed.vocab_size,
             rms_norm_eps: mc.rms_norm_eps(),
-            max_position_embeddings: raw
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
+            max_position_embeddings: mc.max_position_embeddings(),
             tie_word_embeddings: mc.tie_word_embeddings(),
             attention,
             sublayer_norm,
             inv_freq,
+            layer_windows,
+            layer_rope,
+            rope_tables,
+            query_factor: mc.query_scale()? * (dims.head_dim as f64).sqrt(),
+            activation: mc.activation()?,
+            final_logit_softcapping: mc.final_logit_softcapping()?,
             bos_token_id: crate::config::token_ids(raw.get("bos_token_id"))
                 .first()
                 .copied(),
@@ -189,6 +226,10 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Per-head RMS norms of q and k before RoPE (Qwen3, Gemma 3), weight `[head_dim]`,
+    /// shared by every head of the layer (negative heads included).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     lambda: Option<Lambda>,
     /// `1 - lambda_init(l)` for format B.
     out_scale: f64,
@@ -198,7 +239,11 @@ struct Attention {
 struct Block {
     input_layernorm: Tensor,
     attn: Attention,
+    /// Llama's block: the MLP's input norm; Gemma's: the norm of the attention output.
     post_attention_layernorm: Tensor,
+    /// Gemma's MLP input and output norms.
+    pre_feedforward_layernorm: Option<Tensor>,
+    post_feedforward_layernorm: Option<Tensor>,
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
@@ -256,7 +301,10 @@ pub struct Model {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
-    rope: rope::Rope,
+    /// One table per distinct RoPE (see [`Config::layer_rope`]).
+    ropes: Vec<rope::Rope>,
+    /// `sqrt(hidden_size)` rounded to the weights' dtype (Gemma), else None.
+    embed_scale: Option<f64>,
     /// Warm-up factor of the negative branch (format A's `diff_attn_mix`), 1 outside warm-up.
     pub mix: f64,
     pub device: Device,
@@ -380,8 +428,8 @@ impl Model {
                 None
             } else {
                 let vec = |n: &str| get(&format!("{a}.{n}"), &[d]);
-                let init = match cfg.architecture {
-                    Architecture::DiffLlama => Tensor::new(lambda_init(l) as f32, device)?
+                let init = match cfg.format {
+                    Format::DiffLlama => Tensor::new(lambda_init(l) as f32, device)?
                         .to_dtype(w[&format!("{a}.lambda_q1")].dtype())?,
                     _ => get(&format!("{a}.lambda_init"), &[])?,
                 };
@@ -409,6 +457,17 @@ impl Model {
                 1.0
             };
             let inter = mc.typed.intermediate_size;
+            let qk_norm = |n: &str| -> Result<Option<Tensor>> {
+                cfg.family
+                    .qk_norm
+                    .then(|| get(&format!("{a}.{n}.weight"), &[d]))
+                    .transpose()
+            };
+            let sandwich = |n: &str| -> Result<Option<Tensor>> {
+                (cfg.family.block_norms == BlockNorms::Sandwich)
+                    .then(|| get(&format!("{p}.{n}.weight"), &[dm]))
+                    .transpose()
+            };
             blocks.push(Block {
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[dm])?,
                 attn: Attention {
@@ -416,6 +475,8 @@ impl Model {
                     k_proj: linear(&format!("{a}.k_proj"), qk_factor * kv * d, dm)?,
                     v_proj: linear(&format!("{a}.v_proj"), kv * d, dm)?,
                     o_proj: linear(&format!("{a}.o_proj"), dm, h * d)?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
                     lambda,
                     out_scale,
                 },
@@ -423,6 +484,8 @@ impl Model {
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[dm],
                 )?,
+                pre_feedforward_layernorm: sandwich("pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: sandwich("post_feedforward_layernorm")?,
                 gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, dm)?,
                 up_proj: linear(&format!("{p}.mlp.up_proj"), inter, dm)?,
                 down_proj: linear(&format!("{p}.mlp.down_proj"), dm, inter)?,
@@ -437,14 +500,27 @@ impl Model {
             }
         };
         let dtype = embed_tokens.dtype();
-        let rope = rope::Rope::new(&cfg.inv_freq, d, cfg.max_position_embeddings.max(1), device)?;
+        let ropes = cfg
+            .rope_tables
+            .iter()
+            .map(|t| rope::Rope::new(t, d, cfg.max_position_embeddings.max(1), device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // transformers: `embed_scale = torch.tensor(hidden_size ** 0.5)` (f32), cast to the
+        // weights' dtype before it multiplies (Gemma3TextScaledWordEmbedding).
+        let embed_scale = if cfg.family.embed_scale {
+            let s = Tensor::new((dm as f64).sqrt() as f32, device)?.to_dtype(dtype)?;
+            Some(s.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        } else {
+            None
+        };
         Ok(Self {
             norm: get("model.norm.weight", &[dm])?,
             config: cfg,
             embed_tokens,
             blocks,
             lm_head,
-            rope,
+            ropes,
+            embed_scale,
             mix: mc.diff_attn_mix()?.unwrap_or(1.0),
             device: device.clone(),
             dtype,
@@ -496,46 +572,136 @@ impl Model {
         mut cache: Option<&mut KvCache>,
         mut probs: Option<(&[usize], &mut AttentionProbs)>,
     ) -> Result<Tensor> {
-        ids.dims2()?; // [batch, seq]
+        let (b, s) = ids.dims2()?; // [batch, seq]
         let positions_max = positions
             .max_keepdim(1)?
             .max_keepdim(0)?
             .flatten_all()?
             .to_vec1::<u32>()?[0] as usize;
-        if positions_max >= self.rope.max_positions() {
+        let max_positions = self.ropes[0].max_positions();
+        if positions_max >= max_positions {
             return Err(Error::InvalidOptions(format!(
-                "position {positions_max} is beyond max_position_embeddings ({})",
-                self.rope.max_positions()
+                "position {positions_max} is beyond max_position_embeddings ({max_positions})"
             )));
         }
-        let (cos, sin) = self.rope.tables(positions)?;
+        let tables = self
+            .ropes
+            .iter()
+            .map(|r| r.tables(positions))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut x = layout::embedding(&self.embed_tokens, ids)?;
+        if let Some(scale) = self.embed_scale {
+            x = x.affine(scale, 0.0)?;
+        }
+        let past = match cache.as_deref() {
+            Some(c) if c.layers.len() == self.blocks.len() => c.seq_len(),
+            _ => 0,
+        };
+        // Sliding-window layers: the causal (and padding) mask with keys at or before
+        // `i - window` masked too (transformers' `sliding_window_overlay`: kv > q - window);
+        // the KV cache keeps every key and the mask hides the old ones.
+        let mut window_masks: Vec<(usize, Option<Tensor>)> = Vec::new();
+        for w in self.config.layer_windows.iter().flatten() {
+            if window_masks.iter().all(|(x, _)| x != w) {
+                window_masks.push((*w, self.window_mask(mask, b, s, past, *w)?));
+            }
+        }
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.blocks.len() {
                 c.layers = vec![None; self.blocks.len()];
             }
         }
         for (l, block) in self.blocks.iter().enumerate() {
-            let h = rms_norm(&x, Some(&block.input_layernorm), self.config.rms_norm_eps)?;
+            let layer_mask = match self.config.layer_windows[l] {
+                Some(w) => window_masks
+                    .iter()
+                    .find(|(x, _)| *x == w)
+                    .and_then(|(_, m)| m.as_ref())
+                    .or(mask),
+                None => mask,
+            };
+            let (cos, sin) = &tables[self.config.layer_rope[l]];
+            let h = self.norm(&x, &block.input_layernorm)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let want = probs
                 .as_ref()
                 .map(|(ls, _)| ls.contains(&l))
                 .unwrap_or(false);
-            let (a, p) = self.attention(&block.attn, &h, &cos, &sin, mask, layer_cache, want)?;
+            let (a, p) =
+                self.attention(&block.attn, &h, cos, sin, layer_mask, layer_cache, want)?;
             if let (Some(p), Some((_, store))) = (p, probs.as_mut()) {
                 store.layers.insert(l, p);
             }
+            let (a, mlp_norm) = match &block.pre_feedforward_layernorm {
+                Some(pre) => (self.norm(&a, &block.post_attention_layernorm)?, pre),
+                None => (a, &block.post_attention_layernorm),
+            };
             x = (x + a)?;
-            let h = rms_norm(
-                &x,
-                Some(&block.post_attention_layernorm),
-                self.config.rms_norm_eps,
-            )?;
-            let m = ops::swiglu(&block.gate_proj.forward(&h)?, &block.up_proj.forward(&h)?)?;
-            x = (x + block.down_proj.forward(&m)?)?;
+            let h = self.norm(&x, mlp_norm)?;
+            let gate = block.gate_proj.forward(&h)?;
+            let up = block.up_proj.forward(&h)?;
+            let m = match self.config.activation {
+                Activation::Silu => ops::swiglu(&gate, &up)?,
+                Activation::GeluTanh => (gate.gelu()? * up)?,
+            };
+            let m = block.down_proj.forward(&m)?;
+            let m = match &block.post_feedforward_layernorm {
+                Some(post) => self.norm(&m, post)?,
+                None => m,
+            };
+            x = (x + m)?;
         }
-        Ok(rms_norm(&x, Some(&self.norm), self.config.rms_norm_eps)?)
+        self.norm(&x, &self.norm)
+    }
+
+    /// The family's RMS norm of `x` `[.., n]` with weight `w` `[n]`: `w · x/rms` or, for
+    /// Gemma, `(1 + w) · x/rms` (the offset added in the forward so that training updates
+    /// `w` itself).
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        Ok(match self.config.family.norm {
+            NormForm::Weight => rms_norm(x, Some(w), eps)?,
+            NormForm::OnePlusWeight => {
+                let w1 = w.to_dtype(DType::F32)?.affine(1.0, 1.0)?;
+                let y = rms_norm(&x.to_dtype(DType::F32)?, Some(&w1), eps)?;
+                y.to_dtype(x.dtype())?
+            }
+        })
+    }
+
+    /// The additive mask of a layer with sliding window `w` for a forward of `s` queries after
+    /// `past` cached positions: `mask` (or no mask) with key j hidden from query i when
+    /// `j <= past + i - w`. None when no key is that old (the plain mask serves).
+    fn window_mask(
+        &self,
+        mask: Option<&Tensor>,
+        b: usize,
+        s: usize,
+        past: usize,
+        w: usize,
+    ) -> Result<Option<Tensor>> {
+        let t = match mask {
+            Some(m) => m.dim(3)?,
+            None => past + s,
+        };
+        let q0 = t - s; // absolute index of the first query
+        if q0 + s <= w {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; s * t];
+        for i in 0..s {
+            let last_hidden = (q0 + i) as i64 - w as i64; // keys j <= this are hidden
+            for j in 0..t {
+                if (j as i64) <= last_hidden || j > q0 + i {
+                    m[i * t + j] = f32::MIN;
+                }
+            }
+        }
+        let overlay = Tensor::from_vec(m, (1, 1, s, t), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Some(match mask {
+            Some(base) => base.broadcast_minimum(&overlay)?,
+            None => overlay.broadcast_as((b, 1, s, t))?.contiguous()?,
+        }))
     }
 
     /// Logits `[b, s, vocab]` (f32) of final hidden states `[b, s, hidden]`.
@@ -548,9 +714,13 @@ impl Model {
         } else {
             hidden.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?
         };
-        Ok(logits
+        let logits = logits
             .reshape((b, s, self.config.vocab_size))?
-            .to_dtype(DType::F32)?)
+            .to_dtype(DType::F32)?;
+        Ok(match self.config.final_logit_softcapping {
+            Some(c) => (logits.affine(1.0 / c, 0.0)?.tanh()? * c)?,
+            None => logits,
+        })
     }
 
     /// The same model with every tensor detached from gradient tracking (storage shared, no
@@ -562,9 +732,12 @@ impl Model {
         m.embed_tokens = self.embed_tokens.detach();
         m.norm = self.norm.detach();
         m.lm_head = self.lm_head.detach();
+        let opt = |t: &Option<Tensor>| t.as_ref().map(Tensor::detach);
         for b in &mut m.blocks {
             b.input_layernorm = b.input_layernorm.detach();
             b.post_attention_layernorm = b.post_attention_layernorm.detach();
+            b.pre_feedforward_layernorm = opt(&b.pre_feedforward_layernorm);
+            b.post_feedforward_layernorm = opt(&b.post_feedforward_layernorm);
             b.gate_proj = lin(&b.gate_proj);
             b.up_proj = lin(&b.up_proj);
             b.down_proj = lin(&b.down_proj);
@@ -573,6 +746,8 @@ impl Model {
             a.k_proj = lin(&a.k_proj);
             a.v_proj = lin(&a.v_proj);
             a.o_proj = lin(&a.o_proj);
+            a.q_norm = opt(&a.q_norm);
+            a.k_norm = opt(&a.k_norm);
             if let Some(l) = &mut a.lambda {
                 l.q1 = l.q1.detach();
                 l.k1 = l.k1.detach();
@@ -652,6 +827,16 @@ impl Model {
         })
     }
 
+    /// q or k `[b, s, n·d]` with the family's RMS norm applied over each head's `d`
+    /// features (`q_norm`/`k_norm`, one weight `[d]` for every head); unchanged without one.
+    fn head_norm(&self, x: Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+        let Some(w) = w else { return Ok(x) };
+        let (b, s, f) = x.dims3()?;
+        let d = self.config.head_dim;
+        let y = self.norm(&x.reshape((b, s, f / d, d))?, w)?;
+        Ok(y.reshape((b, s, f))?)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -665,14 +850,19 @@ impl Model {
     ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
         let c = &self.config;
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
-        let q = at.q_proj.forward(x)?;
-        let k = at.k_proj.forward(x)?;
-        let v = layout::split_heads(&at.v_proj.forward(x)?, kv)?;
         let qk_heads = if c.attention == AttentionKind::DoubleHeads {
             2
         } else {
             1
         };
+        let q = self.head_norm(at.q_proj.forward(x)?, at.q_norm.as_ref())?;
+        let q = if (c.query_factor - 1.0).abs() > 1e-12 {
+            q.affine(c.query_factor, 0.0)?
+        } else {
+            q
+        };
+        let k = self.head_norm(at.k_proj.forward(x)?, at.k_norm.as_ref())?;
+        let v = layout::split_heads(&at.v_proj.forward(x)?, kv)?;
         // Double heads: features [q1 | q2] become heads [0, H) and [H, 2H).
         let q = layout::rope_heads(&q, cos, sin, qk_heads * h)?;
         let k = layout::rope_heads(&k, cos, sin, qk_heads * kv)?;

@@ -39,7 +39,7 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Format, ModelConfig};
 use crate::convert::SideFiles;
 use crate::error::{Error, IoContext, Result};
 use crate::generate::TextCodec;
@@ -726,7 +726,7 @@ pub fn train(
         _ => model_dir.clone(),
     };
     let mut tm = TrainableModel::load(&model_dir, &device)?;
-    let is_diff = tm.config.architecture.is_differential();
+    let is_diff = tm.config.format.is_differential();
     if cfg.sequence_len > tm.model.config.max_position_embeddings {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
@@ -797,9 +797,10 @@ pub fn train(
     let lr_warmup = cfg.lr_warmup(total);
     let log_every = cfg.logging_interval(total);
     on_event(Event::Info(format!(
-        "model: {} ({:?}, {} layers), device {:?}",
+        "model: {} ({} {:?}, {} layers), device {:?}",
         model_dir.display(),
-        tm.config.architecture,
+        tm.config.family.name,
+        tm.config.format,
         tm.model.config.num_hidden_layers,
         device
     )));
@@ -1180,8 +1181,10 @@ pub fn train(
         if final_mix < 1.0 {
             on_event(Event::Warning(format!(
                 "the run ended mid-warm-up: diff_attn_mix = {final_mix} ({total} of {w} warm-up steps); it is saved in config.json ({MIX_KEY}) and applied when this tool loads the model{}",
-                if tm.config.architecture == Architecture::DiffLlama {
+                if tm.config.format == Format::DiffLlama {
                     "; transformers' DiffLlama ignores it and would run with 1"
+                } else if tm.config.format == Format::FamilyDifferential {
+                    ""
                 } else {
                     "; the axolotl plugin does not read it and would run with 1"
                 }

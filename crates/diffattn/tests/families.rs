@@ -1,0 +1,315 @@
+//! Every family against transformers (tests/fixtures/families, made by
+//! tools/make_family_fixtures.py): our forward ≤ 1e-4 (f32) on prompts longer than the
+//! sliding windows; cached decoding past the window = full recompute; a left-padded batch =
+//! unbatched runs; zero-init and preserving-mirror conversions keep the source's logits; each
+//! converted model is written in a format that expresses it, and every trainable tensor of it
+//! gets a gradient.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, D};
+use common::{expected_logits, ids_tensor, logits, logits_of};
+use diffattn::axolotl::DtypeChoice;
+use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
+use diffattn::model::{KvCache, Model};
+
+const CASES: [&str; 5] = [
+    "mistral_window",
+    "qwen2_window",
+    "qwen2_full",
+    "qwen3_qk_norm",
+    "gemma3_sliding",
+];
+
+fn family(case: &str) -> PathBuf {
+    common::fixtures_root().join("families").join(case)
+}
+
+fn ids(dir: &Path) -> Vec<u32> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    v["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Max |a - b|; NaN anywhere counts as infinitely far (a NaN must never pass).
+fn dist(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| {
+                let d = (p - q).abs();
+                if d.is_nan() {
+                    f32::INFINITY
+                } else {
+                    d
+                }
+            })
+        })
+        .fold(0.0, f32::max)
+}
+
+fn load(dir: &Path) -> Model {
+    Model::load(dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn each_family_matches_transformers() {
+    for case in CASES {
+        let dir = family(case);
+        let ours = logits(&dir, &ids(&dir));
+        let d = dist(&ours, &expected_logits(&dir));
+        eprintln!("{case}: max |ours - transformers| = {d:.2e}");
+        assert!(d <= 1e-4, "{case}: max |ours - transformers| = {d}");
+    }
+}
+
+/// The windows bind: the same models with the window ignored are far from transformers
+/// (so the check above could fail).
+#[test]
+fn the_sliding_windows_bind_in_the_fixtures() {
+    for case in ["mistral_window", "qwen2_window", "gemma3_sliding"] {
+        let src = family(case);
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+        let cfg_path = tmp.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["sliding_window"] = serde_json::json!(1000);
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let d = dist(&logits(tmp.path(), &ids(&src)), &expected_logits(&src));
+        assert!(d > 1e-2, "{case}: without its window the model is still within {d}");
+    }
+}
+
+#[test]
+fn cached_decoding_past_the_window_equals_full_recompute() {
+    for case in CASES {
+        let dir = family(case);
+        let ids = ids(&dir);
+        let m = load(&dir);
+        let full = logits_of(&m, &ids);
+        let prefill = 3; // shorter than every window; decoding then runs past it
+        let mut cache = KvCache::new();
+        let pos = m.positions(1, prefill, 0).unwrap();
+        let mask = m.mask(1, prefill, 0, None).unwrap();
+        let mut rows = m
+            .forward_full(&ids_tensor(&ids[..prefill]), &pos, Some(&mask), Some(&mut cache), None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for i in prefill..ids.len() {
+            let pos = m.positions(1, 1, i).unwrap();
+            let step = m
+                .forward_full(&ids_tensor(&ids[i..i + 1]), &pos, None, Some(&mut cache), None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            rows.extend(step);
+        }
+        assert_eq!(cache.seq_len(), ids.len());
+        let d = dist(&rows, &full);
+        assert!(d <= 1e-4, "{case}: cached vs full {d}");
+    }
+}
+
+#[test]
+fn left_padded_batch_equals_unbatched_runs() {
+    for case in CASES {
+        let dir = family(case);
+        let m = load(&dir);
+        let long = ids(&dir);
+        let short = long[5..].to_vec();
+        let t = long.len();
+        let pad = t - short.len();
+        let mut padded = vec![0u32; pad];
+        padded.extend(&short);
+        let key_mask = vec![vec![1u8; t], (0..t).map(|j| u8::from(j >= pad)).collect()];
+        let positions: Vec<u32> = (0..t as u32)
+            .chain((0..t).map(|j| j.saturating_sub(pad) as u32))
+            .collect();
+        let batch_ids = Tensor::new([long.as_slice(), padded.as_slice()].concat().as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((2, t))
+            .unwrap();
+        let pos = Tensor::from_vec(positions, (2, t), &Device::Cpu).unwrap();
+        let mask = m.mask(2, t, 0, Some(&key_mask)).unwrap();
+        let batch = m.forward_full(&batch_ids, &pos, Some(&mask), None, None).unwrap();
+        let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
+        let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
+        assert!(dist(&row0, &logits_of(&m, &long)) <= 1e-4, "{case}: row 0");
+        let d = dist(&row1[pad..], &logits_of(&m, &short));
+        assert!(d <= 1e-4, "{case}: padded row differs by {d}");
+    }
+}
+
+fn options(layout: Layout, init: Init, sublayer_norm: bool) -> ConvertOptions {
+    ConvertOptions {
+        layout,
+        init,
+        sublayer_norm,
+        seed: 5,
+        dtype: DtypeChoice::Keep,
+        max_shard_bytes: u64::MAX,
+        overwrite: false,
+    }
+}
+
+fn convert_to(src: &Path, out: &Path, o: &ConvertOptions) -> convert::Plan {
+    let source = Source::from_dir(src).unwrap();
+    let plan = convert::plan(&source, o).unwrap();
+    convert::execute(&source, &plan, out, None, &|_| {}).unwrap();
+    plan
+}
+
+fn config_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn preserving_conversions_keep_the_source_logits() {
+    for case in CASES {
+        let src = family(case);
+        let ids = ids(&src);
+        let reference = logits(&src, &ids);
+        for init in [Init::Zero, Init::PreservingMirror] {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("out");
+            convert_to(&src, &out, &options(Layout::DoubleHeads, init, false));
+            let d = dist(&logits(&out, &ids), &reference);
+            assert!(d <= 1e-4, "{case} {init:?}: converted vs source {d}");
+        }
+    }
+}
+
+/// Format A only where a Llama config expresses the source; every other source in its
+/// family's own format, and `export` refuses that with the reason.
+#[test]
+fn each_source_gets_a_format_that_expresses_it() {
+    for (case, model_type, class) in [
+        ("mistral_window", "mistral-differential", "MistralDifferentialForCausalLM"),
+        ("qwen2_window", "qwen2-differential", "Qwen2DifferentialForCausalLM"),
+        ("qwen2_full", "llama-differential", "LlamaDifferentialForCausalLM"),
+        ("qwen3_qk_norm", "qwen3-differential", "Qwen3DifferentialForCausalLM"),
+        ("gemma3_sliding", "gemma3_text-differential", "Gemma3DifferentialForCausalLM"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let plan = convert_to(&family(case), &out, &options(Layout::DoubleHeads, Init::Random, true));
+        let cfg = config_of(&out);
+        assert_eq!(cfg["model_type"], model_type, "{case}");
+        assert_eq!(cfg["architectures"][0], class, "{case}");
+        assert_eq!(cfg["sublayer_norm"], true, "{case}");
+        let summary = plan.summary();
+        assert!(summary.contains(&format!("format: {model_type}")), "{case}: {summary}");
+        if model_type != "llama-differential" {
+            assert!(summary.contains("a Llama config cannot express"), "{case}: {summary}");
+            let err = diffattn::export::export(
+                &out,
+                &tmp.path().join("b"),
+                diffattn::export::Format::DiffLlama,
+                false,
+                &|_| {},
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("cannot be exported") && err.contains(model_type), "{case}: {err}");
+        }
+    }
+}
+
+/// Qwen2 without a window as format A: `attention_bias: true` and explicit zero o biases
+/// (named in the plan), so that a Llama-config loader builds the same model.
+#[test]
+fn qwen2_as_format_a_carries_its_biases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let plan = convert_to(&family("qwen2_full"), &out, &options(Layout::DoubleHeads, Init::Mirror, true));
+    let cfg = config_of(&out);
+    assert_eq!(cfg["attention_bias"], true);
+    assert!(plan.summary().contains("o_proj.bias = 0 [32] in each of the 2 layers"), "{}", plan.summary());
+    let st = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    for l in 0..2 {
+        let b = st.tensor(&format!("model.layers.{l}.self_attn.o_proj.bias")).unwrap();
+        assert_eq!(b.shape(), &[32]);
+        assert!(b.data().iter().all(|&x| x == 0));
+        let q = st.tensor(&format!("model.layers.{l}.self_attn.q_proj.bias")).unwrap();
+        assert_eq!(q.shape(), &[64], "double-heads q bias: [positive; negative]");
+    }
+}
+
+/// The format-A conversion of qwen2_full read by a PyTorch format-A forward built from a
+/// Llama config (expected_format_a.json, tools/make_family_fixtures.py --bin): our runtime
+/// reads our checkpoint as that loader does.
+#[test]
+fn qwen2_format_a_is_read_by_a_llama_config_loader_as_we_read_it() {
+    let src = family("qwen2_full");
+    let e = src.join("expected_format_a.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&e).unwrap()).unwrap();
+    assert_eq!(v["conversion"][0], "--mirror-weights");
+    let reference: Vec<Vec<f32>> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    // The CLI's defaults: sub-layer norm on, seed 42.
+    let mut o = options(Layout::DoubleHeads, Init::Mirror, true);
+    o.seed = 42;
+    convert_to(&src, &out, &o);
+    let d = dist(&logits(&out, &ids(&src)), &reference);
+    assert!(d <= 1e-4, "ours vs the PyTorch format-A reader: {d}");
+}
+
+#[test]
+fn every_trainable_tensor_of_each_converted_family_gets_a_gradient() {
+    for case in CASES {
+        for layout in [Layout::DoubleHeads, Layout::SplitHeads] {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("out");
+            let src = family(case);
+            convert_to(&src, &out, &options(layout, Init::Random, true));
+            let (m, vars) = Model::load_trainable(&out, &Device::Cpu).unwrap();
+            let ids = ids(&src);
+            let s = ids.len();
+            let logits = m.forward(&ids_tensor(&ids)).unwrap();
+            let inputs = logits.narrow(1, 0, s - 1).unwrap().squeeze(0).unwrap();
+            let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+            let loss = candle_nn::ops::log_softmax(&inputs, D::Minus1)
+                .unwrap()
+                .gather(&targets.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .neg()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(vars.iter().any(|(n, _)| n.ends_with("lambda_q2")), "{case}");
+            for (name, var) in &vars {
+                let g = grads
+                    .get(var)
+                    .unwrap_or_else(|| panic!("{case} {layout:?}: no gradient for {name}"));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm > 0.0 && norm.is_finite(), "{case} {layout:?}: gradient of {name} is {norm}");
+            }
+        }
+    }
+}
