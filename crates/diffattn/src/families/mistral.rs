@@ -1,5 +1,5 @@
 //! `MistralForCausalLM` (transformers `models/mistral/modeling_mistral.py`): Llama's block
-//! with a `sliding_window` in every layer (null = full attention).
+//! with a `sliding_window` in every layer (null = full attention) and no biases.
 
 use super::*;
 
@@ -8,6 +8,7 @@ pub const MISTRAL: Family = Family {
     class: "MistralForCausalLM",
     model_type: "mistral",
     source: "models/mistral/modeling_mistral.py",
+    bias: BiasPattern::Never,
     windows: WindowRule::EveryLayer,
     default_max_position_embeddings: 4096 * 32,
     ..LLAMA

@@ -79,6 +79,8 @@ pub enum BiasPattern {
     AttentionBiasKey,
     /// q, k and v always, never o (Qwen2; no `attention_bias` key).
     QkvAlways,
+    /// None (Mistral: `bias=False` in its attention whatever config.json says).
+    Never,
 }
 
 /// How the layers' attention types (full or sliding window) are read from config.json.
@@ -215,6 +217,7 @@ impl Family {
         match self.bias {
             BiasPattern::AttentionBiasKey => attention_bias,
             BiasPattern::QkvAlways => proj != "o_proj",
+            BiasPattern::Never => false,
         }
     }
 

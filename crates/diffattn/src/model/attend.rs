@@ -109,6 +109,27 @@ fn keys_needed(mask_row: &[f32]) -> usize {
     }
 }
 
+/// The first key a query row needs: its first unmasked key (0 for a row with every key
+/// masked, whose softmax is uniform). Sliding windows mask the keys before it; their
+/// probabilities are exactly 0 like those after the last needed key.
+fn first_key_needed(mask_row: &[f32]) -> usize {
+    mask_row
+        .iter()
+        .position(|&v| v > f32::MIN / 2.0)
+        .unwrap_or(0)
+}
+
+/// First key needed by rows `r0..r0 + m` of an `[s, t]` mask (0 without a mask).
+fn block_first_key(mask: Option<&[f32]>, t: usize, r0: usize, m: usize) -> usize {
+    match mask {
+        Some(mk) => (r0..r0 + m)
+            .map(|r| first_key_needed(&mk[r * t..(r + 1) * t]))
+            .min()
+            .unwrap_or(0),
+        None => 0,
+    }
+}
+
 /// Keys needed by rows `r0..r0 + m` of an `[s, t]` mask (all `t` without a mask).
 fn block_keys(mask: Option<&[f32]>, t: usize, r0: usize, m: usize) -> usize {
     match mask {
@@ -177,28 +198,34 @@ pub fn attend(
                     &vd[at..at + t * d]
                 };
                 let mrows = md.map(|mk| &mk[(bi * s + r0) * t..(bi * s + r0 + m) * t]);
-                // Keys this block needs (the causal prefix); rows keep stride t.
+                // Keys this block needs: from the first unmasked one (sliding windows) to one
+                // past the last (the causal prefix); rows keep stride t.
                 let tk = block_keys(mrows, t, 0, m);
+                let k0 = block_first_key(mrows, t, 0, m).min(tk.saturating_sub(1));
+                let n = tk - k0;
+                let mrows = mrows.map(|mk| &mk[k0..]);
+                let khead = |head: usize| &khead(head)[k0 * d..];
+                let vhead = |head: usize| &vhead(head)[k0 * d..];
                 let mut p = vec![0f32; m * t];
                 match kind {
                     AttentionKind::Standard => {
-                        probs(&mut p, t, qrow(j), khead(j / g), mrows, m, tk, d);
-                        gemm_rows(false, ob, dv, m, d, tk, &p, (t, 1), vhead(j / g), (d, 1));
+                        probs(&mut p, t, qrow(j), khead(j / g), mrows, m, n, d);
+                        gemm_rows(false, ob, dv, m, d, n, &p, (t, 1), vhead(j / g), (d, 1));
                     }
                     _ => {
                         let mut p2 = vec![0f32; m * t];
-                        probs(&mut p, t, qrow(j), khead(j / g), mrows, m, tk, d);
-                        probs(&mut p2, t, qrow(qb + j), khead(kb + j / g), mrows, m, tk, d);
+                        probs(&mut p, t, qrow(j), khead(j / g), mrows, m, n, d);
+                        probs(&mut p2, t, qrow(qb + j), khead(kb + j / g), mrows, m, n, d);
                         for (a1, &a2) in p.iter_mut().zip(&p2) {
                             *a1 -= a2 * lambda;
                         }
                         if kind == AttentionKind::DoubleHeads {
-                            gemm_rows(false, ob, dv, m, d, tk, &p, (t, 1), vhead(j / g), (d, 1));
+                            gemm_rows(false, ob, dv, m, d, n, &p, (t, 1), vhead(j / g), (d, 1));
                         } else {
                             // repeat_kv: full head i reads kv head i / (H / Hkv) = i / g here too.
                             let (va, vb) = (vhead(j / g), vhead((j + heads) / g));
-                            gemm_rows(false, ob, dv, m, d, tk, &p, (t, 1), va, (d, 1));
-                            gemm_rows(false, &mut ob[d..], dv, m, d, tk, &p, (t, 1), vb, (d, 1));
+                            gemm_rows(false, ob, dv, m, d, n, &p, (t, 1), va, (d, 1));
+                            gemm_rows(false, &mut ob[d..], dv, m, d, n, &p, (t, 1), vb, (d, 1));
                         }
                     }
                 }
