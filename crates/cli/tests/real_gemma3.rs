@@ -57,9 +57,14 @@ fn gemma3_import_matches_transformers_gguf_loader() {
         "import-gguf failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    println!("import-gguf of Gemma 3 270M: {:.2} s", start.elapsed().as_secs_f64());
+    println!(
+        "import-gguf of Gemma 3 270M: {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
     assert!(
-        stdout.contains("Gemma3ForCausalLM: layers 18, hidden 640, heads 4, kv heads 1, head_dim 256"),
+        stdout.contains(
+            "Gemma3ForCausalLM: layers 18, hidden 640, heads 4, kv heads 1, head_dim 256"
+        ),
         "{stdout}"
     );
     let r = reference();
@@ -83,7 +88,10 @@ fn gemma3_import_matches_transformers_gguf_loader() {
     let layer_types = cfg["layer_types"].as_array().unwrap();
     assert_eq!(layer_types.len(), 18);
     assert_eq!(
-        layer_types.iter().filter(|t| *t == "full_attention").count(),
+        layer_types
+            .iter()
+            .filter(|t| *t == "full_attention")
+            .count(),
         3
     );
 
@@ -107,10 +115,9 @@ fn gemma3_import_matches_transformers_gguf_loader() {
         .get_ids()
         .to_vec();
     assert_eq!(ids, vec![2, 818, 5279, 529, 7001, 563]);
-    let tc: Value = serde_json::from_str(
-        &std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
+    let tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     assert_eq!(tc["bos_token"], "<bos>");
     assert_eq!(tc["eos_token"], "<eos>");
     assert_eq!(tc["add_bos_token"], true);
@@ -122,7 +129,9 @@ fn gemma3_import_matches_transformers_gguf_loader() {
     assert_eq!(ck.names().count(), 1 + 1 + 18 * 13);
     let mut worst = 0f64;
     for (name, t) in r["tensors"].as_object().unwrap() {
-        let info = ck.info(name).unwrap_or_else(|| panic!("{name} not imported"));
+        let info = ck
+            .info(name)
+            .unwrap_or_else(|| panic!("{name} not imported"));
         let shape: Vec<usize> = t["shape"]
             .as_array()
             .unwrap()
@@ -133,7 +142,10 @@ fn gemma3_import_matches_transformers_gguf_loader() {
         let v = ck.to_f32(name).unwrap();
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
         for s in t["samples"].as_array().unwrap() {
-            let (row, col) = (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize);
+            let (row, col) = (
+                s[0].as_u64().unwrap() as usize,
+                s[1].as_u64().unwrap() as usize,
+            );
             let d = (v[row * cols + col] as f64 - s[2].as_f64().unwrap()).abs();
             worst = worst.max(d);
             assert!(d <= 1e-6, "{name}[{row}, {col}]: off by {d}");
@@ -148,5 +160,7 @@ fn gemma3_import_matches_transformers_gguf_loader() {
             );
         }
     }
-    println!("Gemma 3 import vs transformers' GGUF loader: max |delta| over sampled entries {worst:.2e}");
+    println!(
+        "Gemma 3 import vs transformers' GGUF loader: max |delta| over sampled entries {worst:.2e}"
+    );
 }

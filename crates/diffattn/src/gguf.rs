@@ -340,16 +340,61 @@ pub struct ArchSpec {
 }
 
 const LLAMA_KEYS: &[ConfigKey] = &[
-    ck("embedding_length", "hidden_size", Num::Int, Missing::Required),
-    ck("attention.head_count", "num_attention_heads", Num::Int, Missing::Required),
-    ck("attention.head_count_kv", "num_key_value_heads", Num::Int, Missing::Field("num_attention_heads")),
-    ck("attention.key_length", "head_dim", Num::Int, Missing::HiddenPerHead),
+    ck(
+        "embedding_length",
+        "hidden_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count",
+        "num_attention_heads",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        Num::Int,
+        Missing::Field("num_attention_heads"),
+    ),
+    ck(
+        "attention.key_length",
+        "head_dim",
+        Num::Int,
+        Missing::HiddenPerHead,
+    ),
     ck("vocab_size", "vocab_size", Num::Int, Missing::TokenCount),
-    ck("feed_forward_length", "intermediate_size", Num::Int, Missing::Required),
-    ck("context_length", "max_position_embeddings", Num::Int, Missing::Value(2048.0)),
-    ck("block_count", "num_hidden_layers", Num::Int, Missing::Required),
-    ck("attention.layer_norm_rms_epsilon", "rms_norm_eps", Num::ShortestF32, Missing::Value(1e-5)),
-    ck("rope.freq_base", "rope_theta", Num::Float, Missing::Value(10000.0)),
+    ck(
+        "feed_forward_length",
+        "intermediate_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "context_length",
+        "max_position_embeddings",
+        Num::Int,
+        Missing::Value(2048.0),
+    ),
+    ck(
+        "block_count",
+        "num_hidden_layers",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.layer_norm_rms_epsilon",
+        "rms_norm_eps",
+        Num::ShortestF32,
+        Missing::Value(1e-5),
+    ),
+    ck(
+        "rope.freq_base",
+        "rope_theta",
+        Num::Float,
+        Missing::Value(10000.0),
+    ),
 ];
 
 /// Qwen2/Qwen3 (transformers' GGUF_CONFIG_MAPPING, `Qwen2Config`/`Qwen3Config` defaults for
@@ -357,31 +402,126 @@ const LLAMA_KEYS: &[ConfigKey] = &[
 /// class default `head_dim` 128; we read the key (llama.cpp writes it), which equals 128 for
 /// every released Qwen3.
 const QWEN_KEYS: &[ConfigKey] = &[
-    ck("embedding_length", "hidden_size", Num::Int, Missing::Required),
-    ck("attention.head_count", "num_attention_heads", Num::Int, Missing::Required),
-    ck("attention.head_count_kv", "num_key_value_heads", Num::Int, Missing::Field("num_attention_heads")),
-    ck("attention.key_length", "head_dim", Num::Int, Missing::HiddenPerHead),
+    ck(
+        "embedding_length",
+        "hidden_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count",
+        "num_attention_heads",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        Num::Int,
+        Missing::Field("num_attention_heads"),
+    ),
+    ck(
+        "attention.key_length",
+        "head_dim",
+        Num::Int,
+        Missing::HiddenPerHead,
+    ),
     ck("vocab_size", "vocab_size", Num::Int, Missing::TokenCount),
-    ck("feed_forward_length", "intermediate_size", Num::Int, Missing::Required),
-    ck("context_length", "max_position_embeddings", Num::Int, Missing::Value(32768.0)),
-    ck("block_count", "num_hidden_layers", Num::Int, Missing::Required),
-    ck("attention.layer_norm_rms_epsilon", "rms_norm_eps", Num::ShortestF32, Missing::Value(1e-6)),
-    ck("rope.freq_base", "rope_theta", Num::Float, Missing::Value(10000.0)),
+    ck(
+        "feed_forward_length",
+        "intermediate_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "context_length",
+        "max_position_embeddings",
+        Num::Int,
+        Missing::Value(32768.0),
+    ),
+    ck(
+        "block_count",
+        "num_hidden_layers",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.layer_norm_rms_epsilon",
+        "rms_norm_eps",
+        Num::ShortestF32,
+        Missing::Value(1e-6),
+    ),
+    ck(
+        "rope.freq_base",
+        "rope_theta",
+        Num::Float,
+        Missing::Value(10000.0),
+    ),
 ];
 
 /// Gemma 3 (transformers' GGUF_CONFIG_MAPPING `gemma3`, `Gemma3TextConfig` defaults).
 const GEMMA3_KEYS: &[ConfigKey] = &[
-    ck("embedding_length", "hidden_size", Num::Int, Missing::Required),
-    ck("attention.head_count", "num_attention_heads", Num::Int, Missing::Required),
-    ck("attention.head_count_kv", "num_key_value_heads", Num::Int, Missing::Field("num_attention_heads")),
-    ck("attention.key_length", "head_dim", Num::Int, Missing::Value(256.0)),
+    ck(
+        "embedding_length",
+        "hidden_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count",
+        "num_attention_heads",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        Num::Int,
+        Missing::Field("num_attention_heads"),
+    ),
+    ck(
+        "attention.key_length",
+        "head_dim",
+        Num::Int,
+        Missing::Value(256.0),
+    ),
     ck("vocab_size", "vocab_size", Num::Int, Missing::TokenCount),
-    ck("feed_forward_length", "intermediate_size", Num::Int, Missing::Required),
-    ck("context_length", "max_position_embeddings", Num::Int, Missing::Value(131072.0)),
-    ck("block_count", "num_hidden_layers", Num::Int, Missing::Required),
-    ck("attention.layer_norm_rms_epsilon", "rms_norm_eps", Num::ShortestF32, Missing::Value(1e-6)),
-    ck("rope.freq_base", "rope_theta", Num::Float, Missing::Value(1_000_000.0)),
-    ck("attention.sliding_window", "sliding_window", Num::Int, Missing::Value(4096.0)),
+    ck(
+        "feed_forward_length",
+        "intermediate_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "context_length",
+        "max_position_embeddings",
+        Num::Int,
+        Missing::Value(131072.0),
+    ),
+    ck(
+        "block_count",
+        "num_hidden_layers",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.layer_norm_rms_epsilon",
+        "rms_norm_eps",
+        Num::ShortestF32,
+        Missing::Value(1e-6),
+    ),
+    ck(
+        "rope.freq_base",
+        "rope_theta",
+        Num::Float,
+        Missing::Value(1_000_000.0),
+    ),
+    ck(
+        "attention.sliding_window",
+        "sliding_window",
+        Num::Int,
+        Missing::Value(4096.0),
+    ),
 ];
 
 const LLAMA_LAYER: &[LayerTensor] = &[
@@ -463,7 +603,11 @@ const QWEN3_LAYER: &[LayerTensor] = &[
 /// pre_feedforward_layernorm, `post_ffw_norm`), per-head q/k norms, no permutation.
 const GEMMA3_LAYER: &[LayerTensor] = &[
     lt("attn_norm", "input_layernorm", Shape::Hidden),
-    lt("post_attention_norm", "post_attention_layernorm", Shape::Hidden),
+    lt(
+        "post_attention_norm",
+        "post_attention_layernorm",
+        Shape::Hidden,
+    ),
     lt("ffn_norm", "pre_feedforward_layernorm", Shape::Hidden),
     lt("post_ffw_norm", "post_feedforward_layernorm", Shape::Hidden),
     lt("attn_q", "self_attn.q_proj", Shape::Query),
@@ -974,7 +1118,10 @@ pub fn hf_config(g: &GgufFile, dtype: DType) -> Result<Value> {
     let theta = m.get("rope_theta").cloned().unwrap_or(Value::Null);
     if let Some(pattern) = spec.sliding_pattern {
         // Gemma3TextConfig: layer i is full attention when (i + 1) % pattern == 0.
-        let layers = m.get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0);
+        let layers = m
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         let types: Vec<Value> = (0..layers)
             .map(|i| {
                 json!(if (i + 1) % pattern as u64 == 0 {
@@ -1062,10 +1209,8 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// Split regexes by `tokenizer.ggml.pre`, for [`TokenizerStyle::ByteLevelTransformers`]
 /// (transformers' GGUF_PRE_TOKENIZER_SPLITS in `integrations/gguf/gguf_tokenizer_mapping.py`).
-const PRE_TOKENIZER_SPLITS: &[(&str, &str)] = &[
-    ("qwen2", QWEN2_SPLIT),
-    ("deepseek-r1-qwen", QWEN2_SPLIT),
-];
+const PRE_TOKENIZER_SPLITS: &[(&str, &str)] =
+    &[("qwen2", QWEN2_SPLIT), ("deepseek-r1-qwen", QWEN2_SPLIT)];
 
 /// Builds the byte-level BPE tokenizer of a `tokenizer.ggml.model = gpt2` GGUF.
 ///
@@ -1487,9 +1632,7 @@ fn build_gemma_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
                    "rstrip": false, "single_word": false, "special": is_special}),
         );
     }
-    let mask = vocab
-        .contains_key("<mask>")
-        .then(|| "<mask>".to_string());
+    let mask = vocab.contains_key("<mask>").then(|| "<mask>".to_string());
     let mut cfg = Map::new();
     cfg.insert("add_bos_token".into(), json!(add_bos));
     cfg.insert("add_eos_token".into(), json!(add_eos));

@@ -177,8 +177,20 @@ fn str_array(v: &[&str]) -> G {
 fn tokenizer_metadata(arch: &str) -> (Vec<(String, G)>, usize) {
     if arch == "gemma3" {
         let mut tokens: Vec<String> = [
-            "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "\n", "  ", "\u{2581}",
-            "a", "b", "ab", "\u{2581}a", "\u{2581}ab",
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<mask>",
+            "[multimodal]",
+            "\n",
+            "  ",
+            "\u{2581}",
+            "a",
+            "b",
+            "ab",
+            "\u{2581}a",
+            "\u{2581}ab",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -218,7 +230,15 @@ fn tokenizer_metadata(arch: &str) -> (Vec<(String, G)>, usize) {
         (md, n)
     } else {
         let tokens = [
-            "<|endoftext|>", "a", "b", "ab", "\u{120}", "\u{120}a", "1", "2", "<think>",
+            "<|endoftext|>",
+            "a",
+            "b",
+            "ab",
+            "\u{120}",
+            "\u{120}a",
+            "1",
+            "2",
+            "<think>",
         ];
         let md = vec![
             ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
@@ -226,7 +246,12 @@ fn tokenizer_metadata(arch: &str) -> (Vec<(String, G)>, usize) {
             ("tokenizer.ggml.tokens".into(), str_array(&tokens)),
             (
                 "tokenizer.ggml.token_type".into(),
-                G::Array([3, 1, 1, 1, 1, 1, 1, 1, 4].into_iter().map(G::I32).collect()),
+                G::Array(
+                    [3, 1, 1, 1, 1, 1, 1, 1, 4]
+                        .into_iter()
+                        .map(G::I32)
+                        .collect(),
+                ),
             ),
             (
                 "tokenizer.ggml.merges".into(),
@@ -264,11 +289,23 @@ impl Tiny {
             }
         };
         let mut all: Vec<(String, String, Vec<usize>)> = vec![
-            ("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![vocab, dm]),
-            ("output_norm.weight".into(), "model.norm.weight".into(), vec![dm]),
+            (
+                "token_embd.weight".into(),
+                "model.embed_tokens.weight".into(),
+                vec![vocab, dm],
+            ),
+            (
+                "output_norm.weight".into(),
+                "model.norm.weight".into(),
+                vec![dm],
+            ),
         ];
         if !self.tied {
-            all.push(("output.weight".into(), "lm_head.weight".into(), vec![vocab, dm]));
+            all.push((
+                "output.weight".into(),
+                "lm_head.weight".into(),
+                vec![vocab, dm],
+            ));
         }
         for l in 0..self.layers {
             for (g, hf) in &self.names {
@@ -315,7 +352,10 @@ impl Tiny {
             (format!("{a}.attention.head_count_kv"), G::U32(kv as u32)),
             (format!("{a}.attention.key_length"), G::U32(d as u32)),
             (format!("{a}.attention.value_length"), G::U32(d as u32)),
-            (format!("{a}.attention.layer_norm_rms_epsilon"), G::F32(1e-6)),
+            (
+                format!("{a}.attention.layer_norm_rms_epsilon"),
+                G::F32(1e-6),
+            ),
             (format!("{a}.rope.freq_base"), G::F32(1_000_000.0)),
         ];
         if gemma {
@@ -413,7 +453,10 @@ fn qwen2_gguf_imports_with_biases_and_no_permutation() {
     assert_eq!(c["tie_word_embeddings"], false);
     assert_eq!(c["vocab_size"], 9);
     assert_eq!(c["eos_token_id"], 0);
-    assert!(c.get("attention_bias").is_none(), "Qwen2Config has no attention_bias");
+    assert!(
+        c.get("attention_bias").is_none(),
+        "Qwen2Config has no attention_bias"
+    );
     // Our own loader reads Qwen2 and finds the q/k/v biases it expects.
     let out = tmp.path().join("imported");
     let mc = diffattn::config::ModelConfig::from_file(&out.join("config.json")).unwrap();
@@ -437,7 +480,10 @@ fn qwen3_gguf_imports_q_k_norms_and_head_dim() {
     let (c, _tmp) = import_tiny(&qwen3());
     assert_eq!(c["architectures"][0], "Qwen3ForCausalLM");
     assert_eq!(c["model_type"], "qwen3");
-    assert_eq!(c["head_dim"], 8, "head_dim from attention.key_length, not hidden / heads");
+    assert_eq!(
+        c["head_dim"], 8,
+        "head_dim from attention.key_length, not hidden / heads"
+    );
     assert_eq!(c["num_attention_heads"], 4);
     assert_eq!(c["attention_bias"], false);
     assert_eq!(c["tie_word_embeddings"], true);
@@ -453,14 +499,23 @@ fn gemma3_gguf_imports_norms_layer_types_and_sentencepiece() {
     assert_eq!(c["sliding_window"], 4);
     assert_eq!(c["rope_theta"], 1e6);
     assert_eq!(c["rope_local_base_freq"], 10000.0);
-    assert_eq!(c["rope_parameters"]["sliding_attention"]["rope_theta"], 10000.0);
+    assert_eq!(
+        c["rope_parameters"]["sliding_attention"]["rope_theta"],
+        10000.0
+    );
     assert_eq!(c["rope_parameters"]["full_attention"]["rope_theta"], 1e6);
     assert_eq!(c["query_pre_attn_scalar"], 256);
     assert_eq!(c["hidden_activation"], "gelu_pytorch_tanh");
     assert_eq!(c["tie_word_embeddings"], true);
     assert_eq!(c["rms_norm_eps"], 1e-6);
-    assert_eq!((c["bos_token_id"].clone(), c["eos_token_id"].clone()), (2.into(), 1.into()));
-    assert_eq!((c["pad_token_id"].clone(), c["unk_token_id"].clone()), (0.into(), 3.into()));
+    assert_eq!(
+        (c["bos_token_id"].clone(), c["eos_token_id"].clone()),
+        (2.into(), 1.into())
+    );
+    assert_eq!(
+        (c["pad_token_id"].clone(), c["unk_token_id"].clone()),
+        (0.into(), 3.into())
+    );
     let types: Vec<&str> = c["layer_types"]
         .as_array()
         .unwrap()
@@ -482,7 +537,11 @@ fn gemma3_gguf_imports_norms_layer_types_and_sentencepiece() {
     assert_eq!(ids("a\nb<eos>"), vec![2, 9, 6, 10, 1]);
     // Byte fallback: é = C3 A9, the byte tokens start at id 14.
     assert_eq!(ids("é"), vec![2, 14 + 0xC3, 14 + 0xA9]);
-    assert_eq!(tok.decode(&[2, 11, 13, 6, 14 + 0xC3, 14 + 0xA9], true).unwrap(), "ab ab\né");
+    assert_eq!(
+        tok.decode(&[2, 11, 13, 6, 14 + 0xC3, 14 + 0xA9], true)
+            .unwrap(),
+        "ab ab\né"
+    );
     let tc = read_json(out.join("tokenizer_config.json"));
     assert_eq!(tc["bos_token"], "<bos>");
     assert_eq!(tc["mask_token"], "<mask>");
@@ -500,9 +559,21 @@ fn gemma3_gguf_imports_norms_layer_types_and_sentencepiece() {
 #[test]
 fn new_architectures_refuse_missing_tensors() {
     for (tiny, skip, needle) in [
-        (gemma3(), "blk.0.post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
-        (qwen2(), "blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
-        (qwen3(), "blk.0.attn_k_norm.weight", "model.layers.0.self_attn.k_norm.weight"),
+        (
+            gemma3(),
+            "blk.0.post_ffw_norm.weight",
+            "post_feedforward_layernorm.weight",
+        ),
+        (
+            qwen2(),
+            "blk.1.attn_q.bias",
+            "model.layers.1.self_attn.q_proj.bias",
+        ),
+        (
+            qwen3(),
+            "blk.0.attn_k_norm.weight",
+            "model.layers.0.self_attn.k_norm.weight",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let gguf = tmp.path().join("m.gguf");
@@ -516,15 +587,24 @@ fn new_architectures_refuse_missing_tensors() {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("no tensor for") && err.contains(needle), "{err}");
+        assert!(
+            err.contains("no tensor for") && err.contains(needle),
+            "{err}"
+        );
         assert!(err.contains("m.gguf"), "{err}");
     }
 }
 
 #[test]
 fn merges_follow_vocabulary_order() {
-    let toks: Vec<String> = ["a", "b", "c", "bc", "ab", "abc"].iter().map(|s| s.to_string()).collect();
+    let toks: Vec<String> = ["a", "b", "c", "bc", "ab", "abc"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let m = diffattn::gguf::merges_from_vocab_order(&toks);
     let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    assert_eq!(pairs, vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]);
+    assert_eq!(
+        pairs,
+        vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+    );
 }
