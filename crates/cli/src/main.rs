@@ -306,8 +306,8 @@ fn import_gguf(gguf: &Path, out: &Path, dtype: &str, overwrite: bool) -> Result<
         start.elapsed().as_secs_f64()
     );
     println!(
-        "LlamaForCausalLM: layers {}, hidden {}, heads {}, kv heads {}, head_dim {}, vocab {}, tied embeddings {}, dtype {}",
-        c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"],
+        "{}: layers {}, hidden {}, heads {}, kv heads {}, head_dim {}, vocab {}, tied embeddings {}, dtype {}",
+        c["architectures"][0].as_str().unwrap_or("?"), c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"],
         c["head_dim"], c["vocab_size"], c["tie_word_embeddings"], dtype
     );
     Ok(())

@@ -4,12 +4,15 @@
 //! time, and streamed into `model.safetensors`. llama.cpp stores `attn_q`/`attn_k` rows
 //! permuted for its interleaved RoPE (`permute()` in llama.cpp's `convert_hf_to_gguf.py`):
 //! within a head, GGUF row `2i + j` holds Hugging Face row `j * d/2 + i`; we undo that so the
-//! weights fit transformers' rotate-half RoPE. The tokenizer is rebuilt from
-//! `tokenizer.ggml.*` (byte-level BPE), as transformers' own GGUF loader does.
+//! weights fit transformers' rotate-half RoPE (only for `llama`: llama.cpp does not permute
+//! Qwen2/Qwen3/Gemma 3, whose RoPE is NEOX-style). Per-architecture rules are data, one
+//! [`ArchSpec`] each in [`ARCHITECTURES`]. The tokenizer is rebuilt from
+//! `tokenizer.ggml.*` (byte-level BPE, or Gemma's SentencePiece), as transformers' own GGUF
+//! loader does.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -23,11 +26,13 @@ use crate::error::{Error, IoContext, Result};
 use crate::output::{write_safetensors, PlannedTensor, StagedDir, TensorProducer};
 
 /// GGUF `general.architecture` values we import.
-pub const SUPPORTED_ARCHITECTURES: [&str; 1] = ["llama"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
 
 /// A parsed GGUF file (header and metadata; tensor data stays on disk).
 pub struct GgufFile {
     pub path: PathBuf,
+    /// The entry of `general.architecture` in [`ARCHITECTURES`].
+    pub arch: &'static ArchSpec,
     content: Content,
     file: RefCell<File>,
 }
@@ -59,21 +64,22 @@ impl GgufFile {
                 ))
             }
         };
-        let g = Self {
+        let mut g = Self {
             path: path.to_path_buf(),
+            arch: &ARCHITECTURES[0],
             content,
             file: RefCell::new(file),
         };
         let arch = g.string("general.architecture")?;
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(gguf_err(
+        g.arch = arch_spec(&arch).ok_or_else(|| {
+            gguf_err(
                 path,
                 format!(
                     "unsupported general.architecture {arch:?}; supported: {}",
                     SUPPORTED_ARCHITECTURES.join(", ")
                 ),
-            ));
-        }
+            )
+        })?;
         for (name, info) in &g.content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
@@ -120,12 +126,6 @@ impl GgufFile {
                 )
             })?),
         })
-    }
-
-    fn usize(&self, key: &str) -> Result<usize> {
-        self.number(key)?
-            .map(|v| v as usize)
-            .ok_or_else(|| gguf_err(&self.path, format!("metadata key `{key}` is missing")))
     }
 
     fn strings(&self, key: &str) -> Result<Vec<String>> {
@@ -194,9 +194,530 @@ fn as_f64(v: &GValue) -> Option<f64> {
     })
 }
 
-/// Maps a llama.cpp tensor name to its Hugging Face name; `None` for tensors transformers
-/// does not store (`rope_freqs.weight`, recomputed from `rope_scaling`).
+/// How a tensor's shape follows from the config (`D` hidden, `H`/`Hkv` heads, `d` head_dim,
+/// `I` intermediate, `V` vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `[V, D]`
+    Embedding,
+    /// `[D]`
+    Hidden,
+    /// `[d]` (Qwen3/Gemma 3 per-head q/k norms)
+    HeadDim,
+    /// `[H d, D]`
+    Query,
+    /// `[Hkv d, D]`
+    KeyValue,
+    /// `[D, H d]`
+    Output,
+    /// `[I, D]`
+    FfnIn,
+    /// `[D, I]`
+    FfnOut,
+}
+
+/// A tensor of every layer: llama.cpp's name (`blk.N.<gguf>.weight`), transformers' name
+/// (`model.layers.N.<hf>.weight`), its shape, whether a `.bias` must (`Some(true)`) or may
+/// (`Some(false)`) come with it, and whether llama.cpp permuted its rows for RoPE.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerTensor {
+    pub gguf: &'static str,
+    pub hf: &'static str,
+    pub shape: Shape,
+    pub bias: Option<bool>,
+    pub rope_permuted: bool,
+}
+
+const fn lt(gguf: &'static str, hf: &'static str, shape: Shape) -> LayerTensor {
+    LayerTensor {
+        gguf,
+        hf,
+        shape,
+        bias: None,
+        rope_permuted: false,
+    }
+}
+
+/// A config.json field read from GGUF metadata `{arch}.<gguf>`, and what to write when the
+/// file lacks it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigKey {
+    pub gguf: &'static str,
+    pub hf: &'static str,
+    pub num: Num,
+    pub missing: Missing,
+}
+
+/// How a [`ConfigKey`]'s number is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Num {
+    Int,
+    Float,
+    /// GGUF stores an f32: its shortest decimal form (1e-5, not 9.999999747378752e-6); the two
+    /// differ by ~2e-13 relatively.
+    ShortestF32,
+}
+
+/// What a [`ConfigKey`] becomes when its metadata key is absent.
+#[derive(Debug, Clone, Copy)]
+pub enum Missing {
+    /// The import fails, naming the key.
+    Required,
+    /// This value.
+    Value(f64),
+    /// The value of another (already filled) config field.
+    Field(&'static str),
+    /// `hidden_size / num_attention_heads`.
+    HiddenPerHead,
+    /// The length of `tokenizer.ggml.tokens`.
+    TokenCount,
+}
+
+const fn ck(gguf: &'static str, hf: &'static str, num: Num, missing: Missing) -> ConfigKey {
+    ConfigKey {
+        gguf,
+        hf,
+        num,
+        missing,
+    }
+}
+
+/// How `tokenizer.json` is rebuilt from `tokenizer.ggml.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerStyle {
+    /// Byte-level BPE (`tokenizer.ggml.model = gpt2`), control and user-defined tokens special,
+    /// as the Llama path always did.
+    ByteLevel,
+    /// Byte-level BPE split like transformers' GGUF converter does (`tokenizer.ggml.pre`
+    /// regexes), user-defined tokens added as non-special tokens.
+    ByteLevelTransformers,
+    /// Gemma's SentencePiece vocabulary (`tokenizer.ggml.model = llama`) as a byte-fallback
+    /// BPE with merges rebuilt from the vocabulary order (transformers' `gemma_tokenizer` in
+    /// `integrations/gguf/gguf_tokenizer_mapping.py`).
+    GemmaSentencePiece,
+}
+
+/// Everything that differs between the GGUF architectures we import.
+///
+/// Sources: transformers' GGUF loader (`integrations/ggml.py` GGUF_CONFIG_MAPPING and its
+/// tensor processors in `modeling_gguf_pytorch_utils.py`: only `llama` un-permutes q/k rows,
+/// `gemma2`/`gemma3` subtract 1 from every `*norm.weight`), gguf-py's tensor name map
+/// (`gguf/tensor_mapping.py`) and the defaults of transformers' config classes
+/// (`Qwen2Config`, `Qwen3Config`, `Gemma3TextConfig`), which fill what a GGUF does not state.
+#[derive(Debug)]
+pub struct ArchSpec {
+    /// `general.architecture`
+    pub gguf: &'static str,
+    /// `architectures[0]` of config.json
+    pub hf_class: &'static str,
+    /// config.json `model_type`
+    pub model_type: &'static str,
+    /// Name in messages
+    pub display: &'static str,
+    pub layer_tensors: &'static [LayerTensor],
+    /// Subtracted from every `*norm.weight` (llama.cpp stores Gemma norms as `1 + w`).
+    pub norm_offset: f32,
+    pub config_keys: &'static [ConfigKey],
+    /// Fixed config.json fields (a JSON object): the config class's defaults for what the
+    /// GGUF does not state.
+    pub constants: &'static str,
+    /// `attention_bias` written from whether `blk.0.attn_q.bias` exists.
+    pub attention_bias_field: bool,
+    /// `rope.scaling.type` (linear) read into `rope_scaling`.
+    pub rope_scaling: bool,
+    /// transformers 5 fields written too: `rope_parameters` next to the flat `rope_theta`
+    /// (and `rope_local_base_freq`), `unk_token_id`.
+    pub transformers5_fields: bool,
+    /// Every n-th layer full attention, the others sliding (`layer_types`, Gemma 3's
+    /// `_sliding_window_pattern` 6); `None`: no `layer_types` written.
+    pub sliding_pattern: Option<usize>,
+    /// RoPE base of the sliding layers when the GGUF has none (`rope_local_base_freq`).
+    pub local_rope_base: Option<f64>,
+    /// Whether our own ModelConfig reads this architecture today: the written config is then
+    /// validated with it, as the Llama path always did.
+    pub validate_with_model_config: bool,
+    pub tokenizer: TokenizerStyle,
+}
+
+const LLAMA_KEYS: &[ConfigKey] = &[
+    ck(
+        "embedding_length",
+        "hidden_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count",
+        "num_attention_heads",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        Num::Int,
+        Missing::Field("num_attention_heads"),
+    ),
+    ck(
+        "attention.key_length",
+        "head_dim",
+        Num::Int,
+        Missing::HiddenPerHead,
+    ),
+    ck("vocab_size", "vocab_size", Num::Int, Missing::TokenCount),
+    ck(
+        "feed_forward_length",
+        "intermediate_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "context_length",
+        "max_position_embeddings",
+        Num::Int,
+        Missing::Value(2048.0),
+    ),
+    ck(
+        "block_count",
+        "num_hidden_layers",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.layer_norm_rms_epsilon",
+        "rms_norm_eps",
+        Num::ShortestF32,
+        Missing::Value(1e-5),
+    ),
+    ck(
+        "rope.freq_base",
+        "rope_theta",
+        Num::Float,
+        Missing::Value(10000.0),
+    ),
+];
+
+/// Qwen2/Qwen3 (transformers' GGUF_CONFIG_MAPPING, `Qwen2Config`/`Qwen3Config` defaults for
+/// absent keys). transformers maps no `attention.key_length` for Qwen3 and relies on the
+/// class default `head_dim` 128; we read the key (llama.cpp writes it), which equals 128 for
+/// every released Qwen3.
+const QWEN_KEYS: &[ConfigKey] = &[
+    ck(
+        "embedding_length",
+        "hidden_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count",
+        "num_attention_heads",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        Num::Int,
+        Missing::Field("num_attention_heads"),
+    ),
+    ck(
+        "attention.key_length",
+        "head_dim",
+        Num::Int,
+        Missing::HiddenPerHead,
+    ),
+    ck("vocab_size", "vocab_size", Num::Int, Missing::TokenCount),
+    ck(
+        "feed_forward_length",
+        "intermediate_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "context_length",
+        "max_position_embeddings",
+        Num::Int,
+        Missing::Value(32768.0),
+    ),
+    ck(
+        "block_count",
+        "num_hidden_layers",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.layer_norm_rms_epsilon",
+        "rms_norm_eps",
+        Num::ShortestF32,
+        Missing::Value(1e-6),
+    ),
+    ck(
+        "rope.freq_base",
+        "rope_theta",
+        Num::Float,
+        Missing::Value(10000.0),
+    ),
+];
+
+/// Gemma 3 (transformers' GGUF_CONFIG_MAPPING `gemma3`, `Gemma3TextConfig` defaults).
+const GEMMA3_KEYS: &[ConfigKey] = &[
+    ck(
+        "embedding_length",
+        "hidden_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count",
+        "num_attention_heads",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        Num::Int,
+        Missing::Field("num_attention_heads"),
+    ),
+    ck(
+        "attention.key_length",
+        "head_dim",
+        Num::Int,
+        Missing::Value(256.0),
+    ),
+    ck("vocab_size", "vocab_size", Num::Int, Missing::TokenCount),
+    ck(
+        "feed_forward_length",
+        "intermediate_size",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "context_length",
+        "max_position_embeddings",
+        Num::Int,
+        Missing::Value(131072.0),
+    ),
+    ck(
+        "block_count",
+        "num_hidden_layers",
+        Num::Int,
+        Missing::Required,
+    ),
+    ck(
+        "attention.layer_norm_rms_epsilon",
+        "rms_norm_eps",
+        Num::ShortestF32,
+        Missing::Value(1e-6),
+    ),
+    ck(
+        "rope.freq_base",
+        "rope_theta",
+        Num::Float,
+        Missing::Value(1_000_000.0),
+    ),
+    ck(
+        "attention.sliding_window",
+        "sliding_window",
+        Num::Int,
+        Missing::Value(4096.0),
+    ),
+];
+
+const LLAMA_LAYER: &[LayerTensor] = &[
+    lt("attn_norm", "input_layernorm", Shape::Hidden),
+    lt("ffn_norm", "post_attention_layernorm", Shape::Hidden),
+    LayerTensor {
+        bias: Some(false),
+        rope_permuted: true,
+        ..lt("attn_q", "self_attn.q_proj", Shape::Query)
+    },
+    LayerTensor {
+        bias: Some(false),
+        rope_permuted: true,
+        ..lt("attn_k", "self_attn.k_proj", Shape::KeyValue)
+    },
+    LayerTensor {
+        bias: Some(false),
+        ..lt("attn_v", "self_attn.v_proj", Shape::KeyValue)
+    },
+    LayerTensor {
+        bias: Some(false),
+        ..lt("attn_output", "self_attn.o_proj", Shape::Output)
+    },
+    lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
+    lt("ffn_up", "mlp.up_proj", Shape::FfnIn),
+    lt("ffn_down", "mlp.down_proj", Shape::FfnOut),
+];
+
+/// Qwen2: q/k/v always carry biases, o none; llama.cpp does not permute (NEOX RoPE).
+const QWEN2_LAYER: &[LayerTensor] = &[
+    lt("attn_norm", "input_layernorm", Shape::Hidden),
+    lt("ffn_norm", "post_attention_layernorm", Shape::Hidden),
+    LayerTensor {
+        bias: Some(true),
+        ..lt("attn_q", "self_attn.q_proj", Shape::Query)
+    },
+    LayerTensor {
+        bias: Some(true),
+        ..lt("attn_k", "self_attn.k_proj", Shape::KeyValue)
+    },
+    LayerTensor {
+        bias: Some(true),
+        ..lt("attn_v", "self_attn.v_proj", Shape::KeyValue)
+    },
+    lt("attn_output", "self_attn.o_proj", Shape::Output),
+    lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
+    lt("ffn_up", "mlp.up_proj", Shape::FfnIn),
+    lt("ffn_down", "mlp.down_proj", Shape::FfnOut),
+];
+
+/// Qwen3: per-head q/k RMS norms, optional biases (`attention_bias`), no permutation.
+const QWEN3_LAYER: &[LayerTensor] = &[
+    lt("attn_norm", "input_layernorm", Shape::Hidden),
+    lt("ffn_norm", "post_attention_layernorm", Shape::Hidden),
+    LayerTensor {
+        bias: Some(false),
+        ..lt("attn_q", "self_attn.q_proj", Shape::Query)
+    },
+    LayerTensor {
+        bias: Some(false),
+        ..lt("attn_k", "self_attn.k_proj", Shape::KeyValue)
+    },
+    LayerTensor {
+        bias: Some(false),
+        ..lt("attn_v", "self_attn.v_proj", Shape::KeyValue)
+    },
+    LayerTensor {
+        bias: Some(false),
+        ..lt("attn_output", "self_attn.o_proj", Shape::Output)
+    },
+    lt("attn_q_norm", "self_attn.q_norm", Shape::HeadDim),
+    lt("attn_k_norm", "self_attn.k_norm", Shape::HeadDim),
+    lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
+    lt("ffn_up", "mlp.up_proj", Shape::FfnIn),
+    lt("ffn_down", "mlp.down_proj", Shape::FfnOut),
+];
+
+/// Gemma 3: four norms per layer (gguf-py: `post_attention_norm`, `ffn_norm` =
+/// pre_feedforward_layernorm, `post_ffw_norm`), per-head q/k norms, no permutation.
+const GEMMA3_LAYER: &[LayerTensor] = &[
+    lt("attn_norm", "input_layernorm", Shape::Hidden),
+    lt(
+        "post_attention_norm",
+        "post_attention_layernorm",
+        Shape::Hidden,
+    ),
+    lt("ffn_norm", "pre_feedforward_layernorm", Shape::Hidden),
+    lt("post_ffw_norm", "post_feedforward_layernorm", Shape::Hidden),
+    lt("attn_q", "self_attn.q_proj", Shape::Query),
+    lt("attn_k", "self_attn.k_proj", Shape::KeyValue),
+    lt("attn_v", "self_attn.v_proj", Shape::KeyValue),
+    lt("attn_output", "self_attn.o_proj", Shape::Output),
+    lt("attn_q_norm", "self_attn.q_norm", Shape::HeadDim),
+    lt("attn_k_norm", "self_attn.k_norm", Shape::HeadDim),
+    lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
+    lt("ffn_up", "mlp.up_proj", Shape::FfnIn),
+    lt("ffn_down", "mlp.down_proj", Shape::FfnOut),
+];
+
+/// The architectures `import-gguf` reads, one entry each.
+pub const ARCHITECTURES: &[ArchSpec] = &[
+    ArchSpec {
+        gguf: "llama",
+        hf_class: "LlamaForCausalLM",
+        model_type: "llama",
+        display: "Llama",
+        layer_tensors: LLAMA_LAYER,
+        norm_offset: 0.0,
+        config_keys: LLAMA_KEYS,
+        constants: r#"{"attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+            "mlp_bias": false, "pretraining_tp": 1, "use_cache": true}"#,
+        attention_bias_field: true,
+        rope_scaling: true,
+        transformers5_fields: false,
+        sliding_pattern: None,
+        local_rope_base: None,
+        validate_with_model_config: true,
+        tokenizer: TokenizerStyle::ByteLevel,
+    },
+    ArchSpec {
+        gguf: "qwen2",
+        hf_class: "Qwen2ForCausalLM",
+        model_type: "qwen2",
+        display: "Qwen2",
+        layer_tensors: QWEN2_LAYER,
+        norm_offset: 0.0,
+        config_keys: QWEN_KEYS,
+        constants: r#"{"attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+            "max_window_layers": 28, "use_cache": true, "use_sliding_window": false,
+            "sliding_window": null}"#,
+        attention_bias_field: false,
+        rope_scaling: false,
+        transformers5_fields: true,
+        sliding_pattern: None,
+        local_rope_base: None,
+        validate_with_model_config: true,
+        tokenizer: TokenizerStyle::ByteLevelTransformers,
+    },
+    ArchSpec {
+        gguf: "qwen3",
+        hf_class: "Qwen3ForCausalLM",
+        model_type: "qwen3",
+        display: "Qwen3",
+        layer_tensors: QWEN3_LAYER,
+        norm_offset: 0.0,
+        config_keys: QWEN_KEYS,
+        constants: r#"{"attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+            "max_window_layers": 28, "use_cache": true, "use_sliding_window": false,
+            "sliding_window": null}"#,
+        attention_bias_field: true,
+        rope_scaling: false,
+        transformers5_fields: true,
+        sliding_pattern: None,
+        local_rope_base: None,
+        validate_with_model_config: false,
+        tokenizer: TokenizerStyle::ByteLevelTransformers,
+    },
+    ArchSpec {
+        gguf: "gemma3",
+        hf_class: "Gemma3ForCausalLM",
+        model_type: "gemma3_text",
+        display: "Gemma 3",
+        layer_tensors: GEMMA3_LAYER,
+        norm_offset: 1.0,
+        config_keys: GEMMA3_KEYS,
+        constants: r#"{"attention_bias": false, "attention_dropout": 0.0,
+            "attn_logit_softcapping": null, "final_logit_softcapping": null,
+            "hidden_activation": "gelu_pytorch_tanh", "initializer_range": 0.02,
+            "query_pre_attn_scalar": 256, "use_bidirectional_attention": false,
+            "use_cache": true}"#,
+        attention_bias_field: false,
+        rope_scaling: false,
+        transformers5_fields: true,
+        sliding_pattern: Some(6),
+        local_rope_base: Some(10000.0),
+        validate_with_model_config: false,
+        tokenizer: TokenizerStyle::GemmaSentencePiece,
+    },
+];
+
+/// The [`ArchSpec`] of a `general.architecture` value.
+pub fn arch_spec(gguf_arch: &str) -> Option<&'static ArchSpec> {
+    ARCHITECTURES.iter().find(|a| a.gguf == gguf_arch)
+}
+
+/// Maps a llama.cpp tensor name of a Llama GGUF to its Hugging Face name; `None` for tensors
+/// transformers does not store (`rope_freqs.weight`, recomputed from `rope_scaling`).
 pub fn hf_tensor_name(gguf: &str) -> std::result::Result<Option<String>, ()> {
+    hf_tensor_name_for(&ARCHITECTURES[0], gguf).map(|o| o.map(|(n, _)| n))
+}
+
+/// [`hf_tensor_name`] for any architecture, with the layer tensor's table entry.
+pub fn hf_tensor_name_for(
+    arch: &ArchSpec,
+    gguf: &str,
+) -> std::result::Result<Option<(String, Option<&'static LayerTensor>)>, ()> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -205,25 +726,26 @@ pub fn hf_tensor_name(gguf: &str) -> std::result::Result<Option<String>, ()> {
         _ => None,
     };
     if let Some(f) = fixed {
-        return Ok(Some(f.to_string()));
+        return Ok(Some((f.to_string(), None)));
     }
     let rest = gguf.strip_prefix("blk.").ok_or(())?;
     let (layer, rest) = rest.split_once('.').ok_or(())?;
     let layer: usize = layer.parse().map_err(|_| ())?;
     let (kind, suffix) = rest.rsplit_once('.').ok_or(())?;
-    let hf = match kind {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
+    let t = arch
+        .layer_tensors
+        .iter()
+        .find(|t| t.gguf == kind)
+        .ok_or(())?;
+    match suffix {
+        "weight" => {}
+        "bias" if t.bias.is_some() => {}
         _ => return Err(()),
-    };
-    Ok(Some(format!("model.layers.{layer}.{hf}.{suffix}")))
+    }
+    Ok(Some((
+        format!("model.layers.{layer}.{}.{suffix}", t.hf),
+        Some(t),
+    )))
 }
 
 /// Undoes llama.cpp's RoPE row permutation of a `[n_head * d, cols]` (or bias `[n_head * d]`)
@@ -245,20 +767,33 @@ pub fn unpermute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// Where a written tensor comes from and what is done to it on the way.
+struct Source {
+    gguf: String,
+    /// Heads to un-permute the rows with (llama.cpp's RoPE permutation).
+    unpermute: Option<usize>,
+    /// Subtracted from every element (Gemma norms).
+    offset: f32,
+}
+
 struct GgufProducer<'a> {
     g: &'a GgufFile,
-    /// HF name -> (GGUF name, heads to un-permute with)
-    sources: HashMap<String, (String, Option<usize>)>,
+    /// HF name -> its source
+    sources: HashMap<String, Source>,
     on_tensor: &'a dyn Fn(&str),
 }
 
 impl TensorProducer for GgufProducer<'_> {
     fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>> {
-        let (gname, heads) = &self.sources[&t.name];
-        let mut v = self.g.dequantize(gname)?;
-        if let Some(n_head) = heads {
+        let src = &self.sources[&t.name];
+        let mut v = self.g.dequantize(&src.gguf)?;
+        if let Some(n_head) = src.unpermute {
             let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
-            v = unpermute_rows(&v, *n_head, cols);
+            v = unpermute_rows(&v, n_head, cols);
+        }
+        if src.offset != 0.0 {
+            // transformers' Gemma2TensorProcessor: `weights - 1` on the f32 values.
+            v.iter_mut().for_each(|x| *x -= src.offset);
         }
         Ok(Cow::Owned(dtype::from_f32(&v, t.dtype)))
     }
@@ -275,7 +810,97 @@ pub struct ImportReport {
     pub tensors: usize,
 }
 
+/// The geometry a GGUF's tensors must have, from the config built out of its metadata.
+struct Geometry {
+    hidden: usize,
+    heads: usize,
+    kv: usize,
+    head_dim: usize,
+    intermediate: usize,
+    vocab: usize,
+    layers: usize,
+}
+
+impl Geometry {
+    fn of(config: &Value, path: &Path, arch: &str) -> Result<Self> {
+        let get = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
+        let geo = Self {
+            hidden: get("hidden_size"),
+            heads: get("num_attention_heads"),
+            kv: get("num_key_value_heads"),
+            head_dim: get("head_dim"),
+            intermediate: get("intermediate_size"),
+            vocab: get("vocab_size"),
+            layers: get("num_hidden_layers"),
+        };
+        for (v, field, key) in [
+            (geo.hidden, "hidden_size", "embedding_length"),
+            (geo.heads, "num_attention_heads", "attention.head_count"),
+            (geo.kv, "num_key_value_heads", "attention.head_count_kv"),
+            (geo.head_dim, "head_dim", "attention.key_length"),
+            (geo.layers, "num_hidden_layers", "block_count"),
+        ] {
+            if v == 0 {
+                return Err(gguf_err(
+                    path,
+                    format!("metadata `{arch}.{key}` gives {field} 0; must be positive"),
+                ));
+            }
+        }
+        if geo.heads % geo.kv != 0 {
+            return Err(gguf_err(
+                path,
+                format!(
+                    "metadata `{arch}.attention.head_count` {} is not a multiple of `{arch}.attention.head_count_kv` {} (num_attention_heads, num_key_value_heads)",
+                    geo.heads, geo.kv
+                ),
+            ));
+        }
+        Ok(geo)
+    }
+
+    fn shape(&self, s: Shape) -> Vec<usize> {
+        let (d, hd) = (self.hidden, self.head_dim);
+        match s {
+            Shape::Embedding => vec![self.vocab, d],
+            Shape::Hidden => vec![d],
+            Shape::HeadDim => vec![hd],
+            Shape::Query => vec![self.heads * hd, d],
+            Shape::KeyValue => vec![self.kv * hd, d],
+            Shape::Output => vec![d, self.heads * hd],
+            Shape::FfnIn => vec![self.intermediate, d],
+            Shape::FfnOut => vec![d, self.intermediate],
+        }
+    }
+
+    /// Every tensor a checkpoint of `arch` must hold (HF names), `lm_head.weight` excluded;
+    /// biases of the tensors that may have one when `attention_bias`.
+    fn expected(&self, arch: &ArchSpec, attention_bias: bool) -> BTreeMap<String, Vec<usize>> {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.shape(Shape::Embedding),
+        );
+        m.insert("model.norm.weight".to_string(), self.shape(Shape::Hidden));
+        for l in 0..self.layers {
+            for t in arch.layer_tensors {
+                let shape = self.shape(t.shape);
+                let p = format!("model.layers.{l}.{}", t.hf);
+                if t.bias == Some(true) || (t.bias == Some(false) && attention_bias) {
+                    m.insert(format!("{p}.bias"), vec![shape[0]]);
+                }
+                m.insert(format!("{p}.weight"), shape);
+            }
+        }
+        m
+    }
+}
+
 /// Imports `gguf_path` into the Hugging Face directory `out_dir` (staged, renamed into place).
+///
+/// The written config.json is validated by our own [`crate::config::ModelConfig`] for the
+/// architectures it reads today (`ArchSpec::validate_with_model_config`: Llama, Qwen2); for
+/// Qwen3 and Gemma 3 only the tensor shapes implied by the metadata are checked.
 pub fn import_gguf(
     gguf_path: &Path,
     out_dir: &Path,
@@ -284,45 +909,52 @@ pub fn import_gguf(
     on_tensor: &dyn Fn(&str),
 ) -> Result<ImportReport> {
     let g = GgufFile::open(gguf_path)?;
+    let arch = g.arch;
     let config = hf_config(&g, out_dtype)?;
-    // The metadata must describe the tensors: validate as a Llama checkpoint would be.
-    let mc = crate::config::ModelConfig::from_str(&config.to_string(), gguf_path)?;
-    mc.check_supported()?;
-    let mut expected = mc.expected_tensors()?;
-    let n_head = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
-    let n_kv = config["num_key_value_heads"].as_u64().unwrap_or(0) as usize;
+    if arch.validate_with_model_config {
+        // The metadata must describe the tensors: validate as a checkpoint would be.
+        let mc = crate::config::ModelConfig::from_str(&config.to_string(), gguf_path)?;
+        mc.check_supported()?;
+        mc.dims()?;
+    }
+    let geo = Geometry::of(&config, gguf_path, arch.gguf)?;
+    let attention_bias = g.content.tensor_infos.contains_key("blk.0.attn_q.bias");
+    let mut expected = geo.expected(arch, attention_bias);
     let mut planned = Vec::new();
     let mut sources = HashMap::new();
     for gname in g.tensor_names() {
-        let hf = hf_tensor_name(&gname).map_err(|_| {
+        let mapped = hf_tensor_name_for(arch, &gname).map_err(|_| {
             gguf_err(
                 gguf_path,
-                format!("tensor `{gname}` has no Llama equivalent"),
+                format!("tensor `{gname}` has no {} equivalent", arch.display),
             )
         })?;
-        let Some(hf) = hf else {
+        let Some((hf, layer_tensor)) = mapped else {
             tracing::warn!("skipping `{gname}` (transformers recomputes it from rope_scaling)");
             continue;
         };
         let info = &g.content.tensor_infos[&gname];
-        let heads = if hf.contains(".q_proj.") {
-            Some(n_head)
-        } else if hf.contains(".k_proj.") {
-            Some(n_kv)
-        } else {
-            None
+        let unpermute = match layer_tensor {
+            Some(t) if t.rope_permuted => Some(match t.shape {
+                Shape::Query => geo.heads,
+                _ => geo.kv,
+            }),
+            _ => None,
         };
         let shape = info.shape.dims().to_vec();
         let want = match expected.remove(&hf) {
             Some(w) => w,
-            None if hf == "lm_head.weight" => vec![mc.typed.vocab_size, mc.typed.hidden_size],
+            None if hf == "lm_head.weight" => geo.shape(Shape::Embedding),
             None if sources.contains_key(&hf) => {
                 return Err(gguf_err(gguf_path, format!("tensor `{gname}` appears twice")))
             }
             None => {
                 return Err(gguf_err(
                     gguf_path,
-                    format!("tensor `{gname}` does not fit the metadata (block_count {}, no such tensor in a Llama layer)", mc.typed.num_hidden_layers),
+                    format!(
+                        "tensor `{gname}` does not fit the metadata (block_count {}, no such tensor in a {} layer)",
+                        geo.layers, arch.display
+                    ),
                 ))
             }
         };
@@ -332,12 +964,24 @@ pub fn import_gguf(
                 format!("tensor `{gname}` has shape {shape:?}, but the metadata implies {want:?}"),
             ));
         }
+        let offset = if hf.ends_with("norm.weight") {
+            arch.norm_offset
+        } else {
+            0.0
+        };
         planned.push(PlannedTensor {
             name: hf.clone(),
             dtype: out_dtype,
             shape,
         });
-        sources.insert(hf, (gname, heads));
+        sources.insert(
+            hf,
+            Source {
+                gguf: gname,
+                unpermute,
+                offset,
+            },
+        );
     }
     if let Some((missing, _)) = expected.into_iter().next() {
         return Err(gguf_err(
@@ -380,43 +1024,59 @@ pub fn import_gguf(
     })
 }
 
-/// The LlamaForCausalLM config.json implied by the GGUF metadata.
+/// The config.json (of the architecture's `hf_class`) implied by the GGUF metadata: the
+/// [`ArchSpec::config_keys`] read or filled, its constants, and the derived fields; keys in
+/// sorted order.
 pub fn hf_config(g: &GgufFile, dtype: DType) -> Result<Value> {
-    let a = g.string("general.architecture")?;
+    let spec = g.arch;
+    let a = spec.gguf;
     let key = |k: &str| format!("{a}.{k}");
-    let hidden = g.usize(&key("embedding_length"))?;
-    let heads = g.usize(&key("attention.head_count"))?;
-    let kv = g
-        .number(&key("attention.head_count_kv"))?
-        .map(|v| v as usize)
-        .unwrap_or(heads);
-    let head_dim = g
-        .number(&key("attention.key_length"))?
-        .map(|v| v as usize)
-        .unwrap_or(hidden / heads.max(1));
-    let vocab = match g.number(&key("vocab_size"))? {
-        Some(v) => v as usize,
-        None => g.strings("tokenizer.ggml.tokens")?.len(),
-    };
-    let has_output = g.content.tensor_infos.contains_key("output.weight");
-    let has_bias = g.content.tensor_infos.contains_key("blk.0.attn_q.bias");
-    let rope_scaling = match g.get(&key("rope.scaling.type")) {
-        Some(GValue::String(t)) if t == "linear" => {
-            let factor = g.number(&key("rope.scaling.factor"))?.unwrap_or(1.0);
-            json!({"type": "linear", "factor": factor})
-        }
-        Some(GValue::String(t)) if t != "none" => {
-            return Err(gguf_err(
-                &g.path,
-                format!("unsupported rope.scaling.type {t:?}; supported: linear, none"),
-            ))
-        }
-        _ => Value::Null,
-    };
     let mut m = Map::new();
-    m.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    m.insert("attention_bias".into(), json!(has_bias));
-    m.insert("attention_dropout".into(), json!(0.0));
+    m.insert("architectures".into(), json!([spec.hf_class]));
+    m.insert("model_type".into(), json!(spec.model_type));
+    for c in spec.config_keys {
+        let k = key(c.gguf);
+        let (v, from_file) = match g.number(&k)? {
+            Some(v) => (v, true),
+            None => (
+                match c.missing {
+                    Missing::Required => {
+                        return Err(gguf_err(&g.path, format!("metadata key `{k}` is missing")))
+                    }
+                    Missing::Value(x) => x,
+                    Missing::Field(f) => m.get(f).and_then(Value::as_f64).unwrap_or(0.0),
+                    Missing::HiddenPerHead => {
+                        let hidden = m.get("hidden_size").and_then(Value::as_u64).unwrap_or(0);
+                        let heads = m
+                            .get("num_attention_heads")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0);
+                        (hidden / heads.max(1)) as f64
+                    }
+                    Missing::TokenCount => g.strings("tokenizer.ggml.tokens")?.len() as f64,
+                },
+                false,
+            ),
+        };
+        let value = match c.num {
+            Num::Int => json!(v as u64),
+            Num::Float => json!(v),
+            Num::ShortestF32 if from_file => {
+                json!(format!("{}", v as f32).parse::<f64>().unwrap_or(v))
+            }
+            Num::ShortestF32 => json!(v),
+        };
+        m.insert(c.hf.into(), value);
+    }
+    let constants: Map<String, Value> = serde_json::from_str(spec.constants)
+        .unwrap_or_else(|e| panic!("ArchSpec {a}: constants are not a JSON object: {e}"));
+    m.extend(constants);
+    if spec.attention_bias_field {
+        m.insert(
+            "attention_bias".into(),
+            json!(g.content.tensor_infos.contains_key("blk.0.attn_q.bias")),
+        );
+    }
     m.insert(
         "bos_token_id".into(),
         opt_u(g, "tokenizer.ggml.bos_token_id"),
@@ -425,49 +1085,78 @@ pub fn hf_config(g: &GgufFile, dtype: DType) -> Result<Value> {
         "eos_token_id".into(),
         opt_u(g, "tokenizer.ggml.eos_token_id"),
     );
-    m.insert("head_dim".into(), json!(head_dim));
-    m.insert("hidden_act".into(), json!("silu"));
-    m.insert("hidden_size".into(), json!(hidden));
-    m.insert("initializer_range".into(), json!(0.02));
-    m.insert(
-        "intermediate_size".into(),
-        json!(g.usize(&key("feed_forward_length"))?),
-    );
-    m.insert(
-        "max_position_embeddings".into(),
-        json!(g.number(&key("context_length"))?.unwrap_or(2048.0) as u64),
-    );
-    m.insert("mlp_bias".into(), json!(false));
-    m.insert("model_type".into(), json!("llama"));
-    m.insert("num_attention_heads".into(), json!(heads));
-    m.insert(
-        "num_hidden_layers".into(),
-        json!(g.usize(&key("block_count"))?),
-    );
-    m.insert("num_key_value_heads".into(), json!(kv));
     if let Some(p) = g.get("tokenizer.ggml.padding_token_id").and_then(as_f64) {
         m.insert("pad_token_id".into(), json!(p as u64));
     }
-    m.insert("pretraining_tp".into(), json!(1));
+    if spec.rope_scaling {
+        let rope_scaling = match g.get(&key("rope.scaling.type")) {
+            Some(GValue::String(t)) if t == "linear" => {
+                let factor = g.number(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                json!({"type": "linear", "factor": factor})
+            }
+            Some(GValue::String(t)) if t != "none" => {
+                return Err(gguf_err(
+                    &g.path,
+                    format!("unsupported rope.scaling.type {t:?}; supported: linear, none"),
+                ))
+            }
+            _ => Value::Null,
+        };
+        m.insert("rope_scaling".into(), rope_scaling);
+    } else if let Some(GValue::String(t)) = g.get(&key("rope.scaling.type")) {
+        if t != "none" {
+            return Err(gguf_err(
+                &g.path,
+                format!(
+                    "unsupported `{}` {t:?} for {}; supported: none",
+                    key("rope.scaling.type"),
+                    spec.display
+                ),
+            ));
+        }
+    }
+    let theta = m.get("rope_theta").cloned().unwrap_or(Value::Null);
+    if let Some(pattern) = spec.sliding_pattern {
+        // Gemma3TextConfig: layer i is full attention when (i + 1) % pattern == 0.
+        let layers = m
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let types: Vec<Value> = (0..layers)
+            .map(|i| {
+                json!(if (i + 1) % pattern as u64 == 0 {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                })
+            })
+            .collect();
+        m.insert("layer_types".into(), Value::Array(types));
+    }
+    if spec.transformers5_fields {
+        let rope = match spec.local_rope_base {
+            Some(local) => {
+                m.insert("rope_local_base_freq".into(), json!(local));
+                json!({
+                    "full_attention": {"rope_theta": theta, "rope_type": "default"},
+                    "sliding_attention": {"rope_theta": local, "rope_type": "default"},
+                })
+            }
+            None => json!({"rope_theta": theta, "rope_type": "default"}),
+        };
+        m.insert("rope_parameters".into(), rope);
+        if let Some(u) = g.get("tokenizer.ggml.unknown_token_id").and_then(as_f64) {
+            m.insert("unk_token_id".into(), json!(u as u64));
+        }
+    }
     m.insert(
-        "rms_norm_eps".into(),
-        json!(g
-            .number(&key("attention.layer_norm_rms_epsilon"))?
-            // GGUF stores an f32: write its shortest decimal form (1e-5, not
-            // 9.999999747378752e-6); the two differ by ~2e-13 relatively.
-            .map(|e| format!("{}", e as f32).parse::<f64>().unwrap_or(e))
-            .unwrap_or(1e-5)),
+        "tie_word_embeddings".into(),
+        json!(!g.content.tensor_infos.contains_key("output.weight")),
     );
-    m.insert("rope_scaling".into(), rope_scaling);
-    m.insert(
-        "rope_theta".into(),
-        json!(g.number(&key("rope.freq_base"))?.unwrap_or(10000.0)),
-    );
-    m.insert("tie_word_embeddings".into(), json!(!has_output));
     m.insert("torch_dtype".into(), json!(dtype.torch_name()));
-    m.insert("use_cache".into(), json!(true));
-    m.insert("vocab_size".into(), json!(vocab));
-    Ok(Value::Object(m))
+    let mut entries: Vec<(String, Value)> = m.into_iter().collect();
+    entries.sort_by(|x, y| x.0.cmp(&y.0));
+    Ok(Value::Object(entries.into_iter().collect()))
 }
 
 fn opt_u(g: &GgufFile, key: &str) -> Value {
@@ -505,13 +1194,35 @@ pub struct ImportedTokenizer {
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// The tokenizer of a GGUF, rebuilt as the architecture's [`TokenizerStyle`] says.
+pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
+    match g.arch.tokenizer {
+        TokenizerStyle::GemmaSentencePiece => build_gemma_tokenizer(g),
+        style => build_byte_level_tokenizer(g, style),
+    }
+}
+
+/// Qwen2's pre-tokenizer split (transformers' `models/qwen2/tokenization_qwen2.py`
+/// PRETOKENIZE_REGEX, which its GGUF converter uses for `tokenizer.ggml.pre = qwen2`): like
+/// GPT-2's, but single digits and no leading-space letters group.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Split regexes by `tokenizer.ggml.pre`, for [`TokenizerStyle::ByteLevelTransformers`]
+/// (transformers' GGUF_PRE_TOKENIZER_SPLITS in `integrations/gguf/gguf_tokenizer_mapping.py`).
+const PRE_TOKENIZER_SPLITS: &[(&str, &str)] =
+    &[("qwen2", QWEN2_SPLIT), ("deepseek-r1-qwen", QWEN2_SPLIT)];
+
 /// Builds the byte-level BPE tokenizer of a `tokenizer.ggml.model = gpt2` GGUF.
 ///
-/// Pre-tokenizer by `tokenizer.ggml.pre`: `smollm` (and other StarCoder-style vocabularies)
-/// split digits individually before the GPT-2 byte-level regex, as llama.cpp does; other
-/// values use the plain GPT-2 byte-level regex. Control and user-defined tokens become
-/// special added tokens; BOS is prepended only when `add_bos_token` is true.
-pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
+/// [`TokenizerStyle::ByteLevel`] (Llama): pre-tokenizer by `tokenizer.ggml.pre`: `smollm`
+/// (and other StarCoder-style vocabularies) split digits individually before the GPT-2
+/// byte-level regex, as llama.cpp does; other values use the plain GPT-2 byte-level regex.
+/// Control and user-defined tokens become special added tokens.
+/// [`TokenizerStyle::ByteLevelTransformers`] (Qwen): a `tokenizer.ggml.pre` listed in
+/// [`PRE_TOKENIZER_SPLITS`] splits with its regex, then byte-level without regex; user-defined
+/// tokens are added as non-special tokens, as transformers' GGUF converter does.
+/// BOS is prepended only when `add_bos_token` is true.
+fn build_byte_level_tokenizer(g: &GgufFile, style: TokenizerStyle) -> Result<ImportedTokenizer> {
     use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
     use tokenizers::models::bpe::{Vocab, BPE};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -524,7 +1235,10 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
     if model != "gpt2" {
         return Err(gguf_err(
             &g.path,
-            format!("unsupported tokenizer.ggml.model {model:?}; supported: gpt2 (byte-level BPE)"),
+            format!(
+                "unsupported tokenizer.ggml.model {model:?} for {}; supported: gpt2 (byte-level BPE)",
+                g.arch.display
+            ),
         ));
     }
     let tokens = g.strings("tokenizer.ggml.tokens")?;
@@ -557,7 +1271,24 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
         pre.as_str(),
         "smollm" | "starcoder" | "refact" | "deepseek-coder"
     );
-    let pre_tok: PreTokenizerWrapper = if digits_first {
+    let split = PRE_TOKENIZER_SPLITS
+        .iter()
+        .find(|(p, _)| *p == pre)
+        .filter(|_| style == TokenizerStyle::ByteLevelTransformers);
+    let pre_tok: PreTokenizerWrapper = if let Some((_, regex)) = split {
+        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+        let split = Split::new(
+            SplitPattern::Regex(regex.to_string()),
+            tokenizers::SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into()
+    } else if digits_first {
         Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
     } else {
         byte_level.into()
@@ -565,10 +1296,12 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
     tok.with_pre_tokenizer(Some(pre_tok));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
 
+    // User-defined tokens are special in the Llama path, plain added tokens otherwise.
+    let user_special = style == TokenizerStyle::ByteLevel;
     let special: Vec<(u32, String)> = types
         .iter()
         .enumerate()
-        .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || (user_special && t == TOKEN_TYPE_USER_DEFINED))
         .map(|(i, _)| (i as u32, tokens[i].clone()))
         .collect();
     let added: Vec<AddedToken> = special
@@ -577,6 +1310,22 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
         .collect();
     tok.add_special_tokens(added)
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let user_defined: Vec<(u32, String)> = if user_special {
+        Vec::new()
+    } else {
+        types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(i, _)| (i as u32, tokens[i].clone()))
+            .collect()
+    };
+    tok.add_tokens(
+        user_defined
+            .iter()
+            .map(|(_, c)| AddedToken::from(c.clone(), false).normalized(false)),
+    )
+    .map_err(|e| Error::Tokenizer(e.to_string()))?;
 
     let token_of = |key: &str| -> Option<String> {
         g.get(key)
@@ -619,11 +1368,17 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
     }
 
     let mut decoder = Map::new();
-    for (id, content) in &special {
+    let mut listed: Vec<(u32, &String, bool)> = special
+        .iter()
+        .map(|(i, c)| (*i, c, true))
+        .chain(user_defined.iter().map(|(i, c)| (*i, c, false)))
+        .collect();
+    listed.sort_by_key(|x| x.0);
+    for (id, content, is_special) in listed {
         decoder.insert(
             id.to_string(),
             json!({"content": content, "lstrip": false, "normalized": false,
-                   "rstrip": false, "single_word": false, "special": true}),
+                   "rstrip": false, "single_word": false, "special": is_special}),
         );
     }
     let mut cfg = Map::new();
@@ -656,6 +1411,257 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
         cfg.insert("model_max_length".into(), json!(ctx as u64));
     }
     cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    Ok(ImportedTokenizer {
+        tokenizer: tok,
+        tokenizer_config: Value::Object(cfg),
+        special_tokens_map: Value::Object(stm),
+    })
+}
+
+/// Python's `str.isspace` for one character: Unicode White_Space plus the information
+/// separators U+001C..U+001F, which Python counts as whitespace and Rust does not.
+fn py_isspace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// BPE merges recovered from a SentencePiece vocabulary listed best-first (transformers'
+/// `generate_merges` in `tokenization_utils_base.py`, called by its GGUF `gemma_tokenizer`
+/// with each token's position as its score): for every token in vocabulary order, each split
+/// into two pieces that are both tokens, longest left piece first. A token listed twice counts
+/// at its last position, as a Python dict would keep it.
+pub fn merges_from_vocab_order(tokens: &[String]) -> Vec<(String, String)> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        last.insert(t.as_str(), i);
+    }
+    let mut merges = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if last[t.as_str()] != i {
+            continue;
+        }
+        let mut local: Vec<(String, String)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(b, _)| t.split_at(b))
+            .filter(|(l, r)| last.contains_key(l) && last.contains_key(r))
+            .map(|(l, r)| (l.to_string(), r.to_string()))
+            .collect();
+        local.reverse();
+        merges.extend(local);
+    }
+    merges
+}
+
+/// The Gemma tokenizer of a `tokenizer.ggml.model = llama` (SentencePiece) GGUF, as
+/// transformers' GGUF converter builds it (`gemma_tokenizer` in
+/// `integrations/gguf/gguf_tokenizer_mapping.py`, the `GemmaTokenizer` class of
+/// `models/gemma/tokenization_gemma.py`):
+/// * tokens made only of whitespace that contain a space are respelled as that many `▁`;
+/// * a BPE model over the vocabulary with merges from [`merges_from_vocab_order`], byte
+///   fallback (`<0xNN>` tokens), `fuse_unk`, the unknown token of `unknown_token_id`;
+/// * normalizer: every space becomes `▁` (no prefix space); pre-tokenizer: split on " "
+///   merged with the previous piece; decoder: `▁` back to space, byte fallback, fuse;
+/// * control tokens (type 3) are special added tokens, user-defined ones (type 4, e.g.
+///   `\n`, `[multimodal]`) plain added tokens when spelled as in the vocabulary;
+/// * BOS (and EOS) added as `tokenizer.ggml.add_bos_token`/`add_eos_token` say (BOS when the
+///   file does not say, as llama.cpp and transformers do for SentencePiece vocabularies).
+fn build_gemma_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::models::bpe::{Vocab, BPE};
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+    let tk = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    let model = g.string("tokenizer.ggml.model")?;
+    if model != "llama" {
+        return Err(gguf_err(
+            &g.path,
+            format!(
+                "unsupported tokenizer.ggml.model {model:?} for {}; supported: llama (SentencePiece)",
+                g.arch.display
+            ),
+        ));
+    }
+    let tokens = g.strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = match g.get("tokenizer.ggml.token_type") {
+        Some(GValue::Array(a)) if a.len() == tokens.len() => a
+            .iter()
+            .map(|v| {
+                as_f64(v).map(|x| x as i32).ok_or_else(|| {
+                    gguf_err(
+                        &g.path,
+                        format!("`tokenizer.ggml.token_type` holds {v:?}, expected integers"),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?,
+        Some(GValue::Array(a)) => {
+            return Err(gguf_err(
+                &g.path,
+                format!(
+                    "`tokenizer.ggml.token_type` has {} entries, `tokenizer.ggml.tokens` {}",
+                    a.len(),
+                    tokens.len()
+                ),
+            ))
+        }
+        _ => vec![1; tokens.len()],
+    };
+    let respelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.chars().all(py_isspace) {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let merges = merges_from_vocab_order(&respelled);
+    let vocab: Vocab = respelled
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let token_of = |key: &str| -> Option<String> {
+        g.get(key)
+            .and_then(as_f64)
+            .and_then(|id| tokens.get(id as usize).cloned())
+    };
+    let bos = token_of("tokenizer.ggml.bos_token_id");
+    let eos = token_of("tokenizer.ggml.eos_token_id");
+    let unk = token_of("tokenizer.ggml.unknown_token_id");
+    let pad = token_of("tokenizer.ggml.padding_token_id");
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab.clone(), merges)
+        .fuse_unk(true)
+        .byte_fallback(true);
+    builder = builder.unk_token(unk.clone().unwrap_or_else(|| "<unk>".to_string()));
+    let bpe = builder.build().map_err(tk)?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(tk)?))
+        .map_err(tk)?;
+    tok.with_pre_tokenizer(Some(
+        Split::new(
+            SplitPattern::String(" ".into()),
+            SplitDelimiterBehavior::MergedWithPrevious,
+            false,
+        )
+        .map_err(tk)?,
+    ));
+    tok.with_decoder(Some(DecoderSequence::new(vec![
+        Replace::new("\u{2581}", " ").map_err(tk)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+
+    let control: Vec<(u32, String)> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL)
+        .map(|(i, _)| (i as u32, tokens[i].clone()))
+        .collect();
+    tok.add_special_tokens(
+        control
+            .iter()
+            .map(|(_, c)| AddedToken::from(c.clone(), true).normalized(false))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(tk)?;
+    // As spelled in the file; a respelled whitespace token is no longer in the vocabulary.
+    let user_defined: Vec<(u32, String)> = types
+        .iter()
+        .enumerate()
+        .filter(|(i, &t)| t == TOKEN_TYPE_USER_DEFINED && vocab.contains_key(&tokens[*i]))
+        .map(|(i, _)| (i as u32, tokens[i].clone()))
+        .collect();
+    tok.add_tokens(
+        user_defined
+            .iter()
+            .map(|(_, c)| AddedToken::from(c.clone(), false).normalized(false)),
+    )
+    .map_err(tk)?;
+
+    let add_bos = g.bool("tokenizer.ggml.add_bos_token").unwrap_or(true);
+    let add_eos = g.bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+    let id_of = |key: &str| g.get(key).and_then(as_f64).map(|v| v as u32);
+    let mut specials = Vec::new();
+    let (mut single, mut pair) = (Vec::new(), Vec::new());
+    if let (true, Some(b), Some(id)) = (add_bos, &bos, id_of("tokenizer.ggml.bos_token_id")) {
+        single.push(format!("{b}:0"));
+        specials.push((b.clone(), id));
+    }
+    single.push("$A:0".to_string());
+    if let (true, Some(e), Some(id)) = (add_eos, &eos, id_of("tokenizer.ggml.eos_token_id")) {
+        single.push(format!("{e}:0"));
+        specials.push((e.clone(), id));
+    }
+    for piece in &single {
+        pair.push(piece.clone());
+    }
+    for piece in &single {
+        pair.push(piece.replace(":0", ":1").replace("$A", "$B"));
+    }
+    if !specials.is_empty() {
+        let tp = TemplateProcessing::builder()
+            .try_single(single.join(" "))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .try_pair(pair.join(" "))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        tok.with_post_processor(Some(tp));
+    }
+
+    let mut decoder = Map::new();
+    let mut listed: Vec<(u32, &String, bool)> = control
+        .iter()
+        .map(|(i, c)| (*i, c, true))
+        .chain(user_defined.iter().map(|(i, c)| (*i, c, false)))
+        .collect();
+    listed.sort_by_key(|x| x.0);
+    for (id, content, is_special) in listed {
+        decoder.insert(
+            id.to_string(),
+            json!({"content": content, "lstrip": false, "normalized": false,
+                   "rstrip": false, "single_word": false, "special": is_special}),
+        );
+    }
+    let mask = vocab.contains_key("<mask>").then(|| "<mask>".to_string());
+    let mut cfg = Map::new();
+    cfg.insert("add_bos_token".into(), json!(add_bos));
+    cfg.insert("add_eos_token".into(), json!(add_eos));
+    cfg.insert("added_tokens_decoder".into(), Value::Object(decoder));
+    let mut stm = Map::new();
+    for (k, v) in [
+        ("bos_token", &bos),
+        ("eos_token", &eos),
+        ("pad_token", &pad),
+        ("unk_token", &unk),
+        ("mask_token", &mask),
+    ] {
+        cfg.insert(
+            k.into(),
+            v.clone().map(Value::String).unwrap_or(Value::Null),
+        );
+        if let Some(v) = v {
+            stm.insert(k.into(), json!(v));
+        }
+    }
+    if let Ok(t) = g.string("tokenizer.chat_template") {
+        cfg.insert("chat_template".into(), json!(t));
+    }
+    cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
+    if let Some(ctx) = g.number(&format!("{}.context_length", g.arch.gguf))? {
+        cfg.insert("model_max_length".into(), json!(ctx as u64));
+    }
+    cfg.insert("padding_side".into(), json!("left"));
+    cfg.insert("tokenizer_class".into(), json!("GemmaTokenizer"));
     Ok(ImportedTokenizer {
         tokenizer: tok,
         tokenizer_config: Value::Object(cfg),
