@@ -6,7 +6,13 @@
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 cargo build --release --quiet -p diff-transformer
 bin="$PWD/target/release/diff-transformer"
-gguf=$(scripts/fetch-smollm2.sh)
+# MODEL=smollm2 (default; SmolLM2-135M-Instruct, Llama) or gemma3 (Gemma 3 270M base).
+model="${MODEL:-smollm2}"
+case "$model" in
+  smollm2) gguf=$(scripts/fetch-smollm2.sh) ;;
+  gemma3) gguf=$(scripts/fetch-gemma3.sh) ;;
+  *) echo "MODEL must be smollm2 or gemma3, not $model" >&2; exit 2 ;;
+esac
 work=$(mktemp -d "${TMPDIR:-/tmp}/dt-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 "$bin" import-gguf "$gguf" "$work/src" >/dev/null

@@ -333,9 +333,6 @@ pub struct ArchSpec {
     pub sliding_pattern: Option<usize>,
     /// RoPE base of the sliding layers when the GGUF has none (`rope_local_base_freq`).
     pub local_rope_base: Option<f64>,
-    /// Whether our own ModelConfig reads this architecture today: the written config is then
-    /// validated with it, as the Llama path always did.
-    pub validate_with_model_config: bool,
     pub tokenizer: TokenizerStyle,
 }
 
@@ -638,7 +635,6 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
         transformers5_fields: false,
         sliding_pattern: None,
         local_rope_base: None,
-        validate_with_model_config: true,
         tokenizer: TokenizerStyle::ByteLevel,
     },
     ArchSpec {
@@ -657,7 +653,6 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
         transformers5_fields: true,
         sliding_pattern: None,
         local_rope_base: None,
-        validate_with_model_config: true,
         tokenizer: TokenizerStyle::ByteLevelTransformers,
     },
     ArchSpec {
@@ -676,7 +671,6 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
         transformers5_fields: true,
         sliding_pattern: None,
         local_rope_base: None,
-        validate_with_model_config: false,
         tokenizer: TokenizerStyle::ByteLevelTransformers,
     },
     ArchSpec {
@@ -697,7 +691,6 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
         transformers5_fields: true,
         sliding_pattern: Some(6),
         local_rope_base: Some(10000.0),
-        validate_with_model_config: false,
         tokenizer: TokenizerStyle::GemmaSentencePiece,
     },
 ];
@@ -898,9 +891,8 @@ impl Geometry {
 
 /// Imports `gguf_path` into the Hugging Face directory `out_dir` (staged, renamed into place).
 ///
-/// The written config.json is validated by our own [`crate::config::ModelConfig`] for the
-/// architectures it reads today (`ArchSpec::validate_with_model_config`: Llama, Qwen2); for
-/// Qwen3 and Gemma 3 only the tensor shapes implied by the metadata are checked.
+/// The written config.json is validated by our own [`crate::config::ModelConfig`] (as a
+/// checkpoint of its family would be) before anything is written.
 pub fn import_gguf(
     gguf_path: &Path,
     out_dir: &Path,
@@ -911,12 +903,10 @@ pub fn import_gguf(
     let g = GgufFile::open(gguf_path)?;
     let arch = g.arch;
     let config = hf_config(&g, out_dtype)?;
-    if arch.validate_with_model_config {
-        // The metadata must describe the tensors: validate as a checkpoint would be.
-        let mc = crate::config::ModelConfig::from_str(&config.to_string(), gguf_path)?;
-        mc.check_supported()?;
-        mc.dims()?;
-    }
+    // The metadata must describe the tensors: validate as a checkpoint would be.
+    let mc = crate::config::ModelConfig::from_str(&config.to_string(), gguf_path)?;
+    mc.check_supported()?;
+    mc.dims()?;
     let geo = Geometry::of(&config, gguf_path, arch.gguf)?;
     let attention_bias = g.content.tensor_infos.contains_key("blk.0.attn_q.bias");
     let mut expected = geo.expected(arch, attention_bias);
