@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod hub;
 pub mod model;
 pub mod output;
+pub mod pipeline;
 #[doc(hidden)]
 pub mod testing;
 pub mod train;
