@@ -17,8 +17,6 @@ pub mod hub;
 pub mod model;
 pub mod output;
 pub mod pipeline;
-#[doc(hidden)]
-pub mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -8,7 +8,7 @@ use diffattn::checkpoint::Checkpoint;
 use diffattn::config::lambda_init;
 use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
 use diffattn::dtype::DType;
-use diffattn::testing::TinyLlama;
+use diffattn_testutil::TinyLlama;
 use diffattn::Error;
 
 fn options(layout: Layout, init: Init, sublayer_norm: bool) -> ConvertOptions {
