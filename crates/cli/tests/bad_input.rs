@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use diffattn::testing::{write_gguf_from_hf, write_gguf_with, TinyLlama};
+use diffattn_testutil::{write_gguf_from_hf, write_gguf_with, TinyLlama};
 
 struct Case {
     dir: tempfile::TempDir,
@@ -220,7 +220,7 @@ fn model_config_numbers_out_of_range() {
         ),
     ] {
         let c = Case::with_model(&TinyLlama::default());
-        diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+        diffattn_testutil::write_word_tokenizer(&c.path("src"), 32).unwrap();
         let path = c.path("src/config.json");
         let mut cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -237,7 +237,7 @@ fn model_config_numbers_out_of_range() {
 #[test]
 fn tokenizer_ids_beyond_the_vocabulary() {
     let c = Case::with_model(&TinyLlama::default()); // vocab_size 32
-    diffattn::testing::write_word_tokenizer(&c.path("src"), 64).unwrap();
+    diffattn_testutil::write_word_tokenizer(&c.path("src"), 64).unwrap();
     let src = c.path("src").display().to_string();
     c.fails(
         &["generate", "--model", &src, "--prompt", "the time said"],
@@ -253,7 +253,7 @@ fn differential_flag_of_the_wrong_type() {
     let (ok, err) = cli(&["convert", &c.config()]);
     assert!(ok, "{err}");
     let conv = c.path("out");
-    diffattn::testing::write_word_tokenizer(&conv, 32).unwrap();
+    diffattn_testutil::write_word_tokenizer(&conv, 32).unwrap();
     let path = conv.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -673,7 +673,7 @@ fn config_declares_fewer_layers_than_the_weights() {
 #[test]
 fn config_declares_more_layers_than_the_weights() {
     let c = Case::with_model(&TinyLlama::default());
-    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    diffattn_testutil::write_word_tokenizer(&c.path("src"), 32).unwrap();
     edit_config(
         &c,
         "\"num_hidden_layers\": 2",
@@ -698,7 +698,7 @@ fn untied_config_without_lm_head() {
         tie_word_embeddings: true,
         ..TinyLlama::default()
     });
-    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    diffattn_testutil::write_word_tokenizer(&c.path("src"), 32).unwrap();
     edit_config(
         &c,
         "\"tie_word_embeddings\": true",
@@ -776,7 +776,7 @@ fn killed_runs_leave_no_lasting_staging_directories() {
 fn train_case(extra: &str) -> Case {
     let c = Case::new();
     TinyLlama::default().write(&c.path("src"), 1).unwrap();
-    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    diffattn_testutil::write_word_tokenizer(&c.path("src"), 32).unwrap();
     std::fs::write(
         c.path("data.jsonl"),
         "{\"text\": \"the man said that the day was long\"}\n{\"text\": \"we know the way back\"}\n",
@@ -970,7 +970,7 @@ fn evaluate_without_training_keys() {
 #[test]
 fn compare_save_logits_refuses_inputs_and_non_empty_directories() {
     let c = Case::with_model(&TinyLlama::default());
-    diffattn::testing::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    diffattn_testutil::write_word_tokenizer(&c.path("src"), 32).unwrap();
     let src = c.path("src").display().to_string();
     let inside = c.path("src/logits").display().to_string();
     let (ok, err) = cli(&["compare", &src, &src, "--save-logits", &inside]);

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use diffattn::testing::TinyLlama;
+use diffattn_testutil::TinyLlama;
 
 #[test]
 fn repo_id_resolves_from_the_local_cache_offline() {

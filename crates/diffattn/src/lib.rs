@@ -19,8 +19,7 @@ pub mod gguf;
 pub mod hub;
 pub mod model;
 pub mod output;
-#[doc(hidden)]
-pub mod testing;
+pub mod pipeline;
 pub mod train;
 
 pub use error::{Error, Result};

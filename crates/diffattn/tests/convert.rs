@@ -8,8 +8,8 @@ use diffattn::checkpoint::Checkpoint;
 use diffattn::config::lambda_init;
 use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
 use diffattn::dtype::DType;
-use diffattn::testing::TinyLlama;
 use diffattn::Error;
+use diffattn_testutil::TinyLlama;
 
 fn options(layout: Layout, init: Init, sublayer_norm: bool) -> ConvertOptions {
     ConvertOptions {

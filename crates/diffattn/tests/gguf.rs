@@ -1,7 +1,7 @@
 //! GGUF import pieces that need no real file: name mapping and the RoPE row un-permutation.
 
 use diffattn::gguf::{hf_tensor_name, unpermute_rows};
-use diffattn::testing::permute_rows as permute;
+use diffattn_testutil::permute_rows as permute;
 
 #[test]
 fn unpermute_inverts_llama_cpp_permute() {
@@ -62,7 +62,7 @@ fn tensor_names_map_to_transformers_names() {
 fn import_restores_the_hf_checkpoint_exactly() {
     use diffattn::checkpoint::Checkpoint;
     use diffattn::dtype::DType;
-    use diffattn::testing::{write_gguf_from_hf, TinyLlama};
+    use diffattn_testutil::{write_gguf_from_hf, TinyLlama};
     for tiny in [
         TinyLlama {
             tie_word_embeddings: true,

@@ -44,7 +44,7 @@ fn setup(case: &str) -> Setup {
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    diffattn::testing::write_word_tokenizer(&model, 64).unwrap();
+    diffattn_testutil::write_word_tokenizer(&model, 64).unwrap();
     let mut completion = String::new();
     for t in TEXTS {
         completion.push_str(&serde_json::json!({ "text": t }).to_string());

@@ -23,23 +23,27 @@
 
 pub mod config;
 pub mod data;
+mod finish;
 pub mod loss;
 pub mod monitor;
 pub mod optim;
 pub mod plot;
+mod run_dir;
 pub mod schedule;
+mod setup;
+mod sinks;
+mod step;
 pub mod tensorboard;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use crate::config::{Format, ModelConfig};
+use crate::config::ModelConfig;
 use crate::convert::SideFiles;
 use crate::error::{Error, IoContext, Result};
 use crate::generate::TextCodec;
@@ -47,6 +51,10 @@ use crate::model::{AttentionProbs, Model};
 use crate::output::{write_safetensors, PlannedTensor, StagedDir, TensorProducer};
 pub use config::{Resume, TrainConfig};
 use data::{Batch, Sample, IGNORE};
+pub use run_dir::latest_checkpoint;
+use run_dir::RunDir;
+use setup::StepPlan;
+use step::Trainer;
 
 /// Upper bound on a run's optimizer steps (a guard against `num_epochs: 1e30`).
 pub const MAX_STEPS: usize = 100_000_000;
@@ -234,6 +242,10 @@ impl TrainableModel {
             dtype,
         })
     }
+    /// The attention is differential (format A or B): lambda warm-up and monitoring apply.
+    pub fn is_differential(&self) -> bool {
+        self.config.format.is_differential()
+    }
 }
 
 struct MapProducer<'a> {
@@ -331,51 +343,6 @@ impl TrainerState {
             log_history: log_history.to_vec(),
         }
     }
-}
-
-fn read_state(dir: &Path) -> Result<TrainerState> {
-    let p = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).at(&p)?;
-    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: p.clone(),
-        source,
-    })?;
-    crate::config::typed_from_json(value, &p)
-}
-
-/// `checkpoint-N` directories of `dir` beyond the newest `keep` (oldest first).
-fn old_checkpoints(dir: &Path, keep: usize) -> Vec<PathBuf> {
-    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n: usize = e
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    all.sort();
-    let n = all.len().saturating_sub(keep);
-    all.into_iter().take(n).map(|(_, p)| p).collect()
-}
-
-/// The `checkpoint-N` directory with the largest N in `dir`.
-pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join(STATE_FILE).is_file().then_some((n, e.path()))
-        })
-        .max_by_key(|(n, _)| *n)
-        .map(|(_, p)| p)
 }
 
 /// Tokenised train and validation sets of a config, with the tokenizer's pad id.
@@ -513,119 +480,6 @@ pub fn is_stationary_start(model: &Model) -> Result<bool> {
     Ok(true)
 }
 
-/// Resolves where the weights come from: the checkpoint being resumed, else `base_model`.
-fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option<TrainerState>)> {
-    match &cfg.resume_from_checkpoint {
-        Some(r) => {
-            let dir = match r {
-                Resume::Path(p) => p.clone(),
-                Resume::Latest => {
-                    latest_checkpoint(output_dir).ok_or_else(|| Error::InvalidValue {
-                        path: cfg.axolotl.path.clone(),
-                        key: "resume_from_checkpoint".into(),
-                        value: "true".into(),
-                        reason: format!(
-                            "no checkpoint-N directory with {STATE_FILE} in {}",
-                            output_dir.display()
-                        ),
-                    })?
-                }
-            };
-            if !dir.join(STATE_FILE).is_file() {
-                return Err(Error::InvalidValue {
-                    path: cfg.axolotl.path.clone(),
-                    key: "resume_from_checkpoint".into(),
-                    value: dir.display().to_string(),
-                    reason: format!("not a training checkpoint (no {STATE_FILE})"),
-                });
-            }
-            let state = read_state(&dir)?;
-            Ok((dir, Some(state)))
-        }
-        None => Ok((
-            crate::hub::resolve_model(
-                &cfg.axolotl.base_model,
-                true,
-                "base_model",
-                &cfg.axolotl.path,
-            )?,
-            None,
-        )),
-    }
-}
-
-fn append_jsonl(path: &Path, v: &Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .at(path)?;
-    // One write per record, so that an interrupted run leaves whole lines.
-    f.write_all(format!("{v}\n").as_bytes()).at(path)
-}
-
-/// Keeps only the records of `metrics.jsonl` up to `step` (a resumed run rewrites the rest).
-fn truncate_jsonl(path: &Path, step: usize) -> Result<()> {
-    if !path.is_file() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path).at(path)?;
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_u64))
-                .map(|s| s as usize <= step)
-                .unwrap_or(false)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept).at(path)
-}
-
-/// Where logged records go: metrics.jsonl, the TensorBoard file and the trainer state's
-/// `log_history`.
-struct Sinks {
-    tb: tensorboard::EventWriter,
-    metrics_path: PathBuf,
-    history: Vec<Value>,
-}
-
-impl Sinks {
-    /// Logs one record `{"step": N, name: value, ...}`. TensorBoard tags: `train/<name>`,
-    /// `eval/<name>` for `eval_*`, `diff_attn/<name>` for the monitoring metrics.
-    fn log(&mut self, record: Value) -> Result<()> {
-        let step = record["step"].as_u64().unwrap_or(0);
-        let scalars: Vec<(String, f64)> = record
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| *k != "step")
-                    .filter_map(|(k, v)| {
-                        let tag = if k.starts_with("layer_") || k.starts_with("aggregate/") {
-                            format!("diff_attn/{k}")
-                        } else if let Some(e) = k.strip_prefix("eval_") {
-                            format!("eval/{e}")
-                        } else if k == "perplexity" {
-                            "eval/perplexity".to_string()
-                        } else {
-                            format!("train/{k}")
-                        };
-                        Some((tag, v.as_f64()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.tb
-            .scalars(step, scalars.iter().map(|(k, v)| (k.as_str(), *v)))?;
-        self.tb.flush()?;
-        append_jsonl(&self.metrics_path, &record)?;
-        self.history.push(record);
-        Ok(())
-    }
-}
-
 /// Runs training as configured. `on_event` receives progress, information and warnings.
 pub fn train(
     cfg: &TrainConfig,
@@ -633,576 +487,35 @@ pub fn train(
     on_event: &dyn Fn(Event),
 ) -> Result<TrainReport> {
     let t_start = Instant::now();
-    let output_dir =
-        crate::output::absolutize(opts.output_dir.as_ref().unwrap_or(&cfg.output_dir))?;
     let device = default_device();
-    let (model_dir, state) = model_source(cfg, &output_dir)?;
-    let model_dir = crate::output::absolutize(&model_dir)?;
-    // The model being trained (or the run's base model) must not be overwritten, nor the
-    // checkpoint being resumed (output_dir may contain it, as transformers' layout has it).
-    let base = crate::hub::resolve_model(
-        &cfg.axolotl.base_model,
-        true,
-        "base_model",
-        &cfg.axolotl.path,
-    )
-    .ok()
-    .map(|p| crate::output::absolutize(&p))
-    .transpose()?;
-    let refuse_output = |reason: String| Error::InvalidValue {
-        path: cfg.axolotl.path.clone(),
-        key: "output_dir".into(),
-        value: output_dir.display().to_string(),
-        reason,
-    };
-    let overlap = |input: &Path| {
-        output_dir == input || output_dir.starts_with(input) || input.starts_with(&output_dir)
-    };
-    for input in base.iter().chain(state.is_none().then_some(&model_dir)) {
-        if overlap(input) {
-            return Err(refuse_output(format!(
-                "overlaps the model being trained ({}); choose a new directory, e.g. {}-finetuned",
-                input.display(),
-                input.display()
-            )));
-        }
-    }
-    if state.is_some() && (output_dir == model_dir || output_dir.starts_with(&model_dir)) {
-        return Err(refuse_output(format!(
-            "is (inside) the checkpoint being resumed ({}); use the run's directory",
-            model_dir.display()
-        )));
-    }
-    let non_empty = output_dir.is_dir()
-        && std::fs::read_dir(&output_dir)
-            .at(&output_dir)?
-            .next()
-            .is_some();
-    // Resuming continues the run that owns the checkpoint: output_dir must be that run's
-    // directory (or empty / new).
-    let resuming_here = state.is_some() && model_dir.starts_with(&output_dir);
-    let replace = non_empty && !resuming_here;
-    if replace && !opts.overwrite {
-        return Err(refuse_output(if state.is_some() {
-            format!("is not empty and does not hold the checkpoint being resumed ({}); use the checkpoint's run directory or a new one", model_dir.display())
-        } else {
-            "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into()
-        }));
-    }
-    if replace {
-        // --overwrite deletes output_dir: never with an input inside it.
-        let mut inputs: Vec<PathBuf> = vec![cfg.axolotl.path.clone(), model_dir.clone()];
-        inputs.extend(cfg.datasets.iter().map(|d| d.path.clone()));
-        if let Some(t) = &cfg.axolotl.tokenizer_config {
-            inputs.push(PathBuf::from(t));
-        }
-        for dir in base.iter().chain([&model_dir]) {
-            inputs.extend(crate::output::resolved_files(dir));
-        }
-        for input in inputs {
-            let abs = crate::output::absolutize(&input)?;
-            if abs.starts_with(&output_dir) {
-                return Err(refuse_output(format!(
-                    "holds an input of this run ({}); --overwrite would delete it",
-                    abs.display()
-                )));
-            }
-        }
-    }
-    if output_dir.exists() && !output_dir.is_dir() {
-        return Err(Error::OutputNotWritable {
-            path: output_dir.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file with this name exists",
-            ),
-        });
-    }
-
-    let tokenizer_dir = match (&state, &cfg.axolotl.tokenizer_config) {
-        (None, Some(t)) => {
-            crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?
-        }
-        _ => model_dir.clone(),
-    };
-    let mut tm = TrainableModel::load(&model_dir, &device)?;
-    let is_diff = tm.config.format.is_differential();
-    if cfg.sequence_len > tm.model.config.max_position_embeddings {
-        return Err(Error::InvalidValue {
-            path: cfg.axolotl.path.clone(),
-            key: "sequence_len".into(),
-            value: cfg.sequence_len.to_string(),
-            reason: format!(
-                "longer than the model's max_position_embeddings ({})",
-                tm.model.config.max_position_embeddings
-            ),
-        });
-    }
-    let prepared = prepare_data(cfg, &tokenizer_dir, &tm.config)?;
-    // Read once: a resumed checkpoint they come from may be rotated away
-    // (`save_total_limit`) before the final save.
-    let side = SideFiles::read(&tokenizer_dir, &[&tokenizer_dir])?;
-    let n_train = prepared.train.len();
-    if n_train == 0 {
-        return Err(Error::InvalidValue {
-            path: cfg.axolotl.path.clone(),
-            key: "val_set_size".into(),
-            value: match cfg.val_set_size {
-                Some(data::ValSetSize::Fraction(f)) => f.to_string(),
-                Some(data::ValSetSize::Count(c)) => c.to_string(),
-                None => "0".into(),
-            },
-            reason: format!(
-                "leaves no training sample out of {}",
-                prepared.stats.samples
-            ),
-        });
-    }
-    let (_, per_epoch, total) = step_counts(cfg, n_train);
-    if total > MAX_STEPS {
-        return Err(Error::InvalidValue {
-            path: cfg.axolotl.path.clone(),
-            key: if cfg.max_steps.is_some() {
-                "max_steps"
-            } else {
-                "num_epochs"
-            }
-            .into(),
-            value: cfg
-                .max_steps
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| cfg.num_epochs.to_string()),
-            reason: format!("gives {total} optimizer steps; at most {MAX_STEPS} are accepted"),
-        });
-    }
-    if let Some(st) = &state {
-        if st.global_step > total {
-            return Err(Error::InvalidValue {
-                path: model_dir.join(STATE_FILE),
-                key: "global_step".into(),
-                value: st.global_step.to_string(),
-                reason: format!("is beyond this run's {total} steps"),
-            });
-        }
-    }
+    let run = RunDir::check(cfg, opts)?;
+    let tokenizer_dir = run.tokenizer_dir(cfg)?;
+    let tm = setup::load_model(cfg, &run.model_dir, &device)?;
+    let data = setup::build_data(cfg, &tokenizer_dir, &tm)?;
+    let plan = StepPlan::new(cfg, data.n_train(), &run)?;
     // Everything is validated: only now is output_dir touched.
-    if replace {
-        std::fs::remove_dir_all(&output_dir).at(&output_dir)?;
-    }
-    std::fs::create_dir_all(&output_dir).map_err(|source| Error::OutputNotWritable {
-        path: output_dir.clone(),
-        source,
-    })?;
-    crate::output::sweep_dead_partials(&output_dir, "final");
-    let lr_warmup = cfg.lr_warmup(total);
-    let log_every = cfg.logging_interval(total);
-    on_event(Event::Info(format!(
-        "model: {} ({} {:?}, {} layers), device {:?}",
-        model_dir.display(),
-        tm.config.family.name,
-        tm.config.format,
-        tm.model.config.num_hidden_layers,
-        device
-    )));
-    on_event(Event::Info(format!(
-        "data: {} records -> {} samples ({} train, {} validation); dropped {} longer than sequence_len {}, {} without targets",
-        prepared.stats.records,
-        prepared.stats.samples,
-        n_train,
-        prepared.val.len(),
-        prepared.stats.dropped_too_long,
-        cfg.sequence_len,
-        prepared.stats.dropped_no_labels
-    )));
-    on_event(Event::Info(format!(
-        "steps: {total} (batch {} = micro {} x accumulation {}, {per_epoch} steps per epoch), lr {} {:?} with {lr_warmup} warm-up steps",
-        cfg.micro_batch_size * cfg.gradient_accumulation_steps,
-        cfg.micro_batch_size,
-        cfg.gradient_accumulation_steps,
-        cfg.learning_rate,
-        cfg.lr_scheduler
-    )));
-    if cfg.axolotl.dtype != crate::axolotl::DtypeChoice::Keep {
-        on_event(Event::Info(format!(
-            "bf16/fp16 mixed precision is not used: training computes in f32 and checkpoints keep the loaded dtype ({})",
-            tm.dtype.torch_name()
-        )));
-    }
-    if is_diff && is_stationary_start(&tm.model)? {
-        on_event(Event::Warning(
-            "this model starts at a stationary point (every lambda vector is zero, as after --zero-init): \
-             the gradient of each lambda vector is proportional to its partner, so the negative branch \
-             never learns; convert with --preserving-mirror for an output-preserving start that learns"
-                .into(),
-        ));
-    }
-    let preserving = tm
-        .config
-        .raw
-        .get("preserving_mirror")
-        .and_then(Value::as_bool)
-        == Some(true);
-    if preserving && cfg.diff_attn_warmup_steps.is_some() && is_diff {
-        on_event(Event::Warning(
-            "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
-                .into(),
-        ));
-    }
-    if cfg.eval_steps.is_some() && prepared.val.is_empty() {
-        on_event(Event::Warning(
-            "eval_steps is set but there is no validation split (val_set_size): no evaluation"
-                .into(),
-        ));
-    }
-    if !is_diff && cfg.diff_attn_warmup_steps.is_some() {
-        on_event(Event::Warning(
-            "diff_attn_warmup_steps is set but the model has standard attention: ignored".into(),
-        ));
-    }
-
-    let mut opt = optim::AdamW::new(&tm.vars, cfg.adamw)?;
-    let start = match &state {
-        Some(s) => {
-            let p = model_dir.join(OPTIMIZER_FILE);
-            let st =
-                candle_core::safetensors::load(&p, &device).map_err(|e| Error::Safetensors {
-                    path: p.clone(),
-                    msg: e.to_string(),
-                })?;
-            opt.load_state(&st, s.global_step as u64, &p)?;
-            if s.max_steps != total
-                || s.micro_batch_size != cfg.micro_batch_size
-                || s.gradient_accumulation_steps != cfg.gradient_accumulation_steps
-                || s.seed != cfg.seed
-                || s.train_samples != n_train
-            {
-                on_event(Event::Warning(format!(
-                    "the checkpoint was written by a run with other settings (steps {}, micro batch {}, accumulation {}, seed {}, {} train samples): the schedule and data order now follow this config",
-                    s.max_steps, s.micro_batch_size, s.gradient_accumulation_steps, s.seed, s.train_samples
-                )));
-            }
-            on_event(Event::Info(format!(
-                "resuming from {} at step {}",
-                model_dir.display(),
-                s.global_step
-            )));
-            s.global_step
-        }
-        None => 0,
-    };
-    let metrics_path = output_dir.join(METRICS_FILE);
-    if state.is_some() {
-        truncate_jsonl(&metrics_path, start)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).at(&metrics_path)?;
-    }
-    let tb = tensorboard::EventWriter::create(&output_dir)?;
-    let monitored = schedule::monitored_layers(
-        tm.model.config.num_hidden_layers,
-        cfg.diff_attn_num_monitor_layers,
-    );
-    let warmup = if is_diff {
-        cfg.diff_attn_warmup_steps
-    } else {
-        None
-    };
-    let mut log_history: Vec<Value> = state
-        .as_ref()
-        .map(|s| s.log_history.clone())
-        .unwrap_or_default();
-    log_history.retain(|v| {
-        v.get("step")
-            .and_then(Value::as_u64)
-            .map(|s| s as usize <= start)
-            .unwrap_or(false)
-    });
-
-    let mut sinks = Sinks {
-        tb,
-        metrics_path: metrics_path.clone(),
-        history: log_history,
-    };
-
-    let run_t0 = Instant::now();
-    let (mut loss_since_log, mut steps_since_log) = (0.0, 0usize);
-    let (mut steps_run, mut samples_run) = (0usize, 0usize);
-    let mut loss_total = state.as_ref().map(|s| s.total_loss).unwrap_or(0.0);
-    let mut out_of_range: std::collections::HashSet<usize> = Default::default();
-    let mut epoch = start as f64 / per_epoch as f64;
-    let mut last_eval: Option<EvalResult> = None;
-    for g in start..total {
-        let mix = schedule::mix(g, warmup);
-        tm.model.mix = mix;
-        let lr = cfg.learning_rate * cfg.lr_scheduler.factor(g, total, lr_warmup);
-        let (micro, ep) = step_batches(cfg, n_train, g);
-        epoch = ep;
-        let t_step = Instant::now();
-        let batches: Vec<Batch> = micro
-            .iter()
-            .map(|idx| {
-                let refs: Vec<&Sample> = idx.iter().map(|&i| &prepared.train[i]).collect();
-                data::collate(&refs, prepared.pad_id)
-            })
-            .collect();
-        let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
-        let monitor_now = is_diff && g % cfg.diff_attn_log_every == 0;
-        let mut probs = AttentionProbs::default();
-        let mut grads: Option<GradStore> = None;
-        let mut step_loss = 0.0;
-        // Linear weights' gradients are accumulated in place over the micro-batches.
-        let sink = crate::model::layout::WeightGradSink::open()?;
-        for (i, b) in batches.iter().enumerate() {
-            let capture = (monitor_now && i == 0).then_some((monitored.as_slice(), &mut probs));
-            let t0 = Instant::now();
-            let loss = (nll_sum(&tm.model, b, capture)? / n_targets.max(1) as f64)?;
-            step_loss += loss.to_scalar::<f32>()? as f64;
-            let t1 = Instant::now();
-            let gs = loss.backward()?;
-            tracing::debug!(
-                step = g,
-                seq = b.seq,
-                forward_s = (t1 - t0).as_secs_f64(),
-                backward_s = t1.elapsed().as_secs_f64(),
-                "micro-batch"
-            );
-            match grads.as_mut() {
-                None => grads = Some(gs),
-                Some(acc) => acc.extend(gs)?,
-            }
-            samples_run += b.batch;
-        }
-        let mut grads = grads.expect("a step has at least one micro-batch");
-        let var_tensors: Vec<&Tensor> = tm.vars.iter().map(|(_, v)| v.as_tensor()).collect();
-        sink.finish(&var_tensors, &mut grads)?;
-        let grad_norm = opt.grad_norm(&grads)?;
-        if !step_loss.is_finite() || !grad_norm.is_finite() {
-            let why = if g == start {
-                format!(
-                    "before any update: the model in {} already computes non-finite values",
-                    model_dir.display()
-                )
-            } else {
-                format!(
-                    "the weights diverged (learning_rate {}, adam_epsilon {}, max_grad_norm {}); checkpoints written so far are kept",
-                    cfg.learning_rate, cfg.adamw.eps, cfg.max_grad_norm
-                )
-            };
-            return Err(Error::InvalidOptions(format!(
-                "step {}: loss {step_loss} / gradient norm {grad_norm} is not finite: {why}",
-                g + 1
-            )));
-        }
-        let mut mean_lambda = None;
-        if monitor_now {
-            let lambdas = tm.model.lambdas();
-            let mut m = monitor::metrics(&lambdas, &monitored, &probs, mix, warmup.is_some())?;
-            mean_lambda = m.get("aggregate/lambda_full_mean").copied();
-            for (l, v) in monitor::lambda_out_of_range(&lambdas)? {
-                if out_of_range.insert(l) {
-                    on_event(Event::Warning(format!(
-                        "step {}: layer {l} lambda_full = {v:.4} is outside [0, 1.5] (not clamped)",
-                        g + 1
-                    )));
-                }
-            }
-            out_of_range.retain(|l| {
-                lambdas[*l]
-                    .and_then(|lam| lam.full().ok()?.to_scalar::<f32>().ok())
-                    .map(|v| !(0.0..=1.5).contains(&v))
-                    .unwrap_or(false)
-            });
-            // Labelled with the step this forward belongs to (1-based, as the train loss).
-            let mut rec = serde_json::Map::new();
-            rec.insert("step".into(), json!(g + 1));
-            for (k, v) in std::mem::take(&mut m) {
-                rec.insert(k, json!(v));
-            }
-            sinks.log(Value::Object(rec))?;
-        }
-        drop(probs);
-        let clip = if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
-            cfg.max_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let t0 = Instant::now();
-        opt.step(&grads, lr, clip)?;
-        tracing::debug!(
-            step = g,
-            optimizer_s = t0.elapsed().as_secs_f64(),
-            "optimizer step"
-        );
-        drop(grads);
-        let step = g + 1;
-        loss_since_log += step_loss;
-        steps_since_log += 1;
-        loss_total += step_loss;
-        steps_run += 1;
-        let logged = step % log_every == 0 || step == total;
-        on_event(Event::Step {
-            step,
-            total,
-            loss: step_loss,
-            learning_rate: lr,
-            mean_lambda,
-            logged,
-        });
-        if logged {
-            let mut rec = json!({
-                "step": step,
-                "epoch": epoch,
-                "loss": loss_since_log / steps_since_log as f64,
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "step_time": t_step.elapsed().as_secs_f64(),
-            });
-            if is_diff {
-                rec["diff_attn_mix"] = json!(mix);
-            }
-            sinks.log(rec)?;
-            loss_since_log = 0.0;
-            steps_since_log = 0;
-        }
-        let next_mix = schedule::mix(step, warmup);
-        if let Some(e) = cfg.eval_steps {
-            if step % e == 0 && step != total && !prepared.val.is_empty() {
-                tm.model.mix = next_mix;
-                let r = evaluate_samples(
-                    &tm.model,
-                    &prepared.val,
-                    cfg.eval_batch_size,
-                    prepared.pad_id,
-                )?;
-                let mut rec = json!({"step": step, "epoch": epoch});
-                for (k, v) in r.metrics() {
-                    rec[k] = json!(v);
-                }
-                on_event(Event::Info(format!("step {step}: eval_loss {:.4}", r.loss)));
-                sinks.log(rec)?;
-            }
-        }
-        if let Some(s) = cfg.save_steps {
-            if step % s == 0 {
-                let dir = output_dir.join(format!("checkpoint-{step}"));
-                let st = TrainerState::new(
-                    cfg,
-                    step,
-                    total,
-                    epoch,
-                    next_mix,
-                    n_train,
-                    loss_total,
-                    &sinks.history,
-                );
-                save_checkpoint(&dir, &tm, &opt, &st, is_diff, &side)?;
-                on_event(Event::Info(format!("saved {}", dir.display())));
-                if let Some(limit) = cfg.save_total_limit {
-                    for old in old_checkpoints(&output_dir, limit) {
-                        std::fs::remove_dir_all(&old).at(&old)?;
-                        on_event(Event::Info(format!(
-                            "removed {} (save_total_limit {limit})",
-                            old.display()
-                        )));
-                    }
-                }
-            }
-        }
-    }
-    let train_runtime = run_t0.elapsed().as_secs_f64();
-    let mut weights_sq = 0.0;
-    for (_, v) in &tm.vars {
-        weights_sq += optim::sum_sq(v.as_tensor())?;
-    }
-    if !weights_sq.is_finite() {
-        return Err(Error::InvalidOptions(format!(
-            "the last update made the weights non-finite (learning_rate {}, adam_epsilon {}, max_grad_norm {}); the final model is not saved, checkpoints written so far are kept",
-            cfg.learning_rate, cfg.adamw.eps, cfg.max_grad_norm
-        )));
-    }
-    let final_mix = schedule::mix(total, warmup);
-    tm.model.mix = final_mix;
-    let mut metrics = BTreeMap::new();
-    if total > 0 {
-        // Over every step of the run, resumed or not.
-        metrics.insert("train_loss".to_string(), loss_total / total as f64);
-    }
-    metrics.insert("train_runtime".into(), train_runtime);
-    metrics.insert(
-        "train_samples_per_second".into(),
-        samples_run as f64 / train_runtime.max(1e-9),
-    );
-    metrics.insert(
-        "train_steps_per_second".into(),
-        steps_run as f64 / train_runtime.max(1e-9),
-    );
-    metrics.insert("epoch".into(), epoch);
-    if !prepared.val.is_empty() {
-        let r = evaluate_samples(
-            &tm.model,
-            &prepared.val,
-            cfg.eval_batch_size,
-            prepared.pad_id,
-        )?;
-        if !r.loss.is_finite() {
-            return Err(Error::InvalidOptions(format!(
-                "the final model's eval loss is {}: the weights diverged (learning_rate {}, adam_epsilon {}, max_grad_norm {}); the final model is not saved, checkpoints written so far are kept",
-                r.loss, cfg.learning_rate, cfg.adamw.eps, cfg.max_grad_norm
-            )));
-        }
-        let mut rec = json!({"step": total, "epoch": epoch});
-        for (k, v) in r.metrics() {
-            rec[k.clone()] = json!(v);
-            metrics.insert(k, v);
-        }
-        sinks.log(rec)?;
-        last_eval = Some(r);
-    }
-    let st = TrainerState::new(
+    run.create()?;
+    setup::report_setup(cfg, &run, &tm, &data, &plan, &device, on_event)?;
+    let (opt, start) = setup::resume_state(
         cfg,
-        total,
-        total,
-        epoch,
-        final_mix,
-        n_train,
-        loss_total,
-        &sinks.history,
-    );
-    save_final(&output_dir, &tm, &st, is_diff, &side)?;
-    let train_only: BTreeMap<_, _> = metrics
-        .iter()
-        .filter(|(k, _)| !k.starts_with("eval_") && *k != "perplexity")
-        .collect();
-    crate::config::write_json(&output_dir.join("train_results.json"), &json!(train_only))?;
-    if let Some(r) = last_eval {
-        crate::config::write_json(&output_dir.join("eval_results.json"), &json!(r.metrics()))?;
+        &run,
+        &tm,
+        data.n_train(),
+        plan.total,
+        &device,
+        on_event,
+    )?;
+    let mut trainer = Trainer::new(cfg, &run, &data, &plan, on_event, tm, opt, start)?;
+    for g in start..plan.total {
+        let mut out = trainer.forward_backward(g)?;
+        trainer.check_finite(&out.info)?;
+        let mean_lambda = trainer.monitor(&mut out)?;
+        let done = trainer.optimizer_step(out)?;
+        trainer.maybe_log(&done, mean_lambda)?;
+        trainer.maybe_eval(done.step())?;
+        trainer.maybe_checkpoint(done.step())?;
     }
-    crate::config::write_json(&output_dir.join("all_results.json"), &json!(metrics))?;
-    if let Some(w) = warmup {
-        if final_mix < 1.0 {
-            on_event(Event::Warning(format!(
-                "the run ended mid-warm-up: diff_attn_mix = {final_mix} ({total} of {w} warm-up steps); it is saved in config.json ({MIX_KEY}) and applied when this tool loads the model{}",
-                if tm.config.format == Format::DiffLlama {
-                    "; transformers' DiffLlama ignores it and would run with 1"
-                } else if tm.config.format == Format::FamilyDifferential {
-                    ""
-                } else {
-                    "; the axolotl plugin does not read it and would run with 1"
-                }
-            )));
-        }
-    }
-    on_event(Event::Info(format!(
-        "done in {:.1} s: {}",
-        t_start.elapsed().as_secs_f64(),
-        output_dir.display()
-    )));
-    Ok(TrainReport {
-        output_dir,
-        metrics,
-        global_step: total,
-        total_steps: total,
-        mix: final_mix,
-    })
+    trainer.finish(t_start)
 }
 
 fn save_checkpoint(
@@ -1308,6 +621,13 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
     };
     let prepared = prepare_data(cfg, &tokenizer_dir, &mc)?;
     let model = Model::load(&dir, DType::F32, &device)?;
+    check_sequence_len(cfg, &model)?;
+    let r = evaluate_samples(&model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
+    Ok((dir, r))
+}
+
+/// Refuses a `sequence_len` longer than `model`'s `max_position_embeddings`.
+fn check_sequence_len(cfg: &TrainConfig, model: &Model) -> Result<()> {
     if cfg.sequence_len > model.config.max_position_embeddings {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
@@ -1319,6 +639,5 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
             ),
         });
     }
-    let r = evaluate_samples(&model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
-    Ok((dir, r))
+    Ok(())
 }

@@ -1,5 +1,7 @@
-//! Tiny random Llama checkpoints for tests and examples (written like transformers'
-//! `save_pretrained`: config.json + model.safetensors with HF tensor names).
+//! Fixtures for the tests of `diffattn` and `diff-transformer` (a dev-dependency only): tiny
+//! random Llama checkpoints (written like transformers' `save_pretrained`: config.json +
+//! model.safetensors with HF tensor names), GGUF files made from them, and word-level
+//! tokenizers.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,9 +11,9 @@ use rand_distr::{Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde_json::json;
 
-use crate::config::write_json;
-use crate::dtype::{self, DType};
-use crate::error::{Error, Result};
+use diffattn::config::write_json;
+use diffattn::dtype::{self, DType};
+use diffattn::error::{Error, Result};
 
 /// Geometry of a tiny Llama.
 #[derive(Debug, Clone)]
@@ -176,9 +178,9 @@ pub fn write_gguf_with(
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    let cfg = crate::config::ModelConfig::from_file(&hf_dir.join("config.json"))?;
+    let cfg = diffattn::config::ModelConfig::from_file(&hf_dir.join("config.json"))?;
     let dims = cfg.dims()?;
-    let ck = crate::checkpoint::Checkpoint::open(hf_dir)?;
+    let ck = diffattn::checkpoint::Checkpoint::open(hf_dir)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for name in ck.names() {
         let info = ck.require(name)?;
@@ -369,8 +371,8 @@ pub fn write_word_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     });
-    crate::config::write_json(&dir.join("tokenizer.json"), &tok)?;
-    crate::config::write_json(
+    diffattn::config::write_json(&dir.join("tokenizer.json"), &tok)?;
+    diffattn::config::write_json(
         &dir.join("tokenizer_config.json"),
         &serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
     )

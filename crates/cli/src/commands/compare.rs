@@ -1,0 +1,117 @@
+//! `compare`: a converted model against its source.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::args::{parse_dtype, DTypeArg};
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    source_dir: PathBuf,
+    converted_dir: PathBuf,
+    /// Prompt (repeatable). Default: "The quick brown fox".
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// File with one prompt per line.
+    #[arg(long)]
+    prompts_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    max_new_tokens: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 1 unless max |delta logit| <= 1e-4 and greedy generations are identical.
+    #[arg(long)]
+    expect_preserved: bool,
+    /// Write each prompt's ids and both models' float32 logits as .npy with a manifest.json.
+    #[arg(long)]
+    save_logits: Option<PathBuf>,
+    /// Replace a non-empty --save-logits directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DTypeArg,
+}
+
+pub fn run(a: &CompareArgs) -> Result<ExitCode> {
+    let mut prompts = a.prompt.clone();
+    if let Some(f) = &a.prompts_file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("--prompts-file {}: {e}", f.display()))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if prompts.is_empty() {
+        if a.prompts_file.is_some() {
+            anyhow::bail!("--prompts-file has no non-empty line");
+        }
+        prompts.push("The quick brown fox".into());
+    }
+    // Checked before the models run: refused inside an input or over a non-empty directory.
+    let staged = a
+        .save_logits
+        .as_ref()
+        .map(|d| {
+            diffattn::output::StagedDir::create(d, a.overwrite, &[&a.source_dir, &a.converted_dir])
+        })
+        .transpose()?;
+    let results = diffattn::compare::compare_dirs(
+        &a.source_dir,
+        &a.converted_dir,
+        &prompts,
+        a.max_new_tokens,
+        a.dtype.into(),
+    )?;
+    if let Some(staged) = staged {
+        diffattn::compare::save_logits(staged, &results)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results {
+            println!("prompt {:?} ({} tokens)", r.prompt, r.input_ids.len());
+            print_metrics(r);
+            println!("  source:    {:?}", r.source.text);
+            println!("  converted: {:?}", r.converted.text);
+            println!("  generations match: {}", r.generations_match);
+        }
+    }
+    if a.expect_preserved {
+        let bad: Vec<&str> = results
+            .iter()
+            .filter(|r| !r.preserved())
+            .map(|r| r.prompt.as_str())
+            .collect();
+        if !bad.is_empty() {
+            eprintln!(
+                "error: outputs not preserved for {bad:?} (required: max |delta logit| <= 1e-4 and identical greedy generations)"
+            );
+            return Ok(ExitCode::from(1));
+        }
+        // stderr, so that --json output stays one JSON document.
+        eprintln!(
+            "outputs preserved for every prompt: max |delta logit| <= 1e-4 and identical greedy generations"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn print_metrics(r: &diffattn::compare::PromptComparison) {
+    println!(
+        "  logits: max |delta| {:.3e}, mean |delta| {:.3e}, mean KL(source||converted) {:.3e}, top-1 agreement {:.1}%",
+        r.max_abs_logit_diff,
+        r.mean_abs_logit_diff,
+        r.mean_kl_source_converted,
+        100.0 * r.top1_agreement
+    );
+    println!(
+        "  KV cache: source cached == uncached: {}, converted cached == uncached: {}",
+        r.source.uncached_ids_equal, r.converted.uncached_ids_equal
+    );
+}

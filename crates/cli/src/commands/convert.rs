@@ -1,0 +1,210 @@
+//! `convert`: the `base_model` of an axolotl config to differential attention.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use diffattn::axolotl::AxolotlConfig;
+use diffattn::convert::{self, ConvertOptions, Layout, Source};
+use diffattn::export::Format;
+use diffattn::output::parse_size;
+
+use crate::args::FormatArg;
+use crate::commands::{compare::print_metrics, export::print_warnings_and_sizes, progress};
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// The axolotl YAML config (keys base_model, output_dir, bf16/fp16, seed, ...).
+    config: PathBuf,
+    /// Print the plan and per-layer parameter statistics of the written model.
+    #[arg(long)]
+    debug: bool,
+    /// Negative q/k rows, lambda vectors and lambda_init all zero (the plugin's --zero-init;
+    /// preserves outputs only with --no-sublayer-norm, and is a stationary point for training).
+    #[arg(long)]
+    zero_init: bool,
+    /// Apply an RMS norm to each head's output (default on, as in the plugin).
+    #[arg(long, overrides_with = "no_sublayer_norm")]
+    sublayer_norm: bool,
+    /// Do not apply the per-head RMS norm.
+    #[arg(long, overrides_with = "sublayer_norm")]
+    no_sublayer_norm: bool,
+    /// Reuse the source heads: first half positive, second half negative (needs even H and Hkv).
+    #[arg(long)]
+    split_heads: bool,
+    /// Negative q/k rows copy the positive ones.
+    #[arg(long)]
+    mirror_weights: bool,
+    /// Output-preserving start that still learns (double heads, needs --no-sublayer-norm):
+    /// mirrored negative q/k, random lambda vectors, o_proj divided by (1 - lambda).
+    #[arg(long)]
+    preserving_mirror: bool,
+    /// Seed of the random initialisation (default: the config's `seed`, else 42).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Output directory (default: the config's `output_dir`).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Output format: llama-differential (the axolotl plugin's) or diffllama (transformers').
+    #[arg(
+        long,
+        default_value = "llama-differential",
+        hide_possible_values = true
+    )]
+    format: FormatArg,
+    /// Largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+    #[arg(long, default_value = "5GB")]
+    max_shard_size: String,
+}
+
+pub fn run(args: &ConvertArgs) -> Result<()> {
+    let start = Instant::now();
+    let cfg = AxolotlConfig::from_file(&args.config)?;
+    let output_dir = match (&args.output_dir, &cfg.output_dir) {
+        (Some(o), _) => o.clone(),
+        (None, Some(o)) => o.clone(),
+        (None, None) => {
+            return Err(diffattn::Error::MissingKey {
+                path: args.config.clone(),
+                key: "output_dir".into(),
+            }
+            .into())
+        }
+    };
+    let init =
+        convert::init_from_flags(args.zero_init, args.mirror_weights, args.preserving_mirror)?;
+    let max_shard_bytes = parse_size(&args.max_shard_size).with_context(|| {
+        format!(
+            "--max-shard-size {:?}: expected a size such as 5GB, 500MB or 2GiB",
+            args.max_shard_size
+        )
+    })?;
+    let options = ConvertOptions {
+        layout: if args.split_heads {
+            Layout::SplitHeads
+        } else {
+            Layout::DoubleHeads
+        },
+        init,
+        sublayer_norm: !args.no_sublayer_norm,
+        seed: args.seed.or(cfg.seed).unwrap_or(convert::DEFAULT_SEED),
+        dtype: cfg.dtype,
+        max_shard_bytes,
+        overwrite: args.overwrite,
+    };
+    options.validate()?;
+    if options.init == convert::Init::Zero {
+        eprintln!(
+            "warning: --zero-init starts training at a stationary point: with zero negative q/k \
+             rows and zero lambda vectors every gradient into the negative branch is exactly 0, \
+             so the model never becomes differential; --preserving-mirror --no-sublayer-norm \
+             preserves outputs and learns"
+        );
+    }
+    let format = Format::from(args.format);
+    if format == Format::DiffLlama && !options.sublayer_norm {
+        anyhow::bail!(
+            "--format diffllama with --no-sublayer-norm: a model without a sub-layer norm cannot be expressed in the diffllama format (its RMS norm has no off switch)"
+        );
+    }
+    let src = Source::from_axolotl(&cfg)?;
+    let plan = convert::plan(&src, &options)?;
+    println!("source: {}", src.model_dir.display());
+    if format == Format::DiffLlama {
+        println!("format: diffllama (planned as llama-differential, then exported exactly; final sizes below)");
+    } else {
+        println!("format: llama-differential");
+    }
+    println!("{}", plan.summary());
+    let pb = progress(plan.tensors().count() as u64, "converting");
+    let report =
+        diffattn::pipeline::convert_to(&src, &plan, &output_dir, Some(&cfg), format, &|_| {
+            pb.inc(1)
+        })?;
+    if format == Format::DiffLlama {
+        print_warnings_and_sizes(&report)?;
+    }
+    pb.finish_and_clear();
+    println!(
+        "wrote {} ({}) in {:.2} s",
+        report.output_dir.display(),
+        report.files.join(", "),
+        start.elapsed().as_secs_f64()
+    );
+    if args.debug && format == Format::DiffLlama {
+        debug_compare(&src.model_dir, &report.output_dir, &plan)?;
+    } else if args.debug {
+        println!("per-layer parameters of the converted model:");
+        for line in convert::layer_statistics(&report.output_dir)? {
+            println!("  {line}");
+        }
+        debug_compare(&src.model_dir, &report.output_dir, &plan)?;
+    }
+    Ok(())
+}
+/// `convert --debug`: the source and the converted model on "The quick brown fox".
+fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Result<()> {
+    if !source.join("tokenizer.json").is_file() && !converted.join("tokenizer.json").is_file() {
+        println!("debug: no tokenizer.json with the source model: generation comparison skipped");
+        return Ok(());
+    }
+    let results = diffattn::compare::compare_dirs(
+        source,
+        converted,
+        &["The quick brown fox".to_string()],
+        20,
+        candle_core::DType::F32,
+    )?;
+    let r = &results[0];
+    println!("debug: prompt {:?}", r.prompt);
+    println!(
+        "  source    ({:.2} s): {:?}",
+        r.source.seconds, r.source.text
+    );
+    println!(
+        "  converted ({:.2} s): {:?}",
+        r.converted.seconds, r.converted.text
+    );
+    println!("  generations match: {}", r.generations_match);
+    print_metrics(r);
+    let o = &plan.options;
+    let expected = o.layout == Layout::DoubleHeads
+        && matches!(
+            o.init,
+            convert::Init::Zero | convert::Init::PreservingMirror
+        )
+        && !o.sublayer_norm;
+    if expected {
+        println!(
+            "  a match is expected ({} --no-sublayer-norm preserves outputs): {}",
+            if o.init == convert::Init::Zero {
+                "--zero-init"
+            } else {
+                "--preserving-mirror"
+            },
+            if r.preserved() {
+                "it holds"
+            } else {
+                "IT DOES NOT HOLD"
+            }
+        );
+    } else {
+        let why = if o.layout == Layout::SplitHeads {
+            "split heads turn half of the source heads into negative components"
+        } else if o.sublayer_norm {
+            "the sub-layer norm renormalises every head's output"
+        } else {
+            "the negative branch is non-zero (lambda != 0)"
+        };
+        if o.layout == Layout::SplitHeads {
+            println!("  a match is not expected: {why} (no split-heads conversion preserves outputs; double heads with --zero-init or --preserving-mirror and --no-sublayer-norm do)");
+        } else {
+            println!("  a match is not expected: {why}; --zero-init or --preserving-mirror with --no-sublayer-norm preserve outputs");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The steps of `convert` after planning: conversion straight into either differential format
+//! (format A is what [`crate::convert`] writes; format B, `diffllama`, is format A exported
+//! exactly by [`crate::export`]), and the figures of the checkpoint written.
+
+use std::path::Path;
+
+use crate::axolotl::AxolotlConfig;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::convert::{self, Plan, Source};
+use crate::error::Result;
+use crate::export::{self, ExportReport, Format};
+
+/// Runs the planned conversion of `src` into `output_dir` in `format`. Format A is written
+/// directly; `diffllama` is written as format A into a hidden scratch directory beside the
+/// destination (removed afterwards, whatever happens), then exported exactly into place.
+/// `on_tensor` is called after each format-A tensor is written; the report's `warnings` are
+/// the export's (none for format A).
+pub fn convert_to(
+    src: &Source,
+    plan: &Plan,
+    output_dir: &Path,
+    axolotl: Option<&AxolotlConfig>,
+    format: Format,
+    on_tensor: &dyn Fn(&str),
+) -> Result<ExportReport> {
+    if format == Format::LlamaDifferential {
+        let r = convert::execute(src, plan, output_dir, axolotl, on_tensor)?;
+        return Ok(ExportReport {
+            output_dir: r.output_dir,
+            files: r.files,
+            warnings: Vec::new(),
+        });
+    }
+    let dest = crate::output::absolutize(output_dir)?;
+    let scratch = dest.with_file_name(format!(
+        ".{}.format-a-{}",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut opts_a = plan.options.clone();
+    opts_a.overwrite = true;
+    let plan_a = convert::plan(src, &opts_a)?;
+    let res = convert::execute(src, &plan_a, &scratch, axolotl, on_tensor).and_then(|_| {
+        export::export(
+            &scratch,
+            output_dir,
+            Format::DiffLlama,
+            plan.options.overwrite,
+            &|_| {},
+        )
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    res
+}
+
+/// Heads, parameters and KV-cache bytes per token of a written checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointSizes {
+    /// config.json's `model_type`, when present.
+    pub model_type: Option<String>,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub parameters: u64,
+    /// Keys and values of every layer for one token, in the checkpoint's dtype.
+    pub kv_cache_bytes_per_token: u64,
+}
+
+impl CheckpointSizes {
+    /// Reads config.json and the safetensors headers of `dir`.
+    pub fn of(dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let dims = cfg.dims()?;
+        let ck = Checkpoint::open(dir)?;
+        let mut params = 0u64;
+        let mut es = 4u64;
+        for n in ck.names() {
+            let info = ck.require(n)?;
+            params += info.numel() as u64;
+            es = info.dtype.size() as u64;
+        }
+        let kv = dims.num_hidden_layers as u64
+            * 2
+            * (dims.num_key_value_heads * dims.head_dim) as u64
+            * es;
+        Ok(Self {
+            model_type: cfg.typed.model_type.clone(),
+            num_attention_heads: dims.num_attention_heads,
+            num_key_value_heads: dims.num_key_value_heads,
+            head_dim: dims.head_dim,
+            parameters: params,
+            kv_cache_bytes_per_token: kv,
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! The run's directories: where the weights come from (the checkpoint being resumed, else
+//! `base_model`), and the checks on `output_dir` made before anything is written.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::{Resume, TrainConfig, TrainOptions, TrainerState, STATE_FILE};
+use crate::error::{Error, IoContext, Result};
+
+/// Where a run reads its weights and writes its files, checked.
+pub(super) struct RunDir {
+    /// `output_dir` (absolute).
+    pub output_dir: PathBuf,
+    /// The weights trained (absolute): the checkpoint being resumed, else `base_model`.
+    pub model_dir: PathBuf,
+    /// The state of the checkpoint being resumed.
+    pub state: Option<TrainerState>,
+    /// `output_dir` is not empty and not the resumed run's: `--overwrite` replaces it.
+    replace: bool,
+}
+
+impl RunDir {
+    /// Resolves the model and checks `output_dir`: it must not overlap the model being
+    /// trained (or the run's base model), nor be inside the checkpoint being resumed; a
+    /// non-empty one that does not hold that checkpoint needs `--overwrite` and must not hold
+    /// an input of the run. Nothing is written.
+    pub fn check(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Self> {
+        let output_dir =
+            crate::output::absolutize(opts.output_dir.as_ref().unwrap_or(&cfg.output_dir))?;
+        let (model_dir, state) = model_source(cfg, &output_dir)?;
+        let model_dir = crate::output::absolutize(&model_dir)?;
+        // The model being trained (or the run's base model) must not be overwritten, nor the
+        // checkpoint being resumed (output_dir may contain it, as transformers' layout has it).
+        let base = crate::hub::resolve_model(
+            &cfg.axolotl.base_model,
+            true,
+            "base_model",
+            &cfg.axolotl.path,
+        )
+        .ok()
+        .map(|p| crate::output::absolutize(&p))
+        .transpose()?;
+        let refuse_output = |reason: String| Error::InvalidValue {
+            path: cfg.axolotl.path.clone(),
+            key: "output_dir".into(),
+            value: output_dir.display().to_string(),
+            reason,
+        };
+        let overlap = |input: &Path| {
+            output_dir == input || output_dir.starts_with(input) || input.starts_with(&output_dir)
+        };
+        for input in base.iter().chain(state.is_none().then_some(&model_dir)) {
+            if overlap(input) {
+                return Err(refuse_output(format!(
+                    "overlaps the model being trained ({}); choose a new directory, e.g. {}-finetuned",
+                    input.display(),
+                    input.display()
+                )));
+            }
+        }
+        if state.is_some() && (output_dir == model_dir || output_dir.starts_with(&model_dir)) {
+            return Err(refuse_output(format!(
+                "is (inside) the checkpoint being resumed ({}); use the run's directory",
+                model_dir.display()
+            )));
+        }
+        let non_empty = output_dir.is_dir()
+            && std::fs::read_dir(&output_dir)
+                .at(&output_dir)?
+                .next()
+                .is_some();
+        // Resuming continues the run that owns the checkpoint: output_dir must be that run's
+        // directory (or empty / new).
+        let resuming_here = state.is_some() && model_dir.starts_with(&output_dir);
+        let replace = non_empty && !resuming_here;
+        if replace && !opts.overwrite {
+            return Err(refuse_output(if state.is_some() {
+                format!("is not empty and does not hold the checkpoint being resumed ({}); use the checkpoint's run directory or a new one", model_dir.display())
+            } else {
+                "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into()
+            }));
+        }
+        if replace {
+            // --overwrite deletes output_dir: never with an input inside it.
+            let mut inputs: Vec<PathBuf> = vec![cfg.axolotl.path.clone(), model_dir.clone()];
+            inputs.extend(cfg.datasets.iter().map(|d| d.path.clone()));
+            if let Some(t) = &cfg.axolotl.tokenizer_config {
+                inputs.push(PathBuf::from(t));
+            }
+            for dir in base.iter().chain([&model_dir]) {
+                inputs.extend(crate::output::resolved_files(dir));
+            }
+            for input in inputs {
+                let abs = crate::output::absolutize(&input)?;
+                if abs.starts_with(&output_dir) {
+                    return Err(refuse_output(format!(
+                        "holds an input of this run ({}); --overwrite would delete it",
+                        abs.display()
+                    )));
+                }
+            }
+        }
+        if output_dir.exists() && !output_dir.is_dir() {
+            return Err(Error::OutputNotWritable {
+                path: output_dir.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file with this name exists",
+                ),
+            });
+        }
+        Ok(Self {
+            output_dir,
+            model_dir,
+            state,
+            replace,
+        })
+    }
+
+    /// Where the tokenizer comes from: `tokenizer_config` for a fresh run that sets it, else
+    /// the model directory.
+    pub fn tokenizer_dir(&self, cfg: &TrainConfig) -> Result<PathBuf> {
+        Ok(match (&self.state, &cfg.axolotl.tokenizer_config) {
+            (None, Some(t)) => {
+                crate::hub::resolve_model(t, false, "tokenizer_config", &cfg.axolotl.path)?
+            }
+            _ => self.model_dir.clone(),
+        })
+    }
+
+    /// Creates `output_dir` (first removing the directory `--overwrite` replaces) and sweeps
+    /// the staging directories of interrupted final saves. Call once everything is validated.
+    pub fn create(&self) -> Result<()> {
+        if self.replace {
+            std::fs::remove_dir_all(&self.output_dir).at(&self.output_dir)?;
+        }
+        std::fs::create_dir_all(&self.output_dir).map_err(|source| Error::OutputNotWritable {
+            path: self.output_dir.clone(),
+            source,
+        })?;
+        crate::output::sweep_dead_partials(&self.output_dir, "final");
+        Ok(())
+    }
+}
+
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: p.clone(),
+        source,
+    })?;
+    crate::config::typed_from_json(value, &p)
+}
+
+/// `checkpoint-N` directories of `dir` beyond the newest `keep` (oldest first).
+pub(super) fn old_checkpoints(dir: &Path, keep: usize) -> Vec<PathBuf> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n: usize = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    all.sort();
+    let n = all.len().saturating_sub(keep);
+    all.into_iter().take(n).map(|(_, p)| p).collect()
+}
+
+/// The `checkpoint-N` directory with the largest N in `dir`.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(STATE_FILE).is_file().then_some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
+
+/// Resolves where the weights come from: the checkpoint being resumed, else `base_model`.
+fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option<TrainerState>)> {
+    match &cfg.resume_from_checkpoint {
+        Some(r) => {
+            let dir = match r {
+                Resume::Path(p) => p.clone(),
+                Resume::Latest => {
+                    latest_checkpoint(output_dir).ok_or_else(|| Error::InvalidValue {
+                        path: cfg.axolotl.path.clone(),
+                        key: "resume_from_checkpoint".into(),
+                        value: "true".into(),
+                        reason: format!(
+                            "no checkpoint-N directory with {STATE_FILE} in {}",
+                            output_dir.display()
+                        ),
+                    })?
+                }
+            };
+            if !dir.join(STATE_FILE).is_file() {
+                return Err(Error::InvalidValue {
+                    path: cfg.axolotl.path.clone(),
+                    key: "resume_from_checkpoint".into(),
+                    value: dir.display().to_string(),
+                    reason: format!("not a training checkpoint (no {STATE_FILE})"),
+                });
+            }
+            let state = read_state(&dir)?;
+            Ok((dir, Some(state)))
+        }
+        None => Ok((
+            crate::hub::resolve_model(
+                &cfg.axolotl.base_model,
+                true,
+                "base_model",
+                &cfg.axolotl.path,
+            )?,
+            None,
+        )),
+    }
+}
