@@ -7,7 +7,7 @@ Writes tests/fixtures/tiny/<case>/ with config.json, model.safetensors and expec
     head_dim != hidden/heads, tied/untied embeddings, rope_scaling llama3 and linear);
   * tiny `llama-differential` (format A) models: a Llama base plus negative q/k rows, lambda
     vectors, stored lambda_init and subln weights, run by `format_a_forward` below, a PyTorch
-    forward written from shared/SPEC.md section 4 (double and split heads, sub-layer norm
+    forward written from docs/formats.md §1 (double and split heads, sub-layer norm
     on/off, GQA/MQA, bias, head_dim != D/H, warm-up factor mix).
 `format_a_forward` is checked against transformers' LlamaForCausalLM on the plain cases
 (lambda = 0, no subln) before anything is written.
@@ -76,7 +76,7 @@ def repeat_kv(x, n):
 
 
 def format_a_forward(cfg, sd, ids, mix=1.0):
-    """Format A (llama-differential) forward from SPEC section 4; a plain Llama when the
+    """Format A (llama-differential) forward from docs/formats.md §1; a plain Llama when the
     state dict has no lambda tensors. ids: [seq] -> logits [seq, vocab] (float32)."""
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     Hkv = cfg.get("num_key_value_heads") or H

@@ -414,7 +414,7 @@ fn smollm2_forward_matches_transformers() {
 
 /// `convert --format diffllama` (double heads -> 18 heads, 6 KV heads) computes the same
 /// logits as the format-A conversion with the same seed: within 2e-3 with --mirror-weights
-/// (SPEC §8); the default initialisation's distance is printed (its random negative branch
+/// (docs/spec.md §7); the default initialisation's distance is printed (its random negative branch
 /// makes the sub-layer norm amplify rounding).
 #[test]
 fn smollm2_diffllama_export_matches_format_a() {
@@ -523,7 +523,7 @@ fn smollm2_diffllama_export_matches_format_a() {
 
 /// The imported tensors against transformers' own GGUF loader (gguf-py dequantization and its
 /// q/k un-permutation), recorded by tools/make_fixtures.py --gguf: shapes, sums and 256
-/// sampled entries per tensor spread over rows and columns, within 1e-6 (SPEC §8).
+/// sampled entries per tensor spread over rows and columns, within 1e-6 (docs/spec.md §7).
 fn check_import_against_transformers_gguf_loader(hf: &Path) {
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
@@ -630,7 +630,7 @@ fn smollm2_train_evaluate_plot() {
     assert_eq!(losses.len(), 8);
     assert!(losses.iter().all(|l| l.is_finite()));
     // Monitoring of the forwards of steps 1 and 5 (g = 0, 4) on layers 0, 14, 29
-    // (SPEC §7: L = 30, k = 3).
+    // (docs/spec.md §5-6: L = 30, k = 3).
     for step in [1, 5] {
         let r = records
             .iter()

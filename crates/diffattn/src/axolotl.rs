@@ -1,4 +1,4 @@
-//! The axolotl YAML config: typed reading of the keys we use (SPEC §6) and a lossless edit
+//! The axolotl YAML config: typed reading of the keys we use (docs/spec.md §8) and a lossless edit
 //! that writes the converted model's config with key order and comments preserved.
 //!
 //! Reading uses `serde_yaml_ng` (strict parser, precise error positions); editing uses
@@ -16,7 +16,7 @@ use crate::error::{Error, IoContext, Result};
 /// The plugin line axolotl needs to load a `llama-differential` checkpoint.
 pub const PLUGIN: &str = "axolotl_diff_transformer.plugin.DifferentialTransformerPlugin";
 
-/// Output dtype requested by `bf16` / `fp16` (SPEC §6).
+/// Output dtype requested by `bf16` / `fp16` (docs/spec.md §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DtypeChoice {
     /// `bf16: auto`, or neither key true: keep the source dtype (CPU conversion).

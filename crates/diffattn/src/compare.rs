@@ -13,7 +13,7 @@ use crate::generate::{generate, Sampling, TextCodec};
 use crate::model::Model;
 use crate::output::StagedDir;
 
-/// SPEC §8: output-preserving conversion vs source, f32.
+/// docs/spec.md §7: output-preserving conversion vs source, f32.
 pub const PRESERVED_MAX_ABS: f32 = 1e-4;
 
 /// One model's greedy continuation.
@@ -46,7 +46,7 @@ pub struct PromptComparison {
 }
 
 impl PromptComparison {
-    /// SPEC §8 preservation: max |Δ logit| ≤ 1e-4 and identical greedy generations (cached and
+    /// docs/spec.md §7 preservation: max |Δ logit| ≤ 1e-4 and identical greedy generations (cached and
     /// uncached).
     pub fn preserved(&self) -> bool {
         self.max_abs_logit_diff <= PRESERVED_MAX_ABS

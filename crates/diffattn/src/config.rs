@@ -117,7 +117,7 @@ pub struct ModelConfig {
     pub format: Format,
 }
 
-/// Attention geometry resolved from a config (SPEC §1 notation).
+/// Attention geometry resolved from a config (docs/spec.md §1 notation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionDims {
     /// D, `hidden_size`
@@ -699,7 +699,7 @@ fn short(v: &Value) -> String {
 pub const MIX_KEY: &str = "diff_attn_mix";
 
 /// `lambda_init(l) = 0.8 - 0.6 * exp(-0.3 * l)`, l the 0-based decoder-layer index
-/// (paper eq. 2 and section 2.1; SPEC §2). Computed in f64 like Python's `math.exp`,
+/// (paper eq. 2 and section 2.1; docs/spec.md §2). Computed in f64 like Python's `math.exp`,
 /// then stored as f32.
 pub fn lambda_init(layer_idx: usize) -> f64 {
     0.8 - 0.6 * (-0.3 * layer_idx as f64).exp()

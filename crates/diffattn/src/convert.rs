@@ -42,7 +42,7 @@ pub const DEFAULT_SEED: u64 = 42;
 /// Std of fresh lambda vectors (paper; transformers' `lambda_std_dev` default).
 pub const LAMBDA_STD: f32 = 0.1;
 
-/// How the H source heads become differential heads (SPEC §3).
+/// How the H source heads become differential heads (docs/spec.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// Keep the H heads as positive components, add H negative query heads and Hkv negative
@@ -52,7 +52,7 @@ pub enum Layout {
     SplitHeads,
 }
 
-/// Initialisation of what the source model does not have (SPEC §3 table).
+/// Initialisation of what the source model does not have (docs/spec.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Init {
     /// Negative q/k rows ~ N(0, initializer_range), lambda vectors ~ N(0, 0.1).
@@ -82,7 +82,7 @@ pub struct ConvertOptions {
 }
 
 impl ConvertOptions {
-    /// Rejects the flag combinations SPEC §3 forbids.
+    /// Rejects the flag combinations docs/spec.md §4 forbids.
     pub fn validate(&self) -> Result<()> {
         match (self.layout, self.init) {
             (Layout::SplitHeads, Init::Zero) => Err(Error::InvalidOptions(
@@ -145,7 +145,7 @@ pub(crate) enum Recipe {
     /// `[source; negative rows]` along dim 0 (double-heads q/k weights and biases).
     AppendRows { src: String, neg: NegRows },
     /// Split heads `o_proj`: column block (j, first half) <- old block j, (j, second half)
-    /// <- old block j + H/2 (SPEC §3).
+    /// <- old block j + H/2 (docs/spec.md §3).
     PermuteOProj {
         src: String,
         heads: usize,
@@ -820,7 +820,11 @@ pub fn execute(
     files.push("config.json".into());
     files.extend(copy_side_files(src, staged.path())?);
     if let Some(a) = axolotl {
-        let text = axolotl::converted_config_text(&a.text, &staged.dest().to_string_lossy(), true)?;
+        // The plugin line only where the plugin's loader reads the format (format A); a family
+        // format has no Python loader yet, and naming the plugin would claim one.
+        let with_plugin = matches!(plan.target, Target::LlamaDifferential { .. });
+        let text =
+            axolotl::converted_config_text(&a.text, &staged.dest().to_string_lossy(), with_plugin)?;
         let path = staged.path().join("axolotl_config.yml");
         std::fs::write(&path, text).at(&path)?;
         files.push("axolotl_config.yml".into());

@@ -1,4 +1,4 @@
-//! Exact conversion between the two differential formats (SPEC §5):
+//! Exact conversion between the two differential formats (docs/formats.md §2):
 //! format A (`llama-differential`, the axolotl plugin) and format B (`diffllama`,
 //! transformers' native `DiffLlamaForCausalLM`).
 //!
@@ -25,9 +25,9 @@ use crate::output::{write_safetensors, PlannedTensor, StagedDir};
 /// The two differential checkpoint formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// `llama-differential` (format A, SPEC §4).
+    /// `llama-differential` (format A, docs/formats.md §1).
     LlamaDifferential,
-    /// `diffllama` (format B, SPEC §5).
+    /// `diffllama` (format B, docs/formats.md §2).
     DiffLlama,
 }
 

@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::config::write_json;
 use crate::dtype::{self, DType};
 use crate::error::{Error, IoContext, Result};
+use crate::families::{self, Family};
 use crate::output::{write_safetensors, PlannedTensor, StagedDir, TensorProducer};
 
 /// GGUF `general.architecture` values we import.
@@ -217,14 +218,13 @@ pub enum Shape {
 }
 
 /// A tensor of every layer: llama.cpp's name (`blk.N.<gguf>.weight`), transformers' name
-/// (`model.layers.N.<hf>.weight`), its shape, whether a `.bias` must (`Some(true)`) or may
-/// (`Some(false)`) come with it, and whether llama.cpp permuted its rows for RoPE.
+/// (`model.layers.N.<hf>.weight`), its shape, and whether llama.cpp permuted its rows for RoPE
+/// (a `.bias` maps by the same names; which biases a layer must have is the family's rule).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerTensor {
     pub gguf: &'static str,
     pub hf: &'static str,
     pub shape: Shape,
-    pub bias: Option<bool>,
     pub rope_permuted: bool,
 }
 
@@ -233,7 +233,6 @@ const fn lt(gguf: &'static str, hf: &'static str, shape: Shape) -> LayerTensor {
         gguf,
         hf,
         shape,
-        bias: None,
         rope_permuted: false,
     }
 }
@@ -308,10 +307,9 @@ pub enum TokenizerStyle {
 pub struct ArchSpec {
     /// `general.architecture`
     pub gguf: &'static str,
-    /// `architectures[0]` of config.json
-    pub hf_class: &'static str,
-    /// config.json `model_type`
-    pub model_type: &'static str,
+    /// The family the import is a checkpoint of: its `architectures[0]` and `model_type` are
+    /// written, and its tensor list (`Family::expected_tensors`) is what the GGUF must hold.
+    pub family: &'static Family,
     /// Name in messages
     pub display: &'static str,
     pub layer_tensors: &'static [LayerTensor],
@@ -525,23 +523,15 @@ const LLAMA_LAYER: &[LayerTensor] = &[
     lt("attn_norm", "input_layernorm", Shape::Hidden),
     lt("ffn_norm", "post_attention_layernorm", Shape::Hidden),
     LayerTensor {
-        bias: Some(false),
         rope_permuted: true,
         ..lt("attn_q", "self_attn.q_proj", Shape::Query)
     },
     LayerTensor {
-        bias: Some(false),
         rope_permuted: true,
         ..lt("attn_k", "self_attn.k_proj", Shape::KeyValue)
     },
-    LayerTensor {
-        bias: Some(false),
-        ..lt("attn_v", "self_attn.v_proj", Shape::KeyValue)
-    },
-    LayerTensor {
-        bias: Some(false),
-        ..lt("attn_output", "self_attn.o_proj", Shape::Output)
-    },
+    lt("attn_v", "self_attn.v_proj", Shape::KeyValue),
+    lt("attn_output", "self_attn.o_proj", Shape::Output),
     lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
     lt("ffn_up", "mlp.up_proj", Shape::FfnIn),
     lt("ffn_down", "mlp.down_proj", Shape::FfnOut),
@@ -551,18 +541,9 @@ const LLAMA_LAYER: &[LayerTensor] = &[
 const QWEN2_LAYER: &[LayerTensor] = &[
     lt("attn_norm", "input_layernorm", Shape::Hidden),
     lt("ffn_norm", "post_attention_layernorm", Shape::Hidden),
-    LayerTensor {
-        bias: Some(true),
-        ..lt("attn_q", "self_attn.q_proj", Shape::Query)
-    },
-    LayerTensor {
-        bias: Some(true),
-        ..lt("attn_k", "self_attn.k_proj", Shape::KeyValue)
-    },
-    LayerTensor {
-        bias: Some(true),
-        ..lt("attn_v", "self_attn.v_proj", Shape::KeyValue)
-    },
+    lt("attn_q", "self_attn.q_proj", Shape::Query),
+    lt("attn_k", "self_attn.k_proj", Shape::KeyValue),
+    lt("attn_v", "self_attn.v_proj", Shape::KeyValue),
     lt("attn_output", "self_attn.o_proj", Shape::Output),
     lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
     lt("ffn_up", "mlp.up_proj", Shape::FfnIn),
@@ -573,22 +554,10 @@ const QWEN2_LAYER: &[LayerTensor] = &[
 const QWEN3_LAYER: &[LayerTensor] = &[
     lt("attn_norm", "input_layernorm", Shape::Hidden),
     lt("ffn_norm", "post_attention_layernorm", Shape::Hidden),
-    LayerTensor {
-        bias: Some(false),
-        ..lt("attn_q", "self_attn.q_proj", Shape::Query)
-    },
-    LayerTensor {
-        bias: Some(false),
-        ..lt("attn_k", "self_attn.k_proj", Shape::KeyValue)
-    },
-    LayerTensor {
-        bias: Some(false),
-        ..lt("attn_v", "self_attn.v_proj", Shape::KeyValue)
-    },
-    LayerTensor {
-        bias: Some(false),
-        ..lt("attn_output", "self_attn.o_proj", Shape::Output)
-    },
+    lt("attn_q", "self_attn.q_proj", Shape::Query),
+    lt("attn_k", "self_attn.k_proj", Shape::KeyValue),
+    lt("attn_v", "self_attn.v_proj", Shape::KeyValue),
+    lt("attn_output", "self_attn.o_proj", Shape::Output),
     lt("attn_q_norm", "self_attn.q_norm", Shape::HeadDim),
     lt("attn_k_norm", "self_attn.k_norm", Shape::HeadDim),
     lt("ffn_gate", "mlp.gate_proj", Shape::FfnIn),
@@ -622,8 +591,7 @@ const GEMMA3_LAYER: &[LayerTensor] = &[
 pub const ARCHITECTURES: &[ArchSpec] = &[
     ArchSpec {
         gguf: "llama",
-        hf_class: "LlamaForCausalLM",
-        model_type: "llama",
+        family: &families::LLAMA,
         display: "Llama",
         layer_tensors: LLAMA_LAYER,
         norm_offset: 0.0,
@@ -639,8 +607,7 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "qwen2",
-        hf_class: "Qwen2ForCausalLM",
-        model_type: "qwen2",
+        family: &families::QWEN2,
         display: "Qwen2",
         layer_tensors: QWEN2_LAYER,
         norm_offset: 0.0,
@@ -657,8 +624,7 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "qwen3",
-        hf_class: "Qwen3ForCausalLM",
-        model_type: "qwen3",
+        family: &families::QWEN3,
         display: "Qwen3",
         layer_tensors: QWEN3_LAYER,
         norm_offset: 0.0,
@@ -675,8 +641,7 @@ pub const ARCHITECTURES: &[ArchSpec] = &[
     },
     ArchSpec {
         gguf: "gemma3",
-        hf_class: "Gemma3ForCausalLM",
-        model_type: "gemma3_text",
+        family: &families::GEMMA3,
         display: "Gemma 3",
         layer_tensors: GEMMA3_LAYER,
         norm_offset: 1.0,
@@ -730,10 +695,9 @@ pub fn hf_tensor_name_for(
         .iter()
         .find(|t| t.gguf == kind)
         .ok_or(())?;
-    match suffix {
-        "weight" => {}
-        "bias" if t.bias.is_some() => {}
-        _ => return Err(()),
+    // A bias the family does not have is refused by the expected-tensor check.
+    if !matches!(suffix, "weight" | "bias") {
+        return Err(());
     }
     Ok(Some((
         format!("model.layers.{layer}.{}.{suffix}", t.hf),
@@ -865,28 +829,6 @@ impl Geometry {
             Shape::FfnOut => vec![d, self.intermediate],
         }
     }
-
-    /// Every tensor a checkpoint of `arch` must hold (HF names), `lm_head.weight` excluded;
-    /// biases of the tensors that may have one when `attention_bias`.
-    fn expected(&self, arch: &ArchSpec, attention_bias: bool) -> BTreeMap<String, Vec<usize>> {
-        let mut m = BTreeMap::new();
-        m.insert(
-            "model.embed_tokens.weight".to_string(),
-            self.shape(Shape::Embedding),
-        );
-        m.insert("model.norm.weight".to_string(), self.shape(Shape::Hidden));
-        for l in 0..self.layers {
-            for t in arch.layer_tensors {
-                let shape = self.shape(t.shape);
-                let p = format!("model.layers.{l}.{}", t.hf);
-                if t.bias == Some(true) || (t.bias == Some(false) && attention_bias) {
-                    m.insert(format!("{p}.bias"), vec![shape[0]]);
-                }
-                m.insert(format!("{p}.weight"), shape);
-            }
-        }
-        m
-    }
 }
 
 /// Imports `gguf_path` into the Hugging Face directory `out_dir` (staged, renamed into place).
@@ -908,8 +850,8 @@ pub fn import_gguf(
     mc.check_supported()?;
     mc.dims()?;
     let geo = Geometry::of(&config, gguf_path, arch.gguf)?;
-    let attention_bias = g.content.tensor_infos.contains_key("blk.0.attn_q.bias");
-    let mut expected = geo.expected(arch, attention_bias);
+    // What a checkpoint of the family must hold, by the family's own list.
+    let mut expected = mc.expected_tensors()?;
     let mut planned = Vec::new();
     let mut sources = HashMap::new();
     for gname in g.tensor_names() {
@@ -1014,7 +956,7 @@ pub fn import_gguf(
     })
 }
 
-/// The config.json (of the architecture's `hf_class`) implied by the GGUF metadata: the
+/// The config.json (of the architecture's family) implied by the GGUF metadata: the
 /// [`ArchSpec::config_keys`] read or filled, its constants, and the derived fields; keys in
 /// sorted order.
 pub fn hf_config(g: &GgufFile, dtype: DType) -> Result<Value> {
@@ -1022,8 +964,8 @@ pub fn hf_config(g: &GgufFile, dtype: DType) -> Result<Value> {
     let a = spec.gguf;
     let key = |k: &str| format!("{a}.{k}");
     let mut m = Map::new();
-    m.insert("architectures".into(), json!([spec.hf_class]));
-    m.insert("model_type".into(), json!(spec.model_type));
+    m.insert("architectures".into(), json!([spec.family.class]));
+    m.insert("model_type".into(), json!(spec.family.model_type));
     for c in spec.config_keys {
         let k = key(c.gguf);
         let (v, from_file) = match g.number(&k)? {

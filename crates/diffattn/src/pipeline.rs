@@ -1,6 +1,7 @@
-//! The steps of `convert` after planning: conversion straight into either differential format
-//! (format A is what [`crate::convert`] writes; format B, `diffllama`, is format A exported
-//! exactly by [`crate::export`]), and the figures of the checkpoint written.
+//! The steps of `convert` after planning: conversion straight into the planned format (format
+//! A or the family's own, what [`crate::convert`] writes) or into format B, `diffllama` (format
+//! A exported exactly by [`crate::export`]; refused for sources only a family format
+//! expresses), and the figures of the checkpoint written.
 
 use std::path::Path;
 
@@ -8,8 +9,24 @@ use crate::axolotl::AxolotlConfig;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::convert::{self, Plan, Source};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::export::{self, ExportReport, Format};
+use crate::format::Target;
+
+/// Refuses `--format diffllama` for a source that only its family's format expresses (a
+/// Llama config, which diffllama is, would be read with another block), naming why.
+pub fn check_format(src: &Source, plan: &Plan, format: Format) -> Result<()> {
+    if format == Format::DiffLlama && plan.target == Target::Family {
+        let (model_type, _) = plan.format_names();
+        return Err(Error::InvalidOptions(format!(
+            "--format diffllama cannot express {} ({}): diffllama is a Llama config, and a Llama config cannot express {}; without --format it is written as {model_type}",
+            src.model_dir.display(),
+            plan.family.class,
+            plan.not_llama.as_deref().unwrap_or("this family's block"),
+        )));
+    }
+    Ok(())
+}
 
 /// Runs the planned conversion of `src` into `output_dir` in `format`. Format A is written
 /// directly; `diffllama` is written as format A into a hidden scratch directory beside the
@@ -24,6 +41,7 @@ pub fn convert_to(
     format: Format,
     on_tensor: &dyn Fn(&str),
 ) -> Result<ExportReport> {
+    check_format(src, plan, format)?;
     if format == Format::LlamaDifferential {
         let r = convert::execute(src, plan, output_dir, axolotl, on_tensor)?;
         return Ok(ExportReport {

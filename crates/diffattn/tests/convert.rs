@@ -1,5 +1,5 @@
 //! Conversion to format A (`llama-differential`) on tiny checkpoints built in the test:
-//! exact values against the source and the contract of SPEC §3-4.
+//! exact values against the source and the contract of docs/spec.md §3-4.
 
 use std::path::Path;
 
@@ -96,7 +96,7 @@ fn attn(l: usize, name: &str) -> String {
 
 #[test]
 fn lambda_init_matches_the_golden_table() {
-    // SPEC §2 golden values.
+    // docs/spec.md §2 golden values.
     let golden = [
         (0, 0.200000),
         (1, 0.355509),

@@ -313,3 +313,27 @@ fn every_trainable_tensor_of_each_converted_family_gets_a_gradient() {
         }
     }
 }
+
+/// `--format diffllama` (the pipeline's format B) is refused for a source only its family's
+/// format expresses, with the reason, and nothing is written.
+#[test]
+fn diffllama_is_refused_for_family_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let source = Source::from_dir(&family("qwen3_qk_norm")).unwrap();
+    let plan = convert::plan(&source, &options(Layout::DoubleHeads, Init::Random, true)).unwrap();
+    let err = diffattn::pipeline::convert_to(
+        &source,
+        &plan,
+        &out,
+        None,
+        diffattn::export::Format::DiffLlama,
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--format diffllama cannot express"), "{err}");
+    assert!(err.contains("q_norm/k_norm") && err.contains("qwen3-differential"), "{err}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no scratch left");
+}

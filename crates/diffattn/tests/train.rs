@@ -420,7 +420,7 @@ fn decode_events(path: &Path) -> (String, Vec<(u64, String, f32)>) {
     (version, scalars)
 }
 
-/// Monitoring values at step 0 recomputed from the checkpoint's own tensors (SPEC §7), the
+/// Monitoring values at step 0 recomputed from the checkpoint's own tensors (docs/spec.md §5-6), the
 /// TensorBoard file decoded and compared with metrics.jsonl, and the plot.
 #[test]
 fn monitoring_tensorboard_and_plot() {

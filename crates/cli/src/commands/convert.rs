@@ -113,13 +113,18 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     }
     let src = Source::from_axolotl(&cfg)?;
     let plan = convert::plan(&src, &options)?;
+    diffattn::pipeline::check_format(&src, &plan, format)?;
     println!("source: {}", src.model_dir.display());
     if format == Format::DiffLlama {
-        println!("format: diffllama (planned as llama-differential, then exported exactly; final sizes below)");
-    } else {
-        println!("format: llama-differential");
+        println!("output: diffllama (planned as llama-differential below, then exported exactly; final sizes below)");
     }
     println!("{}", plan.summary());
+    if plan.target == diffattn::format::Target::Family {
+        let (model_type, _) = plan.format_names();
+        eprintln!(
+            "warning: {model_type} runs in this tool (generate, compare, train, evaluate) only: no Python loader reads it yet, so axolotl_config.yml names no plugin"
+        );
+    }
     let pb = progress(plan.tensors().count() as u64, "converting");
     let report =
         diffattn::pipeline::convert_to(&src, &plan, &output_dir, Some(&cfg), format, &|_| {

@@ -213,7 +213,7 @@ impl Lambda {
         Ok((l1, l2))
     }
 
-    /// `lambda_full = lambda1 - lambda2 + lambda_init` (SPEC §2, eq. 2), 0-dim.
+    /// `lambda_full = lambda1 - lambda2 + lambda_init` (docs/spec.md §2, eq. 2), 0-dim.
     pub fn full(&self) -> candle_core::Result<Tensor> {
         let (l1, l2) = self.parts()?;
         (l1 - l2)? + &self.init

@@ -17,7 +17,7 @@ struct Softmax;
 const ROWS_PER_TASK: usize = 64;
 
 /// Lanes of the vectorised reductions (one AVX-512 register of f32).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Softmax of one row in place: `exp(x − max) / Σ exp(x − max)`, vectorised: the maximum and
 /// the sum are taken over 16 interleaved partial results (element `i` goes to lane `i mod 16`,

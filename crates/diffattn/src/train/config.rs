@@ -1,4 +1,4 @@
-//! The training keys of an axolotl config (SPEC §6 and the plugin keys), read strictly: a key
+//! The training keys of an axolotl config (docs/spec.md §8 and the plugin keys), read strictly: a key
 //! of the wrong type names the file, the key and the value; a key whose meaning we do not
 //! implement and that would change what training computes is refused by name rather than
 //! ignored.

@@ -1,6 +1,6 @@
 //! Fine-tuning (`diff-transformer train`) and evaluation (`diff-transformer evaluate`) of
 //! Llama, `llama-differential` (format A) and `diffllama` (format B) checkpoints from an
-//! axolotl config, with the negative-branch warm-up, lambda monitoring (SPEC §7) and
+//! axolotl config, with the negative-branch warm-up, lambda monitoring (docs/spec.md §5-6) and
 //! checkpoints that can be resumed.
 //!
 //! One optimizer step `g` (0-based; `g` steps completed before it):

@@ -1,4 +1,4 @@
-//! Lambda and attention monitoring (SPEC §7): per monitored layer the norms of the four lambda
+//! Lambda and attention monitoring (docs/spec.md §5-6): per monitored layer the norms of the four lambda
 //! vectors, `lambda1`, `lambda2`, `lambda_init`, `lambda_full` (without mix) and mean / std of
 //! both attention maps; over all layers the mean and sample std (n − 1) of the norms,
 //! `lambda1`, `lambda2` and `lambda_full` (with mix); `aggregate/diff_attn_mix` with warm-up.
@@ -87,7 +87,7 @@ fn prob_stats(p: &Tensor) -> Result<(f64, f64)> {
     Ok((mean, var.sqrt()))
 }
 
-/// The metrics of SPEC §7 for one logging step. `lambdas` holds every layer's parameters,
+/// The metrics of docs/spec.md §5-6 for one logging step. `lambdas` holds every layer's parameters,
 /// `monitored` the detailed layers, `probs` their attention probabilities (captured in the
 /// step's first micro-batch), `warmup` whether `diff_attn_warmup_steps` is set.
 pub fn metrics(

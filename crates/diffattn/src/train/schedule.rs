@@ -1,5 +1,5 @@
 //! Learning-rate schedules (transformers' `get_scheduler` semantics), the negative-branch
-//! warm-up `mix` (SPEC §7) and the choice of monitored layers (SPEC §7).
+//! warm-up `mix` (docs/spec.md §5-6) and the choice of monitored layers (docs/spec.md §5-6).
 
 /// `lr_scheduler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl Scheduler {
 }
 
 /// Warm-up factor of the negative branch before optimizer step `g` (completed steps):
-/// `min(1, g / warmup_steps)`, 1 without warm-up (SPEC §7).
+/// `min(1, g / warmup_steps)`, 1 without warm-up (docs/spec.md §5-6).
 pub fn mix(g: usize, warmup_steps: Option<usize>) -> f64 {
     match warmup_steps {
         Some(w) if w > 0 => (g as f64 / w as f64).min(1.0),
@@ -55,7 +55,7 @@ pub fn mix(g: usize, warmup_steps: Option<usize>) -> f64 {
 }
 
 /// The monitored layers: k = min(num_monitor_layers, L); layer `round(i·(L−1)/(k−1))` for
-/// i < k with round-half-to-even (SPEC §7; the plugin uses Python's `round`).
+/// i < k with round-half-to-even (docs/spec.md §5-6; the plugin uses Python's `round`).
 pub fn monitored_layers(num_layers: usize, num_monitor_layers: usize) -> Vec<usize> {
     let k = num_monitor_layers.min(num_layers);
     if k == 0 {

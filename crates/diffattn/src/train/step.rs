@@ -230,7 +230,7 @@ impl<'a> Trainer<'a> {
         )))
     }
 
-    /// On monitoring steps: logs the lambda and attention metrics (SPEC §7) under the step
+    /// On monitoring steps: logs the lambda and attention metrics (docs/spec.md §5-6) under the step
     /// the forward belongs to, warns about each layer whose `lambda_full` leaves [0, 1.5], and
     /// returns the mean `lambda_full`.
     pub fn monitor(&mut self, s: &mut StepOutput) -> Result<Option<f64>> {
