@@ -18,7 +18,9 @@ With --bin (our release binary), also the format-A read-back of a Llama-expressi
 qwen2_full converted by *our* `convert --mirror-weights` is run by make_fixtures.py's
 `format_a_forward` (a PyTorch forward written from the format-A semantics, checked there
 against transformers' LlamaForCausalLM) and its logits recorded as expected_format_a.json,
-so the test proves that a Llama-config loader reads what we write as we do.
+so the test proves that a Llama-config loader reads what we write as we do; and the same
+conversion written by `convert --format diffllama --mirror-weights`, read by transformers' own
+DiffLlamaForCausalLM (expected_diffllama.json).
 
 Needs torch and transformers >= 5 (pip install torch transformers safetensors).
 Run from the repository root: python3 tools/make_family_fixtures.py [--bin target/release/diff-transformer]
@@ -91,6 +93,29 @@ def format_a_readback(bin_, src, name):
     print(f"{name}: format A read back by format_a_forward, logits {tuple(logits.shape)}")
 
 
+def diffllama_readback(bin_, src, name):
+    """Our `--format diffllama` conversion of `src` (mirror init) run by transformers."""
+    from transformers import DiffLlamaForCausalLM
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        cfg_yml = os.path.join(tmp, "c.yml")
+        with open(cfg_yml, "w") as f:
+            f.write(f"base_model: {os.path.abspath(src)}\noutput_dir: {out}\n")
+        subprocess.run([bin_, "convert", cfg_yml, "--mirror-weights", "--format", "diffllama"],
+                       check=True, capture_output=True)
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        assert cfg["model_type"] == "diffllama" and cfg["attention_bias"] is True, cfg
+        model = DiffLlamaForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits = model(torch.tensor([IDS])).logits[0].float()
+    with open(os.path.join(src, "expected_diffllama.json"), "w") as f:
+        json.dump({"input_ids": IDS, "logits": logits.tolist(),
+                   "source": "transformers DiffLlamaForCausalLM on our conversion",
+                   "conversion": ["--mirror-weights", "--format", "diffllama"]}, f)
+    print(f"{name}: --format diffllama read back by DiffLlamaForCausalLM, logits {tuple(logits.shape)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", help="our release binary, for the format-A read-back fixture")
@@ -122,6 +147,7 @@ def main():
          gemma=True)
     if args.bin:
         format_a_readback(args.bin, full, "qwen2_full")
+        diffllama_readback(args.bin, full, "qwen2_full")
 
 
 if __name__ == "__main__":

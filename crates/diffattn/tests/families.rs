@@ -279,6 +279,35 @@ fn qwen2_format_a_is_read_by_a_llama_config_loader_as_we_read_it() {
     assert!(d <= 1e-4, "ours vs the PyTorch format-A reader: {d}");
 }
 
+/// The same conversion as `--format diffllama` read by transformers' own
+/// DiffLlamaForCausalLM (expected_diffllama.json): ours reads it alike.
+#[test]
+fn qwen2_as_diffllama_is_read_by_transformers_as_we_read_it() {
+    let src = family("qwen2_full");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(src.join("expected_diffllama.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v["conversion"][2], "diffllama");
+    let reference: Vec<Vec<f32>> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let source = Source::from_dir(&src).unwrap();
+    let mut o = options(Layout::DoubleHeads, Init::Mirror, true);
+    o.seed = 42;
+    let plan = convert::plan(&source, &o).unwrap();
+    diffattn::pipeline::convert_to(&source, &plan, &out, None, diffattn::export::Format::DiffLlama, &|_| {})
+        .unwrap();
+    assert_eq!(config_of(&out)["model_type"], "diffllama");
+    let d = dist(&logits(&out, &ids(&src)), &reference);
+    assert!(d <= 1e-4, "ours vs transformers' DiffLlama: {d}");
+}
+
 #[test]
 fn every_trainable_tensor_of_each_converted_family_gets_a_gradient() {
     for case in CASES {
