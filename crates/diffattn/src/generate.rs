@@ -102,7 +102,13 @@ impl TextCodec {
         let template = self
             .chat_template
             .as_deref()
-            .ok_or_else(|| Error::Tokenizer("tokenizer_config.json has no chat_template".into()))?;
+            .ok_or_else(|| {
+                let dir = self.tokenizer_path.parent().unwrap_or(Path::new("."));
+                Error::Tokenizer(format!(
+                    "{}: no chat_template in tokenizer_config.json and no chat_template.jinja (a base model has none): use --prompt",
+                    dir.display()
+                ))
+            })?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
