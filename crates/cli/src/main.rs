@@ -1,4 +1,4 @@
-//! `diff-transformer`: convert pretrained Llama-family checkpoints into differential-attention
+//! `diff-transformer`: convert pretrained Llama, Mistral, Qwen2, Qwen3 and Gemma 3 checkpoints into differential-attention
 //! models (Ye et al., arXiv:2410.05258), in the formats the Python ecosystem loads.
 
 mod args;
@@ -46,7 +46,7 @@ fn env_default(key: &str, value: impl FnOnce() -> String) {
 #[command(
     name = "diff-transformer",
     version,
-    about = "Convert Llama-family checkpoints to differential attention, run and compare them"
+    about = "Convert Llama, Mistral, Qwen2, Qwen3 and Gemma 3 checkpoints to differential attention, run, compare and fine-tune them"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,11 +59,12 @@ enum Command {
     /// model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json).
     ImportGguf(commands::import_gguf::ImportGgufArgs),
     /// Convert the `base_model` of an axolotl config to differential attention
-    /// (`llama-differential` or, with --format, `diffllama`), writing OUTPUT_DIR with an
+    /// (`llama-differential` where a Llama config expresses the source, else the family's
+    /// `<model_type>-differential`; with --format, `diffllama`), writing OUTPUT_DIR with an
     /// updated axolotl_config.yml.
     Convert(commands::convert::ConvertArgs),
-    /// Generate text with a model directory (Llama, llama-differential, diffllama), streaming
-    /// tokens.
+    /// Generate text with a model directory (any supported family, source or converted),
+    /// streaming tokens.
     Generate(commands::generate::GenerateArgs),
     /// Compare a converted model with its source: logits (max/mean |delta|, KL, top-1) and
     /// greedy continuations with and without the KV cache.
@@ -73,8 +74,8 @@ enum Command {
     Export(commands::export::ExportArgs),
     /// Measure prefill and decode speed of a model (synthetic token ids, greedy, KV cache).
     Bench(commands::bench::BenchArgs),
-    /// Fine-tune the `base_model` of an axolotl config (Llama, llama-differential or
-    /// diffllama) with the negative-branch warm-up and lambda monitoring; writes checkpoints,
+    /// Fine-tune the `base_model` of an axolotl config (any supported family, source or
+    /// converted) with the negative-branch warm-up and lambda monitoring; writes checkpoints,
     /// metrics.jsonl, a TensorBoard event file and the final model into output_dir.
     Train(commands::train::TrainArgs),
     /// Eval loss and perplexity of a model on the validation split of an axolotl config.

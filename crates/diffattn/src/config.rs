@@ -28,6 +28,17 @@ pub enum Format {
 }
 
 impl Format {
+    /// The name users see: `source`, `llama-differential`, `diffllama` or
+    /// `<model_type>-differential` of `family`.
+    pub fn name(self, family: &Family) -> String {
+        match self {
+            Self::Source => format!("{} source", family.model_type),
+            Self::LlamaDifferential => "llama-differential".into(),
+            Self::DiffLlama => "diffllama".into(),
+            Self::FamilyDifferential => family.differential_model_type(),
+        }
+    }
+
     /// Whether the attention is already differential.
     pub fn is_differential(self) -> bool {
         self != Self::Source
@@ -197,8 +208,12 @@ impl ModelConfig {
         };
         let (theta, _) = self.rope();
         if !(theta.is_finite() && theta > 0.0) {
+            let key = match self.rope_key("full_attention").as_str() {
+                "rope_scaling" => "rope_theta".to_string(),
+                k => format!("{k}.rope_theta"),
+            };
             return Err(invalid(
-                "rope_theta",
+                &key,
                 theta.to_string(),
                 "must be a positive number",
             ));
@@ -213,21 +228,35 @@ impl ModelConfig {
             }
         }
         if let Some(v) = self.raw.get("max_position_embeddings") {
-            if v.as_u64().is_none() {
+            if !v.as_u64().is_some_and(|n| n > 0) {
                 return Err(invalid(
                     "max_position_embeddings",
                     short(v),
-                    "must be a non-negative integer",
+                    "must be a positive integer",
                 ));
             }
         }
+        self.check_rope_parameters()?;
         self.inv_freq(head_dim)?;
         // The sliding layers' own RoPE (Gemma); nothing here is sized by num_hidden_layers,
         // which is checked against the weights before the layers are resolved.
+        if let Some(v) = self
+            .family
+            .local_rope
+            .and_then(|(key, _)| self.raw.get(key).map(|v| (key, v)))
+            .filter(|(_, v)| !v.is_null())
+        {
+            if !v.1.as_f64().is_some_and(|x| x.is_finite() && x > 0.0) {
+                return Err(invalid(v.0, short(v.1), "must be a positive number"));
+            }
+        }
         if let Some((theta, scaling)) = self.local_rope()? {
             if !(theta.is_finite() && theta > 0.0) {
                 return Err(invalid(
-                    "rope_local_base_freq",
+                    &match self.rope_key("sliding_attention").as_str() {
+                        "rope_scaling" => "rope_local_base_freq".to_string(),
+                        k => format!("{k}.rope_theta"),
+                    },
                     theta.to_string(),
                     "must be a positive number",
                 ));
@@ -245,6 +274,53 @@ impl ModelConfig {
         self.rope_inv_freq(head_dim, theta, scaling)
     }
 
+    /// The config.json key a RoPE scaling object came from, for messages: `rope_scaling`
+    /// (4.x), `rope_parameters` (5.x) or `rope_parameters.<layer type>` (Gemma 3, 5.x).
+    fn rope_key(&self, layer_type: &str) -> String {
+        match self.typed.rope_parameters.as_ref() {
+            Some(Value::Object(p)) if p.contains_key(layer_type) => {
+                format!("rope_parameters.{layer_type}")
+            }
+            Some(Value::Object(_)) => "rope_parameters".into(),
+            _ => "rope_scaling".into(),
+        }
+    }
+
+    /// `rope_parameters` (transformers 5.x), when present: an object, flat or keyed by layer
+    /// type, whose `rope_theta` values are positive numbers (never silently replaced by the
+    /// default).
+    fn check_rope_parameters(&self) -> Result<()> {
+        let Some(p) = self.raw.get("rope_parameters").filter(|v| !v.is_null()) else {
+            return Ok(());
+        };
+        let Value::Object(map) = p else {
+            return Err(self.invalid("rope_parameters", short(p), "must be an object"));
+        };
+        let check = |obj: &Map<String, Value>, key: String| -> Result<()> {
+            if let Some(t) = obj.get("rope_theta") {
+                if !t.as_f64().is_some_and(|x| x.is_finite() && x > 0.0) {
+                    return Err(self.invalid(&format!("{key}.rope_theta"), short(t), "must be a positive number"));
+                }
+            }
+            Ok(())
+        };
+        check(map, "rope_parameters".into())?;
+        for layer_type in ["full_attention", "sliding_attention"] {
+            match map.get(layer_type) {
+                None => {}
+                Some(Value::Object(o)) => check(o, format!("rope_parameters.{layer_type}"))?,
+                Some(v) => {
+                    return Err(self.invalid(
+                        &format!("rope_parameters.{layer_type}"),
+                        short(v),
+                        "must be an object",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// RoPE inverse frequencies of a layer's (theta, scaling) (see [`Self::layer_attention`]).
     pub fn rope_inv_freq(
         &self,
@@ -252,14 +328,36 @@ impl ModelConfig {
         theta: f64,
         scaling: Option<Value>,
     ) -> Result<Vec<f32>> {
-        crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
+        let layer_type = match scaling.as_ref() {
+            Some(s)
+                if self.family.local_rope.is_some()
+                    && self
+                        .typed
+                        .rope_parameters
+                        .as_ref()
+                        .and_then(|p| p.get("sliding_attention"))
+                        == Some(s) =>
+            {
+                "sliding_attention"
+            }
+            _ => "full_attention",
+        };
+        let inv = crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
             Error::InvalidValue {
                 path: self.path.clone(),
-                key: "rope_scaling".into(),
-                value: scaling.map(|s| short(&s)).unwrap_or_default(),
+                key: self.rope_key(layer_type),
+                value: scaling.clone().map(|s| short(&s)).unwrap_or_default(),
                 reason,
             }
-        })
+        })?;
+        if inv.iter().any(|f| !f.is_finite()) {
+            return Err(self.invalid(
+                &self.rope_key(layer_type),
+                theta.to_string(),
+                "gives RoPE frequencies that are not finite in f32 (rope_theta out of range)",
+            ));
+        }
+        Ok(inv)
     }
 
     /// Resolves and validates the attention geometry.
@@ -393,8 +491,12 @@ impl ModelConfig {
         match self.raw.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
-                _ => Err(self.invalid(key, short(v), "must be a positive number")),
+                // Used in f32 arithmetic: its square root's inverse and itself must stay
+                // finite and non-zero there.
+                Some(x) if x.is_finite() && x > 0.0 && (x as f32).is_normal() && ((1.0 / x) as f32).is_normal() => {
+                    Ok(Some(x))
+                }
+                _ => Err(self.invalid(key, short(v), "must be a positive number within f32 range")),
             },
         }
     }
@@ -455,19 +557,19 @@ impl ModelConfig {
         Ok(match self.family.windows {
             WindowRule::None => vec![false; n],
             WindowRule::EveryLayer => vec![true; n],
-            WindowRule::UseSlidingWindow => match from_types()? {
-                Some(v) => v,
-                None => {
-                    let on = self.flag("use_sliding_window", false)?;
-                    let first = match self.raw.get("max_window_layers") {
-                        None | Some(Value::Null) => 28,
-                        Some(v) => v.as_u64().ok_or_else(|| {
-                            self.invalid("max_window_layers", short(v), "must be a non-negative integer")
-                        })? as usize,
-                    };
-                    (0..n).map(|l| on && l >= first).collect()
+            WindowRule::UseSlidingWindow => {
+                let on = self.flag("use_sliding_window", false)?;
+                let first = match self.raw.get("max_window_layers") {
+                    None | Some(Value::Null) => 28,
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        self.invalid("max_window_layers", short(v), "must be a non-negative integer")
+                    })? as usize,
+                };
+                match from_types()? {
+                    Some(v) => v,
+                    None => (0..n).map(|l| on && l >= first).collect(),
                 }
-            },
+            }
             WindowRule::Pattern => match from_types()? {
                 Some(v) => v,
                 None => {
@@ -496,8 +598,14 @@ impl ModelConfig {
     pub fn layer_attention(&self) -> Result<Vec<LayerAttention>> {
         let window = match self.family.windows {
             WindowRule::None => None,
-            // Qwen2/Qwen3: `sliding_window` only counts with `use_sliding_window` (or
-            // explicit `layer_types`), as their config classes null it otherwise.
+            // Qwen2/Qwen3: `sliding_window` only counts with `use_sliding_window`, as their
+            // config classes null it otherwise (`layer_types` then marks layers whose
+            // "window" is None: full attention).
+            WindowRule::UseSlidingWindow => {
+                let on = self.flag("use_sliding_window", false)?;
+                let w = self.sliding_window()?;
+                on.then_some(w).flatten()
+            }
             _ => self.sliding_window()?,
         };
         let sliding = self.sliding_layers()?;

@@ -219,6 +219,11 @@ pub struct Plan {
     /// Tensors the source does not have that the format needs besides the differential
     /// ones (zero `o_proj.bias` of Qwen2 in format A), for the plan.
     pub added: Vec<String>,
+    /// `--preserving-mirror`: layers whose `o_proj` scale 1/(1 − λ) is negative (λ > 1) or
+    /// above 4 (λ > 0.75), with the scale: outputs are still preserved, but training starts
+    /// from amplified (or sign-flipped) `o_proj` weights. Wide heads (Gemma's d = 256) draw
+    /// λ further from λ_init; another `--seed` draws again.
+    pub preserving_scales_far_from_one: Vec<(usize, f32)>,
     pub options: ConvertOptions,
     pub out_dtype: DType,
     /// Width of the value vector a differential head reads: d (double) or 2d (split).
@@ -388,7 +393,20 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     ck.check_layer_count(dims.num_hidden_layers, &src.config.path)?;
     src.config
         .check_lm_head(ck.info("lm_head.weight").is_some(), &ck.dir)?;
-    ck.check_against(&src.config.expected_tensors()?, &[vocab, dm])?;
+    let expected = src.config.expected_tensors()?;
+    ck.check_against(&expected, &[vocab, dm])?;
+    // Every tensor is copied: one the family's block does not have would be carried into the
+    // output and read by some loader and not by another (a q_norm in a Llama, an o bias in a
+    // Qwen2). transformers' recomputed RoPE buffers are the one known extra.
+    if let Some(name) = ck.names().find(|n| {
+        !expected.contains_key(*n) && *n != "lm_head.weight" && !n.ends_with("rotary_emb.inv_freq")
+    }) {
+        return Err(Error::UnexpectedTensor {
+            path: ck.file_of(name).unwrap_or(&ck.dir).to_path_buf(),
+            name: name.to_string(),
+            model: format!("{} checkpoint", src.config.family.class),
+        });
+    }
     let embed = ck.require("model.embed_tokens.weight")?;
     let out_dtype = options.dtype.resolve(embed.dtype);
 
@@ -417,6 +435,7 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         ));
     }
     let seed = options.seed;
+    let mut far_scales = Vec::new();
     let neg_rows = |layer: usize, kind: u64, is_bias: bool| match options.init {
         Init::Zero => NegRows::Zeros,
         Init::Mirror | Init::PreservingMirror => NegRows::Mirror,
@@ -511,6 +530,9 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
             let v = &lambda_vectors;
             let lambda = dot(&v[0], &v[1]).exp() - dot(&v[2], &v[3]).exp() + li;
             let scale = 1.0 / (1.0 - lambda);
+            if !(0.0..=4.0).contains(&scale) {
+                far_scales.push((layer, scale));
+            }
             let o = format!("{p}o_proj.weight");
             let map = (0..h * d).map(|c| (c, scale)).collect();
             recipes.insert(
@@ -563,6 +585,7 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         .collect();
     Ok(Plan {
         dims,
+        preserving_scales_far_from_one: far_scales,
         family: src.config.family,
         target,
         not_llama,

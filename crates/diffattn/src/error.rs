@@ -47,6 +47,13 @@ pub enum Error {
     #[error("{path}: tensor `{name}` is missing")]
     MissingTensor { path: PathBuf, name: String },
 
+    #[error("{path}: tensor `{name}` is not part of a {model} (check config.json's architectures, attention_bias and split_heads/sublayer_norm)")]
+    UnexpectedTensor {
+        path: PathBuf,
+        name: String,
+        model: String,
+    },
+
     #[error("{path}: tensor `{name}` has shape {found:?}, but config.json implies {expected:?}")]
     ShapeMismatch {
         path: PathBuf,

@@ -366,3 +366,123 @@ fn diffllama_is_refused_for_family_formats() {
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no scratch left");
 }
+
+/// A copy of a family fixture with config.json edited by `edit` and its tensors by `tensors`.
+fn edited(
+    case: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+    tensors: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = family(case);
+    let mut cfg = config_of(&src);
+    edit(&mut cfg);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    tensors(&mut w);
+    candle_core::safetensors::save(&w, tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+fn load_err(dir: &Path) -> String {
+    Model::load(dir, DType::F32, &Device::Cpu).unwrap_err().to_string()
+}
+
+fn convert_err(dir: &Path) -> String {
+    let source = match Source::from_dir(dir) {
+        Ok(s) => s,
+        Err(e) => return e.to_string(),
+    };
+    convert::plan(&source, &options(Layout::DoubleHeads, Init::Random, true))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+}
+
+/// Qwen2/Qwen3 read `sliding_window` only with `use_sliding_window` (their config classes
+/// null it otherwise), whatever `layer_types` says: such a model is full attention.
+#[test]
+fn qwen_windows_need_use_sliding_window() {
+    let off = edited("qwen2_window", |c| c["use_sliding_window"] = false.into(), |_| {});
+    let full = edited(
+        "qwen2_window",
+        |c| c["layer_types"] = serde_json::json!(["full_attention", "full_attention", "full_attention"]),
+        |_| {},
+    );
+    let ids = ids(&family("qwen2_window"));
+    let a = logits(off.path(), &ids);
+    assert!(dist(&a, &logits(full.path(), &ids)) <= 1e-6);
+    assert!(dist(&a, &expected_logits(&family("qwen2_window"))) > 1e-2);
+    let yes = edited("qwen2_window", |c| c["use_sliding_window"] = "yes".into(), |_| {});
+    assert!(load_err(yes.path()).contains("`use_sliding_window`"));
+}
+
+/// A tensor the family's block does not have, or a bias it must have that is missing, is
+/// refused by load and by convert, naming the tensor: a checkpoint never runs as another
+/// family (a Qwen3 labelled Llama would silently drop its q/k norms).
+#[test]
+fn tensors_the_family_does_not_have_are_refused() {
+    let as_llama = edited(
+        "qwen3_qk_norm",
+        |c| {
+            c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+            c["model_type"] = "llama".into();
+        },
+        |_| {},
+    );
+    for err in [load_err(as_llama.path()), convert_err(as_llama.path())] {
+        assert!(err.contains("k_norm.weight` is not part of a LlamaForCausalLM"), "{err}");
+    }
+    let o_bias = edited("qwen2_full", |_| {}, |w| {
+        w.insert(
+            "model.layers.0.self_attn.o_proj.bias".into(),
+            Tensor::full(0.5f32, 32, &Device::Cpu).unwrap(),
+        );
+    });
+    for err in [load_err(o_bias.path()), convert_err(o_bias.path())] {
+        assert!(err.contains("o_proj.bias` is not part of a Qwen2ForCausalLM"), "{err}");
+    }
+    let no_q_bias = edited("qwen2_full", |_| {}, |w| {
+        w.remove("model.layers.1.self_attn.q_proj.bias");
+    });
+    for err in [load_err(no_q_bias.path()), convert_err(no_q_bias.path())] {
+        assert!(err.contains("q_proj.bias` is missing"), "{err}");
+    }
+}
+
+/// Numbers that would make an unusable model or NaN are refused by key: no positions, a
+/// per-layer-type RoPE base that is not a number (never replaced by the default), a query
+/// scale outside f32.
+#[test]
+fn family_numbers_are_refused_by_key() {
+    for (case, edit, key) in [
+        (
+            "mistral_window",
+            Box::new(|c: &mut serde_json::Value| c["max_position_embeddings"] = 0.into())
+                as Box<dyn FnOnce(&mut serde_json::Value)>,
+            "`max_position_embeddings`",
+        ),
+        (
+            "gemma3_sliding",
+            Box::new(|c: &mut serde_json::Value| {
+                c["rope_parameters"]["sliding_attention"]["rope_theta"] = "x".into()
+            }),
+            "`rope_parameters.sliding_attention.rope_theta`",
+        ),
+        (
+            "gemma3_sliding",
+            Box::new(|c: &mut serde_json::Value| c["query_pre_attn_scalar"] = 1e-300.into()),
+            "`query_pre_attn_scalar`",
+        ),
+        (
+            "qwen3_qk_norm",
+            Box::new(|c: &mut serde_json::Value| c["max_window_layers"] = (-1).into()),
+            "`max_window_layers`",
+        ),
+    ] {
+        let dir = edited(case, edit, |_| {});
+        let err = load_err(dir.path());
+        assert!(err.contains(key), "{case}: {err}");
+        assert!(convert_err(dir.path()).contains(key), "{case}");
+    }
+}

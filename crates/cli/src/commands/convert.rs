@@ -122,7 +122,20 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     if plan.target == diffattn::format::Target::Family {
         let (model_type, _) = plan.format_names();
         eprintln!(
-            "warning: {model_type} runs in this tool (generate, compare, train, evaluate) only: no Python loader reads it yet, so axolotl_config.yml names no plugin"
+            "warning: {model_type} runs in this tool (generate, compare, train, evaluate, bench) only: no Python loader reads it yet, so axolotl_config.yml names no plugin"
+        );
+    }
+    if !plan.preserving_scales_far_from_one.is_empty() {
+        let list: Vec<String> = plan
+            .preserving_scales_far_from_one
+            .iter()
+            .map(|(l, s)| format!("layer {l}: {s:.1}x"))
+            .collect();
+        eprintln!(
+            "warning: --preserving-mirror scales o_proj by 1/(1 - lambda), and this draw puts lambda above 0.75 or above 1 in {} of {} layers ({}): outputs are preserved, but training starts from amplified or sign-flipped o_proj weights; another --seed draws other lambda vectors",
+            list.len(),
+            plan.dims.num_hidden_layers,
+            list.join(", ")
         );
     }
     let pb = progress(plan.tensors().count() as u64, "converting");
@@ -139,6 +152,11 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         report.output_dir.display(),
         report.files.join(", "),
         start.elapsed().as_secs_f64()
+    );
+    println!(
+        "next: diff-transformer compare {src} {out}   (logits and generations against the source)\n      diff-transformer train {out}/axolotl_config.yml --output-dir {out}-finetuned   (after adding datasets; its output_dir is this model)",
+        src = src.model_dir.display(),
+        out = report.output_dir.display()
     );
     if args.debug && format == Format::DiffLlama {
         debug_compare(&src.model_dir, &report.output_dir, &plan)?;

@@ -386,7 +386,12 @@ impl Model {
             &mc.path,
         )?;
         let cfg = Config::from_model_config(mc)?;
+        // Every tensor is read through `get`; one the block does not read is refused below
+        // (a checkpoint of another family, or a bias the family does not have, must not run
+        // silently as something else).
+        let used = std::cell::RefCell::new(std::collections::HashSet::<String>::new());
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            used.borrow_mut().insert(name.to_string());
             let t = w.get(name).ok_or_else(|| Error::MissingTensor {
                 path: origin.to_path_buf(),
                 name: name.to_string(),
@@ -401,11 +406,15 @@ impl Model {
             }
             Ok(t.clone())
         };
+        let attention_bias = mc.typed.attention_bias.unwrap_or(false);
         let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
             let weight = get(&format!("{p}.weight"), &[out, inp])?;
-            let bias = match w.get(&format!("{p}.bias")) {
-                Some(_) => Some(get(&format!("{p}.bias"), &[out])?),
-                None => None,
+            let proj = p.rsplit('.').next().unwrap_or_default();
+            let has_bias = p.contains(".self_attn.") && cfg.family.has_bias(proj, attention_bias);
+            let bias = if has_bias {
+                Some(get(&format!("{p}.bias"), &[out])?)
+            } else {
+                None
             };
             Ok(Linear::new(weight, bias))
         };
@@ -492,6 +501,7 @@ impl Model {
             });
         }
         let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, dm])?;
+        let norm = get("model.norm.weight", &[dm])?;
         let lm_head = match w.get("lm_head.weight") {
             Some(_) => get("lm_head.weight", &[cfg.vocab_size, dm])?,
             None => {
@@ -499,6 +509,19 @@ impl Model {
                 embed_tokens.clone()
             }
         };
+        let used = used.into_inner();
+        let mut unread: Vec<&String> = w
+            .keys()
+            .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        unread.sort();
+        if let Some(name) = unread.first() {
+            return Err(Error::UnexpectedTensor {
+                path: origin.to_path_buf(),
+                name: name.to_string(),
+                model: format!("{} model in the {:?} format", cfg.family.class, cfg.format),
+            });
+        }
         let dtype = embed_tokens.dtype();
         let ropes = cfg
             .rope_tables
@@ -514,7 +537,7 @@ impl Model {
             None
         };
         Ok(Self {
-            norm: get("model.norm.weight", &[dm])?,
+            norm,
             config: cfg,
             embed_tokens,
             blocks,

@@ -133,10 +133,9 @@ pub(super) fn report_setup(
     let total = plan.total;
     let lr_warmup = plan.lr_warmup;
     on_event(Event::Info(format!(
-        "model: {} ({} {:?}, {} layers), device {:?}",
+        "model: {} ({}, {} layers), device {:?}",
         run.model_dir.display(),
-        tm.config.family.name,
-        tm.config.format,
+        tm.config.format.name(tm.config.family),
         tm.model.config.num_hidden_layers,
         device
     )));
