@@ -39,6 +39,8 @@ pub struct PromptComparison {
     pub source: Continuation,
     pub converted: Continuation,
     pub generations_match: bool,
+    /// NaN or infinite logits of (source, converted) over the prompt's positions.
+    pub non_finite_logits: (usize, usize),
     #[serde(skip)]
     pub source_logits: Vec<Vec<f32>>,
     #[serde(skip)]
@@ -49,7 +51,9 @@ impl PromptComparison {
     /// docs/spec.md §7 preservation: max |Δ logit| ≤ 1e-4 and identical greedy generations (cached and
     /// uncached).
     pub fn preserved(&self) -> bool {
+        // NaN compares false: non-finite logits are never preserved.
         self.max_abs_logit_diff <= PRESERVED_MAX_ABS
+            && self.non_finite_logits == (0, 0)
             && self.generations_match
             && self.source.uncached_ids_equal
             && self.converted.uncached_ids_equal
@@ -74,7 +78,9 @@ pub fn logit_metrics(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32, f64, f64) {
     for (ra, rb) in a.iter().zip(b) {
         for (x, y) in ra.iter().zip(rb) {
             let d = (x - y).abs();
-            max = max.max(d);
+            // A NaN on either side makes the maximum NaN (f32::max would drop it, and a model
+            // whose logits are all NaN would look preserved).
+            max = if d.is_nan() || max.is_nan() { f32::NAN } else { max.max(d) };
             sum += d as f64;
             n += 1;
         }
@@ -155,6 +161,32 @@ pub fn compare(
         let ls = source.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
         let lc = converted.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
         let (max, mean, kl, top1) = logit_metrics(&ls, &lc);
+        let non_finite = |l: &[Vec<f32>]| l.iter().flatten().filter(|x| !x.is_finite()).count();
+        let non_finite_logits = (non_finite(&ls), non_finite(&lc));
+        if non_finite_logits != (0, 0) {
+            // No continuation to compare: report the logits (and fail any preservation check).
+            let none = || Continuation {
+                ids: vec![],
+                text: String::new(),
+                uncached_ids_equal: false,
+                seconds: 0.0,
+            };
+            out.push(PromptComparison {
+                prompt: prompt.clone(),
+                input_ids: ids,
+                max_abs_logit_diff: max,
+                mean_abs_logit_diff: mean,
+                mean_kl_source_converted: kl,
+                top1_agreement: top1,
+                generations_match: false,
+                non_finite_logits,
+                source: none(),
+                converted: none(),
+                source_logits: ls,
+                converted_logits: lc,
+            });
+            continue;
+        }
         let s = continuation(source, codec, &ids, max_new_tokens)?;
         let c = continuation(converted, codec, &ids, max_new_tokens)?;
         out.push(PromptComparison {
@@ -165,6 +197,7 @@ pub fn compare(
             mean_kl_source_converted: kl,
             top1_agreement: top1,
             generations_match: s.ids == c.ids,
+            non_finite_logits,
             source: s,
             converted: c,
             source_logits: ls,

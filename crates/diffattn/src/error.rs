@@ -72,6 +72,9 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Gguf { path: PathBuf, msg: String },
 
+    #[error("non-finite logits: {0}")]
+    NonFiniteLogits(String),
+
     #[error("invalid options: {0}")]
     InvalidOptions(String),
 

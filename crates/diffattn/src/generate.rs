@@ -356,6 +356,14 @@ pub fn generate_batch(
             prefill_secs = start.elapsed().as_secs_f64();
         }
         for (r, row) in logits.iter().enumerate() {
+            let bad = row.iter().filter(|x| !x.is_finite()).count();
+            if bad > 0 && !done[r] {
+                return Err(Error::NonFiniteLogits(format!(
+                    "{bad} of the {} logits of the next token (generated token {}, row {r}) are NaN or infinite: a weight or an activation of the model is not finite, so no token can be chosen",
+                    row.len(),
+                    step + 1
+                )));
+            }
             let next = if done[r] {
                 pad_id
             } else {

@@ -486,3 +486,35 @@ fn family_numbers_are_refused_by_key() {
         assert!(convert_err(dir.path()).contains(key), "{case}");
     }
 }
+
+/// A model whose weights hold a NaN never passes as preserved: `compare` reports a NaN
+/// maximum and the count of non-finite logits (f32::max used to drop the NaN and report 0),
+/// and `generate` refuses to pick a token from NaN logits instead of printing nothing.
+#[test]
+fn nan_logits_are_reported_never_preserved() {
+    use diffattn::generate::{generate, Sampling, TextCodec};
+    let src = edited("qwen3_qk_norm", |_| {}, |_| {});
+    let nan = edited("qwen3_qk_norm", |_| {}, |w| {
+        w.insert(
+            "model.layers.1.self_attn.q_norm.weight".into(),
+            Tensor::full(f32::NAN, 12, &Device::Cpu).unwrap(),
+        );
+    });
+    for d in [src.path(), nan.path()] {
+        diffattn_testutil::write_word_tokenizer(d, 32).unwrap();
+    }
+    let (a, b) = (load(src.path()), load(nan.path()));
+    let codec = TextCodec::load(src.path()).unwrap();
+    let r = diffattn::compare::compare(&a, &b, &codec, &["the time of the world".into()], 4).unwrap();
+    assert!(r[0].max_abs_logit_diff.is_nan(), "{}", r[0].max_abs_logit_diff);
+    assert_eq!(r[0].non_finite_logits.0, 0);
+    assert!(r[0].non_finite_logits.1 > 0);
+    assert!(!r[0].preserved());
+    let same = diffattn::compare::compare(&a, &a, &codec, &["the time of the world".into()], 4).unwrap();
+    assert!(same[0].preserved(), "the check can pass");
+    let ids = codec.encode("the time of the world").unwrap();
+    let err = generate(&b, &ids, 4, &Sampling::default(), &[], true, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("are NaN or infinite"), "{err}");
+}

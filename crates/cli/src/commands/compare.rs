@@ -90,7 +90,7 @@ pub fn run(a: &CompareArgs) -> Result<ExitCode> {
             .collect();
         if !bad.is_empty() {
             eprintln!(
-                "error: outputs not preserved for {bad:?} (required: max |delta logit| <= 1e-4 and identical greedy generations)"
+                "error: outputs not preserved for {bad:?} (required: finite logits, max |delta logit| <= 1e-4 and identical greedy generations)"
             );
             return Ok(ExitCode::from(1));
         }
@@ -110,6 +110,12 @@ pub(crate) fn print_metrics(r: &diffattn::compare::PromptComparison) {
         r.mean_kl_source_converted,
         100.0 * r.top1_agreement
     );
+    let (ns, nc) = r.non_finite_logits;
+    if ns + nc > 0 {
+        println!(
+            "  NOT FINITE: {ns} source and {nc} converted logits are NaN or infinite (no generation compared)"
+        );
+    }
     println!(
         "  KV cache: source cached == uncached: {}, converted cached == uncached: {}",
         r.source.uncached_ids_equal, r.converted.uncached_ids_equal
