@@ -95,7 +95,42 @@ fn fix_thread_count() {
     });
 }
 
+/// A closed stdout (`compare --json | head`) ends the process quietly, as for any Unix tool:
+/// Rust ignores SIGPIPE by default, so every `println!` after the reader left would panic.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal at start-up, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// A panic is a bug of this tool: one line saying so (where, and what), the backtrace only
+/// under RUST_BACKTRACE, instead of the default hook's message.
+fn bug_report_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "internal error (a bug in diff-transformer, please report it): {what}{at}; set RUST_BACKTRACE=1 for a backtrace"
+        );
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        }
+    }));
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
+    bug_report_on_panic();
     fix_thread_count();
     shorten_candle_spin();
     keep_freed_memory();

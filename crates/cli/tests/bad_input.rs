@@ -591,6 +591,27 @@ fn gguf_header_cut() {
     );
 }
 
+/// `general.alignment = 0` makes candle's reader divide by zero: one error line, and no
+/// panic message before it.
+#[test]
+fn gguf_alignment_zero() {
+    let c = Case::new();
+    TinyLlama::default().write(&c.path("hf"), 2).unwrap();
+    diffattn_testutil::write_gguf_with(
+        &c.path("hf"),
+        &c.path("m.gguf"),
+        "llama",
+        &[("general.alignment", 0)],
+    )
+    .unwrap();
+    let out = c.path("out").display().to_string();
+    let stderr = c.fails(
+        &["import-gguf", &c.path("m.gguf").display().to_string(), &out],
+        &["m.gguf", "not a readable GGUF file"],
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn gguf_unsupported_architecture() {
     let c = gguf_case("mamba");
@@ -1163,4 +1184,47 @@ fn plot_refuses_to_overwrite_a_non_png() {
         png.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+}
+
+/// `diff-transformer ... | head`: the reader closes the pipe early; the command ends without a
+/// panic message (it used to print "failed printing to stdout: Broken pipe" and a backtrace).
+#[cfg(unix)]
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let c = Case::with_model(&TinyLlama::default());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
+/// `--sublayer-norm --no-sublayer-norm` together is refused (the last one used to win
+/// silently).
+#[test]
+fn sublayer_norm_flags_conflict() {
+    let c = Case::with_model(&TinyLlama::default());
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config(), "--sublayer-norm", "--no-sublayer-norm"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--sublayer-norm") && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
+    assert!(!c.path("out").exists());
 }

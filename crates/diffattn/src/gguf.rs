@@ -52,8 +52,13 @@ impl GgufFile {
         let len = file.metadata().at(path)?.len();
         // candle can panic on some malformed headers (e.g. general.alignment = 0): report those
         // as unreadable files too.
+        // The panic hook is silenced meanwhile: the panic becomes the error below, and the
+        // default hook's message would otherwise reach the user first.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
         let read =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut file)));
+        std::panic::set_hook(hook);
         let content = match read {
             Ok(r) => {
                 r.map_err(|e| gguf_err(path, format!("not a readable GGUF file: {}", message(&e))))?

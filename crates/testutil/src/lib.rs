@@ -166,7 +166,8 @@ pub fn write_gguf_from_hf(hf_dir: &Path, gguf: &Path, architecture: &str) -> Res
     write_gguf_with(hf_dir, gguf, architecture, &[])
 }
 
-/// [`write_gguf_from_hf`] with some u32 metadata values replaced (`{arch}.block_count`, ...),
+/// [`write_gguf_from_hf`] with some u32 metadata values replaced or added (`{arch}.block_count`,
+/// `general.alignment`, ...),
 /// to build inconsistent files for tests.
 pub fn write_gguf_with(
     hf_dir: &Path,
@@ -279,6 +280,13 @@ pub fn write_gguf_with(
             None => (k, v),
         })
         .collect();
+    // Overrides of keys the file does not have otherwise (`general.alignment`) are added.
+    let mut md = md;
+    for (k, x) in overrides {
+        if !md.iter().any(|(m, _)| m == k) {
+            md.push((k.to_string(), Value::U32(*x)));
+        }
+    }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(gguf).map_err(|source| Error::Io {

@@ -25,10 +25,10 @@ pub struct ConvertArgs {
     #[arg(long)]
     zero_init: bool,
     /// Apply an RMS norm to each head's output (default on, as in the plugin).
-    #[arg(long, overrides_with = "no_sublayer_norm")]
+    #[arg(long, conflicts_with = "no_sublayer_norm")]
     sublayer_norm: bool,
     /// Do not apply the per-head RMS norm.
-    #[arg(long, overrides_with = "sublayer_norm")]
+    #[arg(long)]
     no_sublayer_norm: bool,
     /// Reuse the source heads: first half positive, second half negative (needs even H and Hkv).
     #[arg(long)]
