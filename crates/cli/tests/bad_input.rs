@@ -1228,3 +1228,12 @@ fn sublayer_norm_flags_conflict() {
     );
     assert!(!c.path("out").exists());
 }
+
+/// A tokenizer.json that does not load is refused by convert, naming it (it used to be copied
+/// and to fail only later, in generate).
+#[test]
+fn garbage_tokenizer_is_refused_by_convert() {
+    let c = Case::with_model(&TinyLlama::default());
+    std::fs::write(c.path("src/tokenizer.json"), "{\"model\": 42}").unwrap();
+    c.fails(&["convert", &c.config()], &["tokenizer.json", "not a tokenizer"]);
+}

@@ -140,7 +140,8 @@ impl AxolotlConfig {
             base_model,
             base_model_config: string("base_model_config")?,
             tokenizer_config: string("tokenizer_config")?,
-            output_dir: string("output_dir")?.map(PathBuf::from),
+            // `~/x` expanded as for base_model (it was taken literally: a directory named `~`).
+            output_dir: string("output_dir")?.map(|s| crate::hub::expand_home(&s)),
             dtype,
             seed,
             value,

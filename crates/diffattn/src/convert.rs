@@ -419,6 +419,16 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         );
     }
     src.config.layer_attention()?;
+    // The tokenizer is copied as it is: one that does not load would fail only later, in
+    // generate or train, far from its cause.
+    let tok = src.tokenizer_dir.join("tokenizer.json");
+    if tok.is_file() {
+        tokenizers::Tokenizer::from_file(&tok).map_err(|e| Error::Tokenizer(format!(
+            "{}: not a tokenizer the tokenizers library loads ({}); it would be copied into the converted model as it is",
+            tok.display(),
+            e.to_string().lines().next().unwrap_or_default()
+        )))?;
+    }
     let target = crate::format::target(&src.config);
     let not_llama = crate::format::why_not_llama(&src.config);
     let mut added = Vec::new();

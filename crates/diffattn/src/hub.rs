@@ -42,6 +42,17 @@ fn looks_like_path(s: &str) -> bool {
         || s.contains('\\')
 }
 
+/// `~/rest` as `$HOME/rest` (as a shell and axolotl's Python would read it); any other path
+/// unchanged.
+pub fn expand_home(path: &str) -> PathBuf {
+    match path.strip_prefix("~/") {
+        Some(rest) => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(rest))
+            .unwrap_or_else(|| PathBuf::from(path)),
+        None => PathBuf::from(path),
+    }
+}
+
 /// Resolves a model reference to a directory holding config.json (and weights when
 /// `need_weights`). `key` and `config_path` name the YAML key and file in errors.
 pub fn resolve_model(
@@ -50,12 +61,7 @@ pub fn resolve_model(
     key: &str,
     config_path: &Path,
 ) -> Result<PathBuf> {
-    let expanded = match reference.strip_prefix("~/") {
-        Some(rest) => std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(rest))
-            .unwrap_or_else(|| PathBuf::from(reference)),
-        None => PathBuf::from(reference),
-    };
+    let expanded = expand_home(reference);
     if expanded.is_dir() {
         return Ok(expanded);
     }

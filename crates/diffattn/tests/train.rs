@@ -742,3 +742,30 @@ fn training_is_bit_reproducible() {
     assert_eq!(a.metrics["eval_loss"], b.metrics["eval_loss"]);
     assert_eq!(a.metrics["train_loss"], b.metrics["train_loss"]);
 }
+
+/// `warmup_steps` covering the whole run is warned about (the learning rate never reaches
+/// `learning_rate`; with max_steps 1 the only step runs at lr 0), and `output_dir: ~/x` is
+/// read as `$HOME/x`, as `base_model` is.
+#[test]
+fn whole_run_warm_up_is_warned_and_home_is_expanded() {
+    let s = setup("llama_gqa");
+    let text = format!(
+        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nlearning_rate: 0.01\nmax_steps: 1\nwarmup_steps: 1000\n",
+        s.model.display(),
+        s.root.join("wout").display(),
+        s.root.join("text.jsonl").display()
+    );
+    let path = s.root.join("w.yml");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+    let (_, events) = run(&cfg);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Warning(m) if m.contains("warmup_steps 1000 >= the run's 1 steps"))),
+        "{events:?}"
+    );
+    let home = std::env::var("HOME").unwrap();
+    let a = AxolotlConfig::from_str("base_model: x\noutput_dir: ~/some-run\n", &path).unwrap();
+    assert_eq!(a.output_dir.unwrap(), Path::new(&home).join("some-run"));
+}

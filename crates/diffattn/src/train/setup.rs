@@ -157,6 +157,12 @@ pub(super) fn report_setup(
         cfg.learning_rate,
         cfg.lr_scheduler
     )));
+    if lr_warmup >= total && total > 0 {
+        on_event(Event::Warning(format!(
+            "warmup_steps {lr_warmup} >= the run's {total} steps: the learning rate never reaches learning_rate ({}); the whole run is warm-up (step 1 at lr 0)",
+            cfg.learning_rate
+        )));
+    }
     if cfg.axolotl.dtype != crate::axolotl::DtypeChoice::Keep {
         on_event(Event::Info(format!(
             "bf16/fp16 mixed precision is not used: training computes in f32 and checkpoints keep the loaded dtype ({})",
