@@ -649,6 +649,58 @@ impl Producer<'_> {
 
 impl TensorProducer for Producer<'_> {
     fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>> {
+        let bytes = self.produce_unchecked(t)?;
+        self.check_finite(t, &bytes)?;
+        Ok(bytes)
+    }
+
+    fn done(&self, t: &PlannedTensor) {
+        self.release(t)
+    }
+}
+
+impl Producer<'_> {
+    /// Refuses an output tensor holding NaN or infinite values, naming it: a source tensor
+    /// that holds them (counted), or values beyond the output dtype's range (f16's 65504 with
+    /// `fp16: true`; the largest source |value| named). Nothing like that is written silently.
+    fn check_finite(&self, t: &PlannedTensor, bytes: &[u8]) -> Result<()> {
+        let (bad, _) = dtype::scan(bytes, self.out_dtype);
+        if bad == 0 {
+            return Ok(());
+        }
+        let src = match self.recipe(&t.name) {
+            Recipe::Copy(src)
+            | Recipe::AppendRows { src, .. }
+            | Recipe::PermuteOProj { src, .. }
+            | Recipe::RepeatRows(src)
+            | Recipe::MapColumns { src, .. } => Some(src.as_str()),
+            Recipe::Values(_) => None,
+        };
+        let path = src
+            .and_then(|s| self.ck.file_of(s))
+            .unwrap_or(&self.ck.dir)
+            .to_path_buf();
+        let msg = match src {
+            Some(s) => {
+                let info = self.ck.require(s)?;
+                let (src_bad, src_max) = dtype::scan(self.ck.bytes(s)?, info.dtype);
+                if src_bad > 0 {
+                    format!("tensor `{s}` holds {src_bad} NaN or infinite values (of {}); a conversion of it would carry them", info.numel())
+                } else {
+                    format!(
+                        "tensor `{}` does not fit {}: {bad} of its values overflow to infinity (the largest |value| of `{s}` is {src_max:e}{}); keep the source dtype or use bf16",
+                        t.name,
+                        self.out_dtype,
+                        if self.out_dtype == DType::F16 { ", f16 holds at most 65504" } else { "" }
+                    )
+                }
+            }
+            None => format!("tensor `{}`: {bad} values are not finite", t.name),
+        };
+        Err(Error::Safetensors { path, msg })
+    }
+
+    fn produce_unchecked(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>> {
         let out = self.out_dtype;
         match self.recipe(&t.name) {
             Recipe::Copy(src) => self.source_bytes(src),
@@ -709,7 +761,7 @@ impl TensorProducer for Producer<'_> {
         }
     }
 
-    fn done(&self, t: &PlannedTensor) {
+    fn release(&self, t: &PlannedTensor) {
         match self.recipe(&t.name) {
             Recipe::Copy(src)
             | Recipe::AppendRows { src, .. }

@@ -139,3 +139,39 @@ pub fn convert(bytes: &[u8], from: DType, to: DType) -> Cow<'_, [u8]> {
         _ => Cow::Owned(from_f32(&to_f32(bytes, from), to)),
     }
 }
+
+/// Values of little-endian `bytes` of `dtype` that are NaN or infinite, and the largest |x|
+/// of the finite ones. Reads the exponent bits of f16/bf16 without decoding.
+pub fn scan(bytes: &[u8], dtype: DType) -> (usize, f32) {
+    let mut bad = 0usize;
+    let mut max = 0f32;
+    match dtype {
+        DType::F32 => {
+            for c in bytes.chunks_exact(4) {
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                if v.is_finite() {
+                    max = max.max(v.abs());
+                } else {
+                    bad += 1;
+                }
+            }
+        }
+        DType::F16 | DType::BF16 => {
+            let exp_mask: u16 = if dtype == DType::F16 { 0x7c00 } else { 0x7f80 };
+            for c in bytes.chunks_exact(2) {
+                let x = u16::from_le_bytes([c[0], c[1]]);
+                if x & exp_mask == exp_mask {
+                    bad += 1;
+                } else {
+                    let v = if dtype == DType::F16 {
+                        f16::from_bits(x).to_f32()
+                    } else {
+                        bf16::from_bits(x).to_f32()
+                    };
+                    max = max.max(v.abs());
+                }
+            }
+        }
+    }
+    (bad, max)
+}

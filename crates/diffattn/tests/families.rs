@@ -518,3 +518,47 @@ fn nan_logits_are_reported_never_preserved() {
         .to_string();
     assert!(err.contains("are NaN or infinite"), "{err}");
 }
+
+/// A source weight holding a NaN, or one beyond f16's range with `fp16: true`, is refused by
+/// `convert`, naming the tensor (with the count, or the largest value); nothing is written
+/// (both used to be copied silently, as NaN or ±inf).
+#[test]
+fn non_finite_and_overflowing_weights_are_refused_by_convert() {
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let with = |x: f32| {
+        edited("qwen3_qk_norm", |_| {}, move |w| {
+            let t = &w[name];
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[7] = x;
+            let shape = t.dims().to_vec();
+            w.insert(name.into(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+        })
+    };
+    for (x, dtype, needles) in [
+        (f32::NAN, DtypeChoice::Keep, vec!["holds 1 NaN or infinite values"]),
+        (f32::INFINITY, DtypeChoice::BF16, vec!["holds 1 NaN or infinite values"]),
+        (1e5, DtypeChoice::F16, vec!["does not fit f16", "1e5", "65504"]),
+    ] {
+        let src = with(x);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let source = Source::from_dir(src.path()).unwrap();
+        let mut o = options(Layout::DoubleHeads, Init::Random, true);
+        o.dtype = dtype;
+        let plan = convert::plan(&source, &o).unwrap();
+        let err = convert::execute(&source, &plan, &out, None, &|_| {}).unwrap_err().to_string();
+        assert!(err.contains(name), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "{err}");
+        }
+        assert!(!out.exists());
+    }
+    // The same model with 1e5 converts to bf16 (its range holds it).
+    let src = with(1e5);
+    let tmp = tempfile::tempdir().unwrap();
+    let source = Source::from_dir(src.path()).unwrap();
+    let mut o = options(Layout::DoubleHeads, Init::Random, true);
+    o.dtype = DtypeChoice::BF16;
+    let plan = convert::plan(&source, &o).unwrap();
+    convert::execute(&source, &plan, &tmp.path().join("out"), None, &|_| {}).unwrap();
+}
