@@ -275,6 +275,37 @@ impl Checkpoint {
 
     /// Hands the pages of a tensor back to the kernel (they are re-read from the page cache if
     /// touched again). Keeps the resident set of a streaming pass small.
+    /// [`crate::dtype::scan`] of a tensor (NaN/Inf count, largest finite |x|), read from the
+    /// file in 4 MB blocks rather than through the memory map: touching every mapped page of
+    /// a tensor that is copied as it is (and written by the kernel from the page cache) would
+    /// fault it in, which costs more than the copy itself.
+    pub fn scan(&self, name: &str) -> Result<(usize, f32)> {
+        let info = self.require(name)?;
+        let shard = &self.shards[info.shard];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(&shard.path).at(&shard.path)?;
+            let block = 4 << 20;
+            let mut buf = vec![0u8; block];
+            let (mut bad, mut max) = (0usize, 0f32);
+            let mut at = info.start;
+            while at < info.end {
+                let n = block.min(info.end - at);
+                file.read_exact_at(&mut buf[..n], at as u64).at(&shard.path)?;
+                let (b, m) = crate::dtype::scan(&buf[..n], info.dtype);
+                bad += b;
+                max = max.max(m);
+                at += n;
+            }
+            Ok((bad, max))
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(crate::dtype::scan(&shard.mmap[info.start..info.end], info.dtype))
+        }
+    }
+
     pub fn release(&self, name: &str) {
         let Some(info) = self.tensors.get(name) else {
             return;
