@@ -1203,7 +1203,10 @@ fn closed_stdout_ends_quietly() {
     drop(child.stdout.take()); // the reader is gone before anything is written
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
     assert!(
         out.status.success() || out.status.signal() == Some(13),
         "{:?}: {stderr}",
@@ -1217,7 +1220,12 @@ fn closed_stdout_ends_quietly() {
 fn sublayer_norm_flags_conflict() {
     let c = Case::with_model(&TinyLlama::default());
     let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
-        .args(["convert", &c.config(), "--sublayer-norm", "--no-sublayer-norm"])
+        .args([
+            "convert",
+            &c.config(),
+            "--sublayer-norm",
+            "--no-sublayer-norm",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1235,5 +1243,8 @@ fn sublayer_norm_flags_conflict() {
 fn garbage_tokenizer_is_refused_by_convert() {
     let c = Case::with_model(&TinyLlama::default());
     std::fs::write(c.path("src/tokenizer.json"), "{\"model\": 42}").unwrap();
-    c.fails(&["convert", &c.config()], &["tokenizer.json", "not a tokenizer"]);
+    c.fails(
+        &["convert", &c.config()],
+        &["tokenizer.json", "not a tokenizer"],
+    );
 }

@@ -211,7 +211,8 @@ fn gemma3_forward_matches_transformers() {
     };
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gemma3_reference.json"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/gemma3_reference.json"),
         )
         .unwrap(),
     )
@@ -227,9 +228,18 @@ fn gemma3_forward_matches_transformers() {
     };
     for p in reference["prompts"].as_array().unwrap() {
         let ids = as_u32(&p["input_ids"]);
-        assert_eq!(codec.encode(p["prompt"].as_str().unwrap()).unwrap(), ids, "tokenizer");
+        assert_eq!(
+            codec.encode(p["prompt"].as_str().unwrap()).unwrap(),
+            ids,
+            "tokenizer"
+        );
         let logits = model
-            .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+            .forward(
+                &Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -243,8 +253,14 @@ fn gemma3_forward_matches_transformers() {
             .zip(p["top20_logits"].as_array().unwrap())
             .enumerate()
         {
-            for (i, v) in top_ids.as_array().unwrap().iter().zip(top_vals.as_array().unwrap()) {
-                let d = (logits[pos][i.as_u64().unwrap() as usize] - v.as_f64().unwrap() as f32).abs();
+            for (i, v) in top_ids
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(top_vals.as_array().unwrap())
+            {
+                let d =
+                    (logits[pos][i.as_u64().unwrap() as usize] - v.as_f64().unwrap() as f32).abs();
                 assert!(!d.is_nan(), "NaN logit at {pos}");
                 max = max.max(d);
             }
@@ -256,8 +272,16 @@ fn gemma3_forward_matches_transformers() {
         assert!(max <= 1e-3, "{:?}: {max}", p["prompt"]);
         let expected = as_u32(&p["greedy_ids"]);
         for cache in [true, false] {
-            let g = generate(&model, &ids, expected.len(), &Sampling::default(), &[], cache, &mut |_| {})
-                .unwrap();
+            let g = generate(
+                &model,
+                &ids,
+                expected.len(),
+                &Sampling::default(),
+                &[],
+                cache,
+                &mut |_| {},
+            )
+            .unwrap();
             assert_eq!(g.ids, expected, "greedy ids (kv cache {cache})");
         }
     }
@@ -279,10 +303,17 @@ fn gemma3_zero_init_conversion_is_preserved() {
     let out = tmp.path().join("zero");
     let yml = write_yml(
         &tmp.path().join("c.yml"),
-        format!("base_model: {}\noutput_dir: {}\n", imported.hf.display(), out.display()),
+        format!(
+            "base_model: {}\noutput_dir: {}\n",
+            imported.hf.display(),
+            out.display()
+        ),
     );
     let plan = run(bin().args(["convert", &yml, "--zero-init", "--no-sublayer-norm"]));
-    assert!(plan.contains("family: gemma3 (Gemma3ForCausalLM)"), "{plan}");
+    assert!(
+        plan.contains("family: gemma3 (Gemma3ForCausalLM)"),
+        "{plan}"
+    );
     assert!(plan.contains("format: gemma3_text-differential"), "{plan}");
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
@@ -295,7 +326,11 @@ fn gemma3_zero_init_conversion_is_preserved() {
         src["layer_types"].clone()
     });
     let stdout = run(bin()
-        .args(["compare", imported.hf.to_str().unwrap(), out.to_str().unwrap()])
+        .args([
+            "compare",
+            imported.hf.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ])
         .arg("--expect-preserved"));
     println!("{stdout}");
 }
@@ -311,7 +346,11 @@ fn gemma3_default_conversion_trains_and_evaluates() {
     let conv = tmp.path().join("diff");
     let yml = write_yml(
         &tmp.path().join("c.yml"),
-        format!("base_model: {}\noutput_dir: {}\n", imported.hf.display(), conv.display()),
+        format!(
+            "base_model: {}\noutput_dir: {}\n",
+            imported.hf.display(),
+            conv.display()
+        ),
     );
     run(bin().args(["convert", &yml]));
     drop(imported);
@@ -331,7 +370,8 @@ fn gemma3_default_conversion_trains_and_evaluates() {
     std::fs::remove_dir_all(&conv).unwrap();
     assert!(stdout.contains("step 4/4 loss"), "{stdout}");
     let all: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
+            .unwrap();
     let records: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -339,7 +379,10 @@ fn gemma3_default_conversion_trains_and_evaluates() {
         .collect();
     let losses: Vec<f64> = records.iter().filter_map(|r| r["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 4);
-    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
     // Monitoring on 3 of the 18 layers (0, 8, 17: round-half-to-even of i * 17/2).
     let r = records
         .iter()
@@ -361,7 +404,13 @@ fn gemma3_default_conversion_trains_and_evaluates() {
         eval_json.to_str().unwrap(),
     ]));
     let e: Value = serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
-    let (a, b) = (all["eval_loss"].as_f64().unwrap(), e["eval_loss"].as_f64().unwrap());
+    let (a, b) = (
+        all["eval_loss"].as_f64().unwrap(),
+        e["eval_loss"].as_f64().unwrap(),
+    );
     println!("eval_loss at the end of training {a}, after reload {b}\n{stdout}");
-    assert!((a - b).abs() <= 1e-5 * a, "eval_loss {a} at the end of training, {b} after reload");
+    assert!(
+        (a - b).abs() <= 1e-5 * a,
+        "eval_loss {a} at the end of training, {b} after reload"
+    );
 }

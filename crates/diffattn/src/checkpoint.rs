@@ -292,7 +292,8 @@ impl Checkpoint {
             let mut at = info.start;
             while at < info.end {
                 let n = block.min(info.end - at);
-                file.read_exact_at(&mut buf[..n], at as u64).at(&shard.path)?;
+                file.read_exact_at(&mut buf[..n], at as u64)
+                    .at(&shard.path)?;
                 let (b, m) = crate::dtype::scan(&buf[..n], info.dtype);
                 bad += b;
                 max = max.max(m);
@@ -302,7 +303,10 @@ impl Checkpoint {
         }
         #[cfg(not(unix))]
         {
-            Ok(crate::dtype::scan(&shard.mmap[info.start..info.end], info.dtype))
+            Ok(crate::dtype::scan(
+                &shard.mmap[info.start..info.end],
+                info.dtype,
+            ))
         }
     }
 

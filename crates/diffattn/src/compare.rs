@@ -80,7 +80,11 @@ pub fn logit_metrics(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32, f64, f64) {
             let d = (x - y).abs();
             // A NaN on either side makes the maximum NaN (f32::max would drop it, and a model
             // whose logits are all NaN would look preserved).
-            max = if d.is_nan() || max.is_nan() { f32::NAN } else { max.max(d) };
+            max = if d.is_nan() || max.is_nan() {
+                f32::NAN
+            } else {
+                max.max(d)
+            };
             sum += d as f64;
             n += 1;
         }

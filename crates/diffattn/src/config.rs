@@ -299,7 +299,11 @@ impl ModelConfig {
         let check = |obj: &Map<String, Value>, key: String| -> Result<()> {
             if let Some(t) = obj.get("rope_theta") {
                 if !t.as_f64().is_some_and(|x| x.is_finite() && x > 0.0) {
-                    return Err(self.invalid(&format!("{key}.rope_theta"), short(t), "must be a positive number"));
+                    return Err(self.invalid(
+                        &format!("{key}.rope_theta"),
+                        short(t),
+                        "must be a positive number",
+                    ));
                 }
             }
             Ok(())
@@ -342,14 +346,15 @@ impl ModelConfig {
             }
             _ => "full_attention",
         };
-        let inv = crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
-            Error::InvalidValue {
-                path: self.path.clone(),
-                key: self.rope_key(layer_type),
-                value: scaling.clone().map(|s| short(&s)).unwrap_or_default(),
-                reason,
-            }
-        })?;
+        let inv =
+            crate::model::rope::inv_freq(head_dim, theta, scaling.as_ref()).map_err(|reason| {
+                Error::InvalidValue {
+                    path: self.path.clone(),
+                    key: self.rope_key(layer_type),
+                    value: scaling.clone().map(|s| short(&s)).unwrap_or_default(),
+                    reason,
+                }
+            })?;
         if inv.iter().any(|f| !f.is_finite()) {
             return Err(self.invalid(
                 &self.rope_key(layer_type),
@@ -471,7 +476,11 @@ impl ModelConfig {
         }
         for key in ["attn_logit_softcapping"] {
             if let Some(v) = self.raw.get(key).filter(|v| !v.is_null()) {
-                return Err(self.invalid(key, short(v), "attention-score soft capping is not supported"));
+                return Err(self.invalid(
+                    key,
+                    short(v),
+                    "attention-score soft capping is not supported",
+                ));
             }
         }
         if self.flag("use_bidirectional_attention", false)? {
@@ -493,7 +502,12 @@ impl ModelConfig {
             Some(v) => match v.as_f64() {
                 // Used in f32 arithmetic: its square root's inverse and itself must stay
                 // finite and non-zero there.
-                Some(x) if x.is_finite() && x > 0.0 && (x as f32).is_normal() && ((1.0 / x) as f32).is_normal() => {
+                Some(x)
+                    if x.is_finite()
+                        && x > 0.0
+                        && (x as f32).is_normal()
+                        && ((1.0 / x) as f32).is_normal() =>
+                {
                     Ok(Some(x))
                 }
                 _ => Err(self.invalid(key, short(v), "must be a positive number within f32 range")),
@@ -525,7 +539,11 @@ impl ModelConfig {
             None | Some(Value::Null) => Ok(None),
             Some(v) => match v.as_u64() {
                 Some(w) if w > 0 => Ok(Some(w as usize)),
-                _ => Err(self.invalid("sliding_window", short(v), "must be a positive integer or null")),
+                _ => Err(self.invalid(
+                    "sliding_window",
+                    short(v),
+                    "must be a positive integer or null",
+                )),
             },
         }
     }
@@ -549,7 +567,9 @@ impl ModelConfig {
                 .map(|t| match t.as_str() {
                     Some("sliding_attention") => Ok(true),
                     Some("full_attention") => Ok(false),
-                    _ => Err(bad("entries must be \"sliding_attention\" or \"full_attention\"")),
+                    _ => Err(bad(
+                        "entries must be \"sliding_attention\" or \"full_attention\"",
+                    )),
                 })
                 .collect::<Result<Vec<bool>>>()
                 .map(Some)
@@ -562,7 +582,11 @@ impl ModelConfig {
                 let first = match self.raw.get("max_window_layers") {
                     None | Some(Value::Null) => 28,
                     Some(v) => v.as_u64().ok_or_else(|| {
-                        self.invalid("max_window_layers", short(v), "must be a non-negative integer")
+                        self.invalid(
+                            "max_window_layers",
+                            short(v),
+                            "must be a non-negative integer",
+                        )
                     })? as usize,
                 };
                 match from_types()? {
@@ -635,7 +659,10 @@ impl ModelConfig {
         };
         if let Some(Value::Object(p)) = self.typed.rope_parameters.as_ref() {
             if let Some(Value::Object(sliding)) = p.get("sliding_attention") {
-                let theta = sliding.get("rope_theta").and_then(Value::as_f64).unwrap_or(default);
+                let theta = sliding
+                    .get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(default);
                 return Ok(Some((theta, Some(Value::Object(sliding.clone())))));
             }
         }
@@ -738,7 +765,9 @@ impl ModelConfig {
 
     /// `rms_norm_eps`, default the family's (1e-6 in every family read here).
     pub fn rms_norm_eps(&self) -> f64 {
-        self.typed.rms_norm_eps.unwrap_or(self.family.default_rms_norm_eps)
+        self.typed
+            .rms_norm_eps
+            .unwrap_or(self.family.default_rms_norm_eps)
     }
 }
 

@@ -373,7 +373,13 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     if src.config.format.is_differential() {
         return Err(Error::UnsupportedArchitecture {
             path: src.config.path.clone(),
-            value: src.config.typed.architectures.clone().unwrap_or_default().join(","),
+            value: src
+                .config
+                .typed
+                .architectures
+                .clone()
+                .unwrap_or_default()
+                .join(","),
             supported: format!(
                 "{} (the model is already differential)",
                 crate::families::FAMILIES.map(|f| f.class).join(", ")

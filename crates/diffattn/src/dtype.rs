@@ -180,7 +180,15 @@ mod scan_tests {
 
     #[test]
     fn counts_non_finite_and_finds_the_largest_finite_magnitude() {
-        let v = [1.0f32, -3.0, f32::NAN, f32::INFINITY, 0.5, f32::NEG_INFINITY, -0.0];
+        let v = [
+            1.0f32,
+            -3.0,
+            f32::NAN,
+            f32::INFINITY,
+            0.5,
+            f32::NEG_INFINITY,
+            -0.0,
+        ];
         for dt in [DType::F32, DType::F16, DType::BF16] {
             assert_eq!(scan(&from_f32(&v, dt), dt), (3, 3.0), "{dt:?}");
         }

@@ -62,10 +62,9 @@ pub fn why_not_llama(mc: &ModelConfig) -> Option<String> {
                 layers.len()
             ));
         }
-        if layers
-            .iter()
-            .any(|l| l.rope_theta != layers[0].rope_theta || l.rope_scaling != layers[0].rope_scaling)
-        {
+        if layers.iter().any(|l| {
+            l.rope_theta != layers[0].rope_theta || l.rope_scaling != layers[0].rope_scaling
+        }) {
             reasons.push("a RoPE base per layer type".to_string());
         }
     }
@@ -98,7 +97,8 @@ pub fn as_llama_config(mc: &ModelConfig, zero_o_bias: bool) -> Map<String, Value
         .or_insert(json!(mc.max_position_embeddings()));
     raw.entry("tie_word_embeddings")
         .or_insert(json!(mc.tie_word_embeddings()));
-    raw.entry("rms_norm_eps").or_insert(json!(mc.rms_norm_eps()));
+    raw.entry("rms_norm_eps")
+        .or_insert(json!(mc.rms_norm_eps()));
     if zero_o_bias {
         raw.insert("attention_bias".into(), json!(true));
     }

@@ -89,7 +89,10 @@ fn the_sliding_windows_bind_in_the_fixtures() {
         cfg["sliding_window"] = serde_json::json!(1000);
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let d = dist(&logits(tmp.path(), &ids(&src)), &expected_logits(&src));
-        assert!(d > 1e-2, "{case}: without its window the model is still within {d}");
+        assert!(
+            d > 1e-2,
+            "{case}: without its window the model is still within {d}"
+        );
     }
 }
 
@@ -105,7 +108,13 @@ fn cached_decoding_past_the_window_equals_full_recompute() {
         let pos = m.positions(1, prefill, 0).unwrap();
         let mask = m.mask(1, prefill, 0, None).unwrap();
         let mut rows = m
-            .forward_full(&ids_tensor(&ids[..prefill]), &pos, Some(&mask), Some(&mut cache), None)
+            .forward_full(
+                &ids_tensor(&ids[..prefill]),
+                &pos,
+                Some(&mask),
+                Some(&mut cache),
+                None,
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -114,7 +123,13 @@ fn cached_decoding_past_the_window_equals_full_recompute() {
         for i in prefill..ids.len() {
             let pos = m.positions(1, 1, i).unwrap();
             let step = m
-                .forward_full(&ids_tensor(&ids[i..i + 1]), &pos, None, Some(&mut cache), None)
+                .forward_full(
+                    &ids_tensor(&ids[i..i + 1]),
+                    &pos,
+                    None,
+                    Some(&mut cache),
+                    None,
+                )
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
@@ -143,13 +158,18 @@ fn left_padded_batch_equals_unbatched_runs() {
         let positions: Vec<u32> = (0..t as u32)
             .chain((0..t).map(|j| j.saturating_sub(pad) as u32))
             .collect();
-        let batch_ids = Tensor::new([long.as_slice(), padded.as_slice()].concat().as_slice(), &Device::Cpu)
-            .unwrap()
-            .reshape((2, t))
-            .unwrap();
+        let batch_ids = Tensor::new(
+            [long.as_slice(), padded.as_slice()].concat().as_slice(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .reshape((2, t))
+        .unwrap();
         let pos = Tensor::from_vec(positions, (2, t), &Device::Cpu).unwrap();
         let mask = m.mask(2, t, 0, Some(&key_mask)).unwrap();
-        let batch = m.forward_full(&batch_ids, &pos, Some(&mask), None, None).unwrap();
+        let batch = m
+            .forward_full(&batch_ids, &pos, Some(&mask), None, None)
+            .unwrap();
         let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
         let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
         assert!(dist(&row0, &logits_of(&m, &long)) <= 1e-4, "{case}: row 0");
@@ -202,23 +222,53 @@ fn preserving_conversions_keep_the_source_logits() {
 #[test]
 fn each_source_gets_a_format_that_expresses_it() {
     for (case, model_type, class) in [
-        ("mistral_window", "mistral-differential", "MistralDifferentialForCausalLM"),
-        ("qwen2_window", "qwen2-differential", "Qwen2DifferentialForCausalLM"),
-        ("qwen2_full", "llama-differential", "LlamaDifferentialForCausalLM"),
-        ("qwen3_qk_norm", "qwen3-differential", "Qwen3DifferentialForCausalLM"),
-        ("gemma3_sliding", "gemma3_text-differential", "Gemma3DifferentialForCausalLM"),
+        (
+            "mistral_window",
+            "mistral-differential",
+            "MistralDifferentialForCausalLM",
+        ),
+        (
+            "qwen2_window",
+            "qwen2-differential",
+            "Qwen2DifferentialForCausalLM",
+        ),
+        (
+            "qwen2_full",
+            "llama-differential",
+            "LlamaDifferentialForCausalLM",
+        ),
+        (
+            "qwen3_qk_norm",
+            "qwen3-differential",
+            "Qwen3DifferentialForCausalLM",
+        ),
+        (
+            "gemma3_sliding",
+            "gemma3_text-differential",
+            "Gemma3DifferentialForCausalLM",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
-        let plan = convert_to(&family(case), &out, &options(Layout::DoubleHeads, Init::Random, true));
+        let plan = convert_to(
+            &family(case),
+            &out,
+            &options(Layout::DoubleHeads, Init::Random, true),
+        );
         let cfg = config_of(&out);
         assert_eq!(cfg["model_type"], model_type, "{case}");
         assert_eq!(cfg["architectures"][0], class, "{case}");
         assert_eq!(cfg["sublayer_norm"], true, "{case}");
         let summary = plan.summary();
-        assert!(summary.contains(&format!("format: {model_type}")), "{case}: {summary}");
+        assert!(
+            summary.contains(&format!("format: {model_type}")),
+            "{case}: {summary}"
+        );
         if model_type != "llama-differential" {
-            assert!(summary.contains("a Llama config cannot express"), "{case}: {summary}");
+            assert!(
+                summary.contains("a Llama config cannot express"),
+                "{case}: {summary}"
+            );
             let err = diffattn::export::export(
                 &out,
                 &tmp.path().join("b"),
@@ -228,7 +278,10 @@ fn each_source_gets_a_format_that_expresses_it() {
             )
             .unwrap_err()
             .to_string();
-            assert!(err.contains("cannot be exported") && err.contains(model_type), "{case}: {err}");
+            assert!(
+                err.contains("cannot be exported") && err.contains(model_type),
+                "{case}: {err}"
+            );
         }
     }
 }
@@ -239,18 +292,35 @@ fn each_source_gets_a_format_that_expresses_it() {
 fn qwen2_as_format_a_carries_its_biases() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let plan = convert_to(&family("qwen2_full"), &out, &options(Layout::DoubleHeads, Init::Mirror, true));
+    let plan = convert_to(
+        &family("qwen2_full"),
+        &out,
+        &options(Layout::DoubleHeads, Init::Mirror, true),
+    );
     let cfg = config_of(&out);
     assert_eq!(cfg["attention_bias"], true);
-    assert!(plan.summary().contains("o_proj.bias = 0 [32] in each of the 2 layers"), "{}", plan.summary());
+    assert!(
+        plan.summary()
+            .contains("o_proj.bias = 0 [32] in each of the 2 layers"),
+        "{}",
+        plan.summary()
+    );
     let st = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st).unwrap();
     for l in 0..2 {
-        let b = st.tensor(&format!("model.layers.{l}.self_attn.o_proj.bias")).unwrap();
+        let b = st
+            .tensor(&format!("model.layers.{l}.self_attn.o_proj.bias"))
+            .unwrap();
         assert_eq!(b.shape(), &[32]);
         assert!(b.data().iter().all(|&x| x == 0));
-        let q = st.tensor(&format!("model.layers.{l}.self_attn.q_proj.bias")).unwrap();
-        assert_eq!(q.shape(), &[64], "double-heads q bias: [positive; negative]");
+        let q = st
+            .tensor(&format!("model.layers.{l}.self_attn.q_proj.bias"))
+            .unwrap();
+        assert_eq!(
+            q.shape(),
+            &[64],
+            "double-heads q bias: [positive; negative]"
+        );
     }
 }
 
@@ -267,7 +337,13 @@ fn qwen2_format_a_is_read_by_a_llama_config_loader_as_we_read_it() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
         .collect();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
@@ -293,7 +369,13 @@ fn qwen2_as_diffllama_is_read_by_transformers_as_we_read_it() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
         .collect();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
@@ -301,8 +383,15 @@ fn qwen2_as_diffllama_is_read_by_transformers_as_we_read_it() {
     let mut o = options(Layout::DoubleHeads, Init::Mirror, true);
     o.seed = 42;
     let plan = convert::plan(&source, &o).unwrap();
-    diffattn::pipeline::convert_to(&source, &plan, &out, None, diffattn::export::Format::DiffLlama, &|_| {})
-        .unwrap();
+    diffattn::pipeline::convert_to(
+        &source,
+        &plan,
+        &out,
+        None,
+        diffattn::export::Format::DiffLlama,
+        &|_| {},
+    )
+    .unwrap();
     assert_eq!(config_of(&out)["model_type"], "diffllama");
     let d = dist(&logits(&out, &ids(&src)), &reference);
     assert!(d <= 1e-4, "ours vs transformers' DiffLlama: {d}");
@@ -336,8 +425,17 @@ fn every_trainable_tensor_of_each_converted_family_gets_a_gradient() {
                 let g = grads
                     .get(var)
                     .unwrap_or_else(|| panic!("{case} {layout:?}: no gradient for {name}"));
-                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(norm > 0.0 && norm.is_finite(), "{case} {layout:?}: gradient of {name} is {norm}");
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    norm > 0.0 && norm.is_finite(),
+                    "{case} {layout:?}: gradient of {name} is {norm}"
+                );
             }
         }
     }
@@ -362,9 +460,16 @@ fn diffllama_is_refused_for_family_formats() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("--format diffllama cannot express"), "{err}");
-    assert!(err.contains("q_norm/k_norm") && err.contains("qwen3-differential"), "{err}");
+    assert!(
+        err.contains("q_norm/k_norm") && err.contains("qwen3-differential"),
+        "{err}"
+    );
     assert!(!out.exists());
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no scratch left");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "no scratch left"
+    );
 }
 
 /// A copy of a family fixture with config.json edited by `edit` and its tensors by `tensors`.
@@ -378,14 +483,17 @@ fn edited(
     let mut cfg = config_of(&src);
     edit(&mut cfg);
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut w =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     tensors(&mut w);
     candle_core::safetensors::save(&w, tmp.path().join("model.safetensors")).unwrap();
     tmp
 }
 
 fn load_err(dir: &Path) -> String {
-    Model::load(dir, DType::F32, &Device::Cpu).unwrap_err().to_string()
+    Model::load(dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
 }
 
 fn convert_err(dir: &Path) -> String {
@@ -403,17 +511,28 @@ fn convert_err(dir: &Path) -> String {
 /// null it otherwise), whatever `layer_types` says: such a model is full attention.
 #[test]
 fn qwen_windows_need_use_sliding_window() {
-    let off = edited("qwen2_window", |c| c["use_sliding_window"] = false.into(), |_| {});
+    let off = edited(
+        "qwen2_window",
+        |c| c["use_sliding_window"] = false.into(),
+        |_| {},
+    );
     let full = edited(
         "qwen2_window",
-        |c| c["layer_types"] = serde_json::json!(["full_attention", "full_attention", "full_attention"]),
+        |c| {
+            c["layer_types"] =
+                serde_json::json!(["full_attention", "full_attention", "full_attention"])
+        },
         |_| {},
     );
     let ids = ids(&family("qwen2_window"));
     let a = logits(off.path(), &ids);
     assert!(dist(&a, &logits(full.path(), &ids)) <= 1e-6);
     assert!(dist(&a, &expected_logits(&family("qwen2_window"))) > 1e-2);
-    let yes = edited("qwen2_window", |c| c["use_sliding_window"] = "yes".into(), |_| {});
+    let yes = edited(
+        "qwen2_window",
+        |c| c["use_sliding_window"] = "yes".into(),
+        |_| {},
+    );
     assert!(load_err(yes.path()).contains("`use_sliding_window`"));
 }
 
@@ -431,20 +550,34 @@ fn tensors_the_family_does_not_have_are_refused() {
         |_| {},
     );
     for err in [load_err(as_llama.path()), convert_err(as_llama.path())] {
-        assert!(err.contains("k_norm.weight` is not part of a LlamaForCausalLM"), "{err}");
-    }
-    let o_bias = edited("qwen2_full", |_| {}, |w| {
-        w.insert(
-            "model.layers.0.self_attn.o_proj.bias".into(),
-            Tensor::full(0.5f32, 32, &Device::Cpu).unwrap(),
+        assert!(
+            err.contains("k_norm.weight` is not part of a LlamaForCausalLM"),
+            "{err}"
         );
-    });
-    for err in [load_err(o_bias.path()), convert_err(o_bias.path())] {
-        assert!(err.contains("o_proj.bias` is not part of a Qwen2ForCausalLM"), "{err}");
     }
-    let no_q_bias = edited("qwen2_full", |_| {}, |w| {
-        w.remove("model.layers.1.self_attn.q_proj.bias");
-    });
+    let o_bias = edited(
+        "qwen2_full",
+        |_| {},
+        |w| {
+            w.insert(
+                "model.layers.0.self_attn.o_proj.bias".into(),
+                Tensor::full(0.5f32, 32, &Device::Cpu).unwrap(),
+            );
+        },
+    );
+    for err in [load_err(o_bias.path()), convert_err(o_bias.path())] {
+        assert!(
+            err.contains("o_proj.bias` is not part of a Qwen2ForCausalLM"),
+            "{err}"
+        );
+    }
+    let no_q_bias = edited(
+        "qwen2_full",
+        |_| {},
+        |w| {
+            w.remove("model.layers.1.self_attn.q_proj.bias");
+        },
+    );
     for err in [load_err(no_q_bias.path()), convert_err(no_q_bias.path())] {
         assert!(err.contains("q_proj.bias` is missing"), "{err}");
     }
@@ -494,23 +627,33 @@ fn family_numbers_are_refused_by_key() {
 fn nan_logits_are_reported_never_preserved() {
     use diffattn::generate::{generate, Sampling, TextCodec};
     let src = edited("qwen3_qk_norm", |_| {}, |_| {});
-    let nan = edited("qwen3_qk_norm", |_| {}, |w| {
-        w.insert(
-            "model.layers.1.self_attn.q_norm.weight".into(),
-            Tensor::full(f32::NAN, 12, &Device::Cpu).unwrap(),
-        );
-    });
+    let nan = edited(
+        "qwen3_qk_norm",
+        |_| {},
+        |w| {
+            w.insert(
+                "model.layers.1.self_attn.q_norm.weight".into(),
+                Tensor::full(f32::NAN, 12, &Device::Cpu).unwrap(),
+            );
+        },
+    );
     for d in [src.path(), nan.path()] {
         diffattn_testutil::write_word_tokenizer(d, 32).unwrap();
     }
     let (a, b) = (load(src.path()), load(nan.path()));
     let codec = TextCodec::load(src.path()).unwrap();
-    let r = diffattn::compare::compare(&a, &b, &codec, &["the time of the world".into()], 4).unwrap();
-    assert!(r[0].max_abs_logit_diff.is_nan(), "{}", r[0].max_abs_logit_diff);
+    let r =
+        diffattn::compare::compare(&a, &b, &codec, &["the time of the world".into()], 4).unwrap();
+    assert!(
+        r[0].max_abs_logit_diff.is_nan(),
+        "{}",
+        r[0].max_abs_logit_diff
+    );
     assert_eq!(r[0].non_finite_logits.0, 0);
     assert!(r[0].non_finite_logits.1 > 0);
     assert!(!r[0].preserved());
-    let same = diffattn::compare::compare(&a, &a, &codec, &["the time of the world".into()], 4).unwrap();
+    let same =
+        diffattn::compare::compare(&a, &a, &codec, &["the time of the world".into()], 4).unwrap();
     assert!(same[0].preserved(), "the check can pass");
     let ids = codec.encode("the time of the world").unwrap();
     let err = generate(&b, &ids, 4, &Sampling::default(), &[], true, &mut |_| {})
@@ -526,18 +669,37 @@ fn nan_logits_are_reported_never_preserved() {
 fn non_finite_and_overflowing_weights_are_refused_by_convert() {
     let name = "model.layers.0.mlp.up_proj.weight";
     let with = |x: f32| {
-        edited("qwen3_qk_norm", |_| {}, move |w| {
-            let t = &w[name];
-            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            v[7] = x;
-            let shape = t.dims().to_vec();
-            w.insert(name.into(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-        })
+        edited(
+            "qwen3_qk_norm",
+            |_| {},
+            move |w| {
+                let t = &w[name];
+                let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v[7] = x;
+                let shape = t.dims().to_vec();
+                w.insert(
+                    name.into(),
+                    Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+                );
+            },
+        )
     };
     for (x, dtype, needles) in [
-        (f32::NAN, DtypeChoice::Keep, vec!["holds 1 NaN or infinite values"]),
-        (f32::INFINITY, DtypeChoice::BF16, vec!["holds 1 NaN or infinite values"]),
-        (1e5, DtypeChoice::F16, vec!["does not fit f16", "1e5", "65504"]),
+        (
+            f32::NAN,
+            DtypeChoice::Keep,
+            vec!["holds 1 NaN or infinite values"],
+        ),
+        (
+            f32::INFINITY,
+            DtypeChoice::BF16,
+            vec!["holds 1 NaN or infinite values"],
+        ),
+        (
+            1e5,
+            DtypeChoice::F16,
+            vec!["does not fit f16", "1e5", "65504"],
+        ),
     ] {
         let src = with(x);
         let tmp = tempfile::tempdir().unwrap();
@@ -546,7 +708,9 @@ fn non_finite_and_overflowing_weights_are_refused_by_convert() {
         let mut o = options(Layout::DoubleHeads, Init::Random, true);
         o.dtype = dtype;
         let plan = convert::plan(&source, &o).unwrap();
-        let err = convert::execute(&source, &plan, &out, None, &|_| {}).unwrap_err().to_string();
+        let err = convert::execute(&source, &plan, &out, None, &|_| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(name), "{err}");
         for n in needles {
             assert!(err.contains(n), "{err}");

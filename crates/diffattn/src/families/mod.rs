@@ -197,7 +197,10 @@ impl Family {
 
     /// The family of a source `model_type`.
     pub fn from_model_type(model_type: &str) -> Option<&'static Family> {
-        FAMILIES.iter().copied().find(|f| f.model_type == model_type)
+        FAMILIES
+            .iter()
+            .copied()
+            .find(|f| f.model_type == model_type)
     }
 
     /// `model_type` of this family's differential format (`qwen3-differential`).
@@ -245,7 +248,10 @@ impl Family {
             s.intermediate_size,
         );
         let mut m = BTreeMap::new();
-        m.insert("model.embed_tokens.weight".to_string(), vec![s.vocab_size, dm]);
+        m.insert(
+            "model.embed_tokens.weight".to_string(),
+            vec![s.vocab_size, dm],
+        );
         m.insert("model.norm.weight".to_string(), vec![dm]);
         for l in 0..s.num_hidden_layers {
             let n = LayerNames::new(l);
@@ -267,8 +273,11 @@ impl Family {
                 m.insert(n.attn("q_norm.weight"), vec![hd]);
                 m.insert(n.attn("k_norm.weight"), vec![hd]);
             }
-            for (proj, rows, cols) in [("gate_proj", i, dm), ("up_proj", i, dm), ("down_proj", dm, i)]
-            {
+            for (proj, rows, cols) in [
+                ("gate_proj", i, dm),
+                ("up_proj", i, dm),
+                ("down_proj", dm, i),
+            ] {
                 m.insert(n.name(&format!("mlp.{proj}.weight")), vec![rows, cols]);
             }
         }

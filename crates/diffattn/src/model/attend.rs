@@ -616,20 +616,46 @@ mod tests {
             }
         }
         let m = Tensor::from_vec(m, (b, 1, s, s), &dev).unwrap();
-        assert_eq!(block_first_key(Some(&m.flatten_all().unwrap().to_vec1::<f32>().unwrap()), s, 64, 32), 64 - w + 1);
+        assert_eq!(
+            block_first_key(
+                Some(&m.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+                s,
+                64,
+                32
+            ),
+            64 - w + 1
+        );
         let rnd = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let (q, k, v) = (rnd(&[b, nq, s, d]), rnd(&[b, nk, s, d]), rnd(&[b, nk, s, d]));
+        let (q, k, v) = (
+            rnd(&[b, nq, s, d]),
+            rnd(&[b, nk, s, d]),
+            rnd(&[b, nk, s, d]),
+        );
         let want = reference(&q, &k, &v, &m);
         let fused = attend(&q, &k, &v, Some(&m), AttentionKind::Standard, 0.0).unwrap();
         let composed = sdpa(&q, &k, &v, Some(&m), nq, nq / nk).unwrap();
-        assert!(max_diff(&fused, &want) < 1e-5, "{}", max_diff(&fused, &want));
-        assert!(max_diff(&composed, &fused) < 1e-6, "{}", max_diff(&composed, &fused));
+        assert!(
+            max_diff(&fused, &want) < 1e-5,
+            "{}",
+            max_diff(&fused, &want)
+        );
+        assert!(
+            max_diff(&composed, &fused) < 1e-6,
+            "{}",
+            max_diff(&composed, &fused)
+        );
         // Double heads: both branches over the same window.
         let q2 = rnd(&[b, 2 * nq, s, d]);
         let k2 = rnd(&[b, 2 * nk, s, d]);
         let fused = attend(&q2, &k2, &v, Some(&m), AttentionKind::DoubleHeads, 0.3).unwrap();
         let both = sdpa(&q2, &k2, &v, Some(&m), nq, nq / nk).unwrap();
-        let composed = (both.narrow(1, 0, nq).unwrap() - (both.narrow(1, nq, nq).unwrap() * 0.3).unwrap()).unwrap();
-        assert!(max_diff(&composed, &fused) < 1e-6, "{}", max_diff(&composed, &fused));
+        let composed = (both.narrow(1, 0, nq).unwrap()
+            - (both.narrow(1, nq, nq).unwrap() * 0.3).unwrap())
+        .unwrap();
+        assert!(
+            max_diff(&composed, &fused) < 1e-6,
+            "{}",
+            max_diff(&composed, &fused)
+        );
     }
 }

@@ -421,7 +421,10 @@ mod rms_tests {
             // (an absolute 3e-2 failed on an unlucky draw: 0.032 with max |y| ~ 5).
             let err = max_diff(&got, &want);
             let scale = max_diff(&want, &want.zeros_like().unwrap());
-            assert!(err < 2e-2 * scale, "{dt:?}: max |delta| {err}, max |y| {scale}");
+            assert!(
+                err < 2e-2 * scale,
+                "{dt:?}: max |delta| {err}, max |y| {scale}"
+            );
             let peak = max_diff(&got, &got.zeros_like().unwrap()); // max |y|
             assert!(peak > 1.0, "{dt:?}: the row was zeroed (max |y| {peak})");
         }
