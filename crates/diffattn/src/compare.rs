@@ -17,7 +17,7 @@ use crate::output::StagedDir;
 pub const PRESERVED_MAX_ABS: f32 = 1e-4;
 
 /// One model's greedy continuation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Continuation {
     pub ids: Vec<u32>,
     pub text: String,
@@ -167,32 +167,17 @@ pub fn compare(
         let (max, mean, kl, top1) = logit_metrics(&ls, &lc);
         let non_finite = |l: &[Vec<f32>]| l.iter().flatten().filter(|x| !x.is_finite()).count();
         let non_finite_logits = (non_finite(&ls), non_finite(&lc));
-        if non_finite_logits != (0, 0) {
-            // No continuation to compare: report the logits (and fail any preservation check).
-            let none = || Continuation {
-                ids: vec![],
-                text: String::new(),
-                uncached_ids_equal: false,
-                seconds: 0.0,
-            };
-            out.push(PromptComparison {
-                prompt: prompt.clone(),
-                input_ids: ids,
-                max_abs_logit_diff: max,
-                mean_abs_logit_diff: mean,
-                mean_kl_source_converted: kl,
-                top1_agreement: top1,
-                generations_match: false,
-                non_finite_logits,
-                source: none(),
-                converted: none(),
-                source_logits: ls,
-                converted_logits: lc,
-            });
-            continue;
-        }
-        let s = continuation(source, codec, &ids, max_new_tokens)?;
-        let c = continuation(converted, codec, &ids, max_new_tokens)?;
+        // Non-finite logits leave nothing to generate from (generate refuses them): no
+        // continuation is compared, and the preservation check fails on the counts.
+        let finite = non_finite_logits == (0, 0);
+        let (s, c) = if finite {
+            (
+                continuation(source, codec, &ids, max_new_tokens)?,
+                continuation(converted, codec, &ids, max_new_tokens)?,
+            )
+        } else {
+            (Continuation::default(), Continuation::default())
+        };
         out.push(PromptComparison {
             prompt: prompt.clone(),
             input_ids: ids,
@@ -200,7 +185,7 @@ pub fn compare(
             mean_abs_logit_diff: mean,
             mean_kl_source_converted: kl,
             top1_agreement: top1,
-            generations_match: s.ids == c.ids,
+            generations_match: finite && s.ids == c.ids,
             non_finite_logits,
             source: s,
             converted: c,

@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use candle_core::{DType, Device, Tensor, D};
-use common::{expected_logits, ids_tensor, logits, logits_of};
+use common::{
+    cached_logits, expected_logits, ids_tensor, left_padded_batch_logits, logits, logits_in,
+    logits_of,
+};
 use diffattn::axolotl::DtypeChoice;
 use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
-use diffattn::model::{KvCache, Model};
+use diffattn::model::Model;
 
 const CASES: [&str; 5] = [
     "mistral_window",
@@ -102,43 +105,9 @@ fn cached_decoding_past_the_window_equals_full_recompute() {
         let dir = family(case);
         let ids = ids(&dir);
         let m = load(&dir);
-        let full = logits_of(&m, &ids);
-        let prefill = 3; // shorter than every window; decoding then runs past it
-        let mut cache = KvCache::new();
-        let pos = m.positions(1, prefill, 0).unwrap();
-        let mask = m.mask(1, prefill, 0, None).unwrap();
-        let mut rows = m
-            .forward_full(
-                &ids_tensor(&ids[..prefill]),
-                &pos,
-                Some(&mask),
-                Some(&mut cache),
-                None,
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for i in prefill..ids.len() {
-            let pos = m.positions(1, 1, i).unwrap();
-            let step = m
-                .forward_full(
-                    &ids_tensor(&ids[i..i + 1]),
-                    &pos,
-                    None,
-                    Some(&mut cache),
-                    None,
-                )
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            rows.extend(step);
-        }
-        assert_eq!(cache.seq_len(), ids.len());
-        let d = dist(&rows, &full);
+        // A prefill shorter than every window; decoding then runs past it.
+        let rows = cached_logits(&m, &ids, 3);
+        let d = dist(&rows, &logits_of(&m, &ids));
         assert!(d <= 1e-4, "{case}: cached vs full {d}");
     }
 }
@@ -149,31 +118,9 @@ fn left_padded_batch_equals_unbatched_runs() {
         let dir = family(case);
         let m = load(&dir);
         let long = ids(&dir);
-        let short = long[5..].to_vec();
-        let t = long.len();
-        let pad = t - short.len();
-        let mut padded = vec![0u32; pad];
-        padded.extend(&short);
-        let key_mask = vec![vec![1u8; t], (0..t).map(|j| u8::from(j >= pad)).collect()];
-        let positions: Vec<u32> = (0..t as u32)
-            .chain((0..t).map(|j| j.saturating_sub(pad) as u32))
-            .collect();
-        let batch_ids = Tensor::new(
-            [long.as_slice(), padded.as_slice()].concat().as_slice(),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .reshape((2, t))
-        .unwrap();
-        let pos = Tensor::from_vec(positions, (2, t), &Device::Cpu).unwrap();
-        let mask = m.mask(2, t, 0, Some(&key_mask)).unwrap();
-        let batch = m
-            .forward_full(&batch_ids, &pos, Some(&mask), None, None)
-            .unwrap();
-        let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
-        let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
+        let (row0, row1) = left_padded_batch_logits(&m, &long, &long[5..]);
         assert!(dist(&row0, &logits_of(&m, &long)) <= 1e-4, "{case}: row 0");
-        let d = dist(&row1[pad..], &logits_of(&m, &short));
+        let d = dist(&row1, &logits_of(&m, &long[5..]));
         assert!(d <= 1e-4, "{case}: padded row differs by {d}");
     }
 }
@@ -333,18 +280,7 @@ fn qwen2_format_a_is_read_by_a_llama_config_loader_as_we_read_it() {
     let e = src.join("expected_format_a.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&e).unwrap()).unwrap();
     assert_eq!(v["conversion"][0], "--mirror-weights");
-    let reference: Vec<Vec<f32>> = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect();
+    let reference = logits_in(&e);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     // The CLI's defaults: sub-layer norm on, seed 42.
@@ -360,23 +296,10 @@ fn qwen2_format_a_is_read_by_a_llama_config_loader_as_we_read_it() {
 #[test]
 fn qwen2_as_diffllama_is_read_by_transformers_as_we_read_it() {
     let src = family("qwen2_full");
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(src.join("expected_diffllama.json")).unwrap(),
-    )
-    .unwrap();
+    let e = src.join("expected_diffllama.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&e).unwrap()).unwrap();
     assert_eq!(v["conversion"][2], "diffllama");
-    let reference: Vec<Vec<f32>> = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect();
+    let reference = logits_in(&e);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let source = Source::from_dir(&src).unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, D};
 use common::{ids_tensor, logits_of, max_abs_diff};
-use diffattn::model::{KvCache, Model};
+use diffattn::model::Model;
 
 fn fixtures() -> Vec<PathBuf> {
     let root = common::fixtures_root().join("tiny");
@@ -85,43 +85,7 @@ fn kv_cache_decoding_equals_full_recompute() {
         let e = expected(&dir);
         let m = load(&dir, e.mix);
         let full = logits_of(&m, &e.ids);
-        let n = e.ids.len();
-        let prefill = n - 3;
-        let mut cache = KvCache::new();
-        let pos = m.positions(1, prefill, 0).unwrap();
-        let mask = m.mask(1, prefill, 0, None).unwrap();
-        let first = m
-            .forward_full(
-                &ids_tensor(&e.ids[..prefill]),
-                &pos,
-                Some(&mask),
-                Some(&mut cache),
-                None,
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let mut rows = first;
-        for i in prefill..n {
-            let pos = m.positions(1, 1, i).unwrap();
-            let step = m
-                .forward_full(
-                    &ids_tensor(&e.ids[i..i + 1]),
-                    &pos,
-                    None,
-                    Some(&mut cache),
-                    None,
-                )
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            rows.extend(step);
-        }
-        assert_eq!(cache.seq_len(), n);
+        let rows = common::cached_logits(&m, &e.ids, e.ids.len() - 3);
         let diff = max_abs_diff(&rows, &full);
         assert!(diff <= 1e-4, "{}: cached vs full {diff}", dir.display());
     }
@@ -132,39 +96,14 @@ fn left_padded_batch_equals_unbatched_runs() {
     for dir in fixtures() {
         let e = expected(&dir);
         let m = load(&dir, e.mix);
-        let long = e.ids.clone();
-        let short = e.ids[3..].to_vec();
-        let t = long.len();
-        let pad = t - short.len();
-        let mut padded = vec![0u32; pad];
-        padded.extend(&short);
-        let key_mask = vec![
-            vec![1u8; t],
-            (0..t).map(|j| u8::from(j >= pad)).collect::<Vec<u8>>(),
-        ];
-        let positions: Vec<u32> = (0..t as u32)
-            .chain((0..t).map(|j| j.saturating_sub(pad) as u32))
-            .collect();
-        let ids = Tensor::new(
-            [long.as_slice(), padded.as_slice()].concat().as_slice(),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .reshape((2, t))
-        .unwrap();
-        let pos = Tensor::from_vec(positions, (2, t), &Device::Cpu).unwrap();
-        let mask = m.mask(2, t, 0, Some(&key_mask)).unwrap();
-        let batch = m.forward_full(&ids, &pos, Some(&mask), None, None).unwrap();
-        let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
-        let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
-        let alone_long = logits_of(&m, &long);
-        let alone_short = logits_of(&m, &short);
+        let short = &e.ids[3..];
+        let (row0, row1) = common::left_padded_batch_logits(&m, &e.ids, short);
         assert!(
-            max_abs_diff(&row0, &alone_long) <= 1e-4,
+            max_abs_diff(&row0, &logits_of(&m, &e.ids)) <= 1e-4,
             "{}",
             dir.display()
         );
-        let d = max_abs_diff(&row1[pad..], &alone_short);
+        let d = max_abs_diff(&row1, &logits_of(&m, short));
         assert!(d <= 1e-4, "{}: padded row differs by {d}", dir.display());
     }
 }

@@ -41,8 +41,13 @@ pub fn logits(dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
 
 /// The reference logits `[s, vocab]` of a fixture's expected.json.
 pub fn expected_logits(dir: &Path) -> Vec<Vec<f32>> {
+    logits_in(&dir.join("expected.json"))
+}
+
+/// The `logits` `[s, vocab]` of a reference JSON file (expected.json, expected_format_a.json...).
+pub fn logits_in(file: &Path) -> Vec<Vec<f32>> {
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     v["logits"]
         .as_array()
         .unwrap()
@@ -55,6 +60,73 @@ pub fn expected_logits(dir: &Path) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
+}
+
+/// Logits `[n, vocab]` of `ids` decoded with the KV cache: a forward of the first `prefill`
+/// ids, then one id at a time.
+pub fn cached_logits(m: &Model, ids: &[u32], prefill: usize) -> Vec<Vec<f32>> {
+    let mut cache = diffattn::model::KvCache::new();
+    let pos = m.positions(1, prefill, 0).unwrap();
+    let mask = m.mask(1, prefill, 0, None).unwrap();
+    let mut rows = m
+        .forward_full(
+            &ids_tensor(&ids[..prefill]),
+            &pos,
+            Some(&mask),
+            Some(&mut cache),
+            None,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for i in prefill..ids.len() {
+        let pos = m.positions(1, 1, i).unwrap();
+        let step = m
+            .forward_full(
+                &ids_tensor(&ids[i..i + 1]),
+                &pos,
+                None,
+                Some(&mut cache),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        rows.extend(step);
+    }
+    assert_eq!(cache.seq_len(), ids.len());
+    rows
+}
+
+/// Logits of `long` and of `short` (left-padded to `long`'s length) run as one batch:
+/// (long's rows, short's rows without the padding).
+pub fn left_padded_batch_logits(
+    m: &Model,
+    long: &[u32],
+    short: &[u32],
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let t = long.len();
+    let pad = t - short.len();
+    let mut padded = vec![0u32; pad];
+    padded.extend(short);
+    let key_mask = vec![vec![1u8; t], (0..t).map(|j| u8::from(j >= pad)).collect()];
+    let positions: Vec<u32> = (0..t as u32)
+        .chain((0..t).map(|j| j.saturating_sub(pad) as u32))
+        .collect();
+    let ids = Tensor::new([long, padded.as_slice()].concat().as_slice(), &Device::Cpu)
+        .unwrap()
+        .reshape((2, t))
+        .unwrap();
+    let pos = Tensor::from_vec(positions, (2, t), &Device::Cpu).unwrap();
+    let mask = m.mask(2, t, 0, Some(&key_mask)).unwrap();
+    let batch = m.forward_full(&ids, &pos, Some(&mask), None, None).unwrap();
+    let row0 = batch.get(0).unwrap().to_vec2::<f32>().unwrap();
+    let row1 = batch.get(1).unwrap().to_vec2::<f32>().unwrap();
+    (row0, row1[pad..].to_vec())
 }
 
 /// Max |a - b| over two `[s, vocab]` matrices.
