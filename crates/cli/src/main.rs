@@ -147,6 +147,30 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    on_the_pool(|| dispatch(&cli))
+}
+
+/// Runs `f` on a worker of rayon's global pool: the parallel loops it starts (several hundred
+/// matrix products per decoded token) then fork and join inside the pool, where a call from
+/// the main thread would hand each one to the pool and sleep on a futex until it is done (two
+/// context switches per product). The worker's stack is as large as a main thread's.
+fn on_the_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .stack_size(64 << 20)
+        .build_global()
+    {
+        // Called from outside the pool, `scope` runs its body on a worker.
+        Ok(()) => rayon::scope(|_| f()),
+        Err(_) => f(),
+    }
+}
+
+fn dispatch(cli: &Cli) -> ExitCode {
     let result = match &cli.command {
         Command::ImportGguf(args) => commands::import_gguf::run(args),
         Command::Convert(args) => commands::convert::run(args),

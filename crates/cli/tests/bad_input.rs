@@ -1248,3 +1248,80 @@ fn garbage_tokenizer_is_refused_by_convert() {
         &["tokenizer.json", "not a tokenizer"],
     );
 }
+
+fn cli_limited(limit: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .env("DIFF_TRANSFORMER_MEMORY_LIMIT", limit)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Under a memory limit below a command's estimate every command that loads a model refuses
+/// with one line giving both figures (and what would need less) before it loads anything;
+/// above it, the same commands run.
+#[test]
+fn commands_refuse_to_start_beyond_the_memory_limit() {
+    let c = train_case("val_set_size: 1\n");
+    let src = c.path("src").display().to_string();
+    let cfg = c.config();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["generate", "--model", &src, "--prompt", "the man"],
+        vec!["compare", &src, &src, "--prompt", "the man"],
+        vec![
+            "bench",
+            "--model",
+            &src,
+            "--prefill-tokens",
+            "8",
+            "--decode-tokens",
+            "4",
+        ],
+        vec!["evaluate", &cfg],
+        vec!["train", &cfg],
+    ];
+    for args in &cases {
+        let (ok, err) = cli_limited("50M", args);
+        assert!(!ok, "{args:?} ran under 50M");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line expected:\n{err}"
+        );
+        assert!(
+            err.contains(&format!("{} needs about", args[0]))
+                && err.contains(
+                    "more than the 52 MB this process may use (DIFF_TRANSFORMER_MEMORY_LIMIT=50M)"
+                ),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        !c.path("out").exists(),
+        "a refused train left its output_dir"
+    );
+    // The cause is named: weights copied into another dtype.
+    let (ok, err) = cli_limited(
+        "50M",
+        &[
+            "generate", "--model", &src, "--prompt", "the", "--dtype", "bf16",
+        ],
+    );
+    assert!(
+        !ok && err.contains("--dtype f32 reads the weights in place"),
+        "{err}"
+    );
+    for args in &cases {
+        let (ok, err) = cli_limited("4G", args);
+        assert!(ok, "{args:?} refused under 4G: {err}");
+    }
+    let (ok, err) = cli_limited("lots", &cases[0]);
+    assert!(
+        !ok && err.contains("DIFF_TRANSFORMER_MEMORY_LIMIT=\"lots\"") && err.contains("1.5G"),
+        "{err}"
+    );
+}

@@ -35,7 +35,7 @@ impl TensorInfo {
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: std::sync::Arc<Mmap>,
 }
 
 /// A memory-mapped safetensors checkpoint.
@@ -190,7 +190,7 @@ impl Checkpoint {
         drop(st);
         self.shards.push(Shard {
             path: path.to_path_buf(),
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
         });
         Ok(())
     }
@@ -258,6 +258,30 @@ impl Checkpoint {
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let info = self.require(name)?;
         Ok(&self.shards[info.shard].mmap[info.start..info.end])
+    }
+
+    /// A matrix tensor (2-D) kept where it is: its elements read from the file's map, which
+    /// the matrix shares (see [`crate::model::stored`]).
+    pub fn stored_matrix(&self, name: &str) -> Result<crate::model::stored::StoredMatrix> {
+        let info = self.require(name)?;
+        let [rows, cols] = info.shape[..] else {
+            return Err(Error::Safetensors {
+                path: self.shards[info.shard].path.clone(),
+                msg: format!("tensor `{name}` is not a matrix (shape {:?})", info.shape),
+            });
+        };
+        Ok(crate::model::stored::StoredMatrix::mapped(
+            self.shards[info.shard].mmap.clone(),
+            info.start,
+            rows,
+            cols,
+            info.dtype,
+        ))
+    }
+
+    /// Bytes of tensor data in the checkpoint, by dtype.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|i| i.end - i.start).sum()
     }
 
     /// The tensor decoded to f32.

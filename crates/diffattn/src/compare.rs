@@ -145,38 +145,71 @@ fn continuation(
     })
 }
 
-/// Compares `converted` with `source` on `prompts` (tokenized with the source's tokenizer).
-pub fn compare(
-    source: &Model,
-    converted: &Model,
+/// One model's side of a comparison, per prompt: logits `[seq, vocab]` and, when they are all
+/// finite, its greedy continuation.
+struct Side {
+    logits: Vec<Vec<f32>>,
+    continuation: Option<Continuation>,
+}
+
+fn run_side(
+    model: &Model,
     codec: &TextCodec,
-    prompts: &[String],
+    prompts: &[Vec<u32>],
     max_new_tokens: usize,
-) -> Result<Vec<PromptComparison>> {
+) -> Result<Vec<Side>> {
+    prompts
+        .iter()
+        .map(|ids| {
+            let t = Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?;
+            let logits = model.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
+            // Non-finite logits leave nothing to generate from (generate refuses them).
+            let continuation = if logits.iter().flatten().all(|x| x.is_finite()) {
+                Some(continuation(model, codec, ids, max_new_tokens)?)
+            } else {
+                None
+            };
+            Ok(Side {
+                logits,
+                continuation,
+            })
+        })
+        .collect()
+}
+
+fn tokenize(codec: &TextCodec, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .iter()
+        .map(|prompt| {
+            let ids = codec.encode(prompt)?;
+            if ids.is_empty() {
+                return Err(Error::InvalidOptions(format!(
+                    "prompt {prompt:?} has no tokens"
+                )));
+            }
+            Ok(ids)
+        })
+        .collect()
+}
+
+/// The metrics of each prompt from both sides' runs.
+fn combine(
+    prompts: &[String],
+    ids: Vec<Vec<u32>>,
+    source: Vec<Side>,
+    converted: Vec<Side>,
+) -> Vec<PromptComparison> {
     let mut out = Vec::new();
-    for prompt in prompts {
-        let ids = codec.encode(prompt)?;
-        if ids.is_empty() {
-            return Err(Error::InvalidOptions(format!(
-                "prompt {prompt:?} has no tokens"
-            )));
-        }
-        let t = Tensor::new(ids.as_slice(), &source.device)?.unsqueeze(0)?;
-        let ls = source.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
-        let lc = converted.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
+    for (((prompt, ids), s), c) in prompts.iter().zip(ids).zip(source).zip(converted) {
+        let (ls, lc) = (s.logits, c.logits);
         let (max, mean, kl, top1) = logit_metrics(&ls, &lc);
         let non_finite = |l: &[Vec<f32>]| l.iter().flatten().filter(|x| !x.is_finite()).count();
         let non_finite_logits = (non_finite(&ls), non_finite(&lc));
-        // Non-finite logits leave nothing to generate from (generate refuses them): no
-        // continuation is compared, and the preservation check fails on the counts.
-        let finite = non_finite_logits == (0, 0);
-        let (s, c) = if finite {
-            (
-                continuation(source, codec, &ids, max_new_tokens)?,
-                continuation(converted, codec, &ids, max_new_tokens)?,
-            )
-        } else {
-            (Continuation::default(), Continuation::default())
+        // No continuation is compared unless both sides' logits are finite; the preservation
+        // check then fails on the counts.
+        let (s, c, finite) = match (s.continuation, c.continuation) {
+            (Some(s), Some(c)) if non_finite_logits == (0, 0) => (s, c, true),
+            _ => (Continuation::default(), Continuation::default(), false),
         };
         out.push(PromptComparison {
             prompt: prompt.clone(),
@@ -193,10 +226,26 @@ pub fn compare(
             converted_logits: lc,
         });
     }
-    Ok(out)
+    out
 }
 
-/// Loads both models (on CPU, computing in `dtype`) and the tokenizer, then [`compare`]s.
+/// Compares `converted` with `source` on `prompts` (tokenized with the source's tokenizer).
+pub fn compare(
+    source: &Model,
+    converted: &Model,
+    codec: &TextCodec,
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> Result<Vec<PromptComparison>> {
+    let ids = tokenize(codec, prompts)?;
+    let s = run_side(source, codec, &ids, max_new_tokens)?;
+    let c = run_side(converted, codec, &ids, max_new_tokens)?;
+    Ok(combine(prompts, ids, s, c))
+}
+
+/// Loads the source, runs every prompt on it, drops it, then does the same with the
+/// converted model (on CPU, computing in `dtype`): the two models are never loaded at once,
+/// so a comparison needs the memory of one. Then as [`compare`].
 pub fn compare_dirs(
     source_dir: &Path,
     converted_dir: &Path,
@@ -205,17 +254,6 @@ pub fn compare_dirs(
     dtype: DType,
 ) -> Result<Vec<PromptComparison>> {
     let dev = Device::Cpu;
-    let source = Model::load(source_dir, dtype, &dev)?;
-    let converted = Model::load(converted_dir, dtype, &dev)?;
-    if source.config.vocab_size != converted.config.vocab_size {
-        return Err(Error::InvalidOptions(format!(
-            "vocabularies differ: {} has {}, {} has {}",
-            source_dir.display(),
-            source.config.vocab_size,
-            converted_dir.display(),
-            converted.config.vocab_size
-        )));
-    }
     // The source's tokenizer; a converted model carries a copy (useful when the source's
     // tokenizer lives in a separate `tokenizer_config` directory).
     let tok_dir = if source_dir.join("tokenizer.json").is_file() {
@@ -224,7 +262,54 @@ pub fn compare_dirs(
         converted_dir
     };
     let codec = TextCodec::load(tok_dir)?;
-    compare(&source, &converted, &codec, prompts, max_new_tokens)
+    let ids = tokenize(&codec, prompts)?;
+    // Checked from the configs, before either model runs.
+    let vocab = |dir: &Path| -> Result<usize> {
+        Ok(
+            crate::config::ModelConfig::from_file(&dir.join("config.json"))?
+                .typed
+                .vocab_size,
+        )
+    };
+    let (source_vocab, converted_vocab) = (vocab(source_dir)?, vocab(converted_dir)?);
+    if source_vocab != converted_vocab {
+        return Err(Error::InvalidOptions(format!(
+            "vocabularies differ: {} has {}, {} has {}",
+            source_dir.display(),
+            source_vocab,
+            converted_dir.display(),
+            converted_vocab
+        )));
+    }
+    // The larger of the two models' needs (they run one after the other) plus the logits
+    // both sides keep.
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(0) + max_new_tokens;
+    let positions: usize = ids.iter().map(Vec::len).sum();
+    let estimates = [source_dir, converted_dir]
+        .iter()
+        .map(|dir| {
+            let shape = crate::memory::ModelShape::read(dir)?;
+            let (l, v) = (longest as u64, shape.vocab_size);
+            let mut e = shape.inference(crate::memory::dtype_of(dtype), 1, l, 0, l);
+            e.add(
+                "logits kept for the comparison",
+                2 * 4 * positions as u64 * v,
+            );
+            Ok(e)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    estimates
+        .into_iter()
+        .max_by_key(crate::memory::Estimate::total)
+        .expect("two estimates")
+        .check("compare")?;
+    let s = {
+        let source = Model::load(source_dir, dtype, &dev)?;
+        run_side(&source, &codec, &ids, max_new_tokens)?
+    };
+    let converted = Model::load(converted_dir, dtype, &dev)?;
+    let c = run_side(&converted, &codec, &ids, max_new_tokens)?;
+    Ok(combine(prompts, ids, s, c))
 }
 
 /// Writes, per prompt i, `prompt{i}_input_ids.npy` (u32 `[seq]`),

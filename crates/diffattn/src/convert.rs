@@ -259,6 +259,9 @@ impl Plan {
             Init::Random => "random (negative q/k ~ N(0, initializer_range), lambda ~ N(0, 0.1))",
             Init::Zero => "zero-init (negative q/k = 0, lambda = 0, lambda_init = 0)",
             Init::Mirror => "mirror-weights (negative q/k = positive q/k, lambda ~ N(0, 0.1))",
+            Init::PreservingMirror if self.out_dtype != DType::F32 => {
+                "preserving-mirror in half precision (negative q/k = positive q/k, lambda_q2/k2 = lambda_q1/k1 ~ N(0, 0.1), lambda_init 0.5 or 0.75, o_proj x 2 or 4: exact in bf16/f16)"
+            }
             Init::PreservingMirror => {
                 "preserving-mirror (negative q/k = positive q/k, lambda ~ N(0, 0.1), o_proj / (1 - lambda))"
             }
@@ -534,6 +537,12 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
                 );
             }
         }
+        // A preserving conversion written in bf16/f16 (`exact_fold`) rounds what it stores:
+        // the fold 1/(1 − λ) is made exact there instead (docs/preserving-init.md, "Half
+        // precision"): λq2 = λq1 and λk2 = λk1 (so the two exponentials cancel exactly,
+        // λ = λ_init), and λ_init = 1 − 2^-j (0.5 or 0.75), whose 1/(1 − λ) = 2^j multiplies
+        // `o_proj` without rounding in any dtype.
+        let exact_fold = options.init == Init::PreservingMirror && out_dtype != DType::F32;
         let mut lambda_vectors: Vec<Vec<f32>> = Vec::with_capacity(4);
         for (kind, lname) in [
             (2u64, "lambda_q1"),
@@ -543,6 +552,11 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         ] {
             let values = match options.init {
                 Init::Zero => vec![0.0; d],
+                _ if exact_fold && kind >= 4 => lambda_vectors[kind as usize - 4].clone(),
+                _ if exact_fold => {
+                    let v = normal_values(LAMBDA_STD, seed, stream(layer, kind), d);
+                    crate::dtype::to_f32(&crate::dtype::from_f32(&v, out_dtype), out_dtype)
+                }
                 Init::Random | Init::Mirror | Init::PreservingMirror => {
                     normal_values(LAMBDA_STD, seed, stream(layer, kind), d)
                 }
@@ -552,6 +566,11 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         }
         let li = match options.init {
             Init::Zero => 0.0,
+            _ if exact_fold => {
+                // The power of two nearest 1 − λ_init(l) (0.2 to 0.8), at most 1/2.
+                let j = (-(1.0 - lambda_init(layer)).log2()).round().max(1.0);
+                (1.0 - 0.5f64.powi(j as i32)) as f32
+            }
             _ => lambda_init(layer) as f32,
         };
         if options.init == Init::PreservingMirror {

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 /// Errors raised while reading, converting or writing checkpoints and configs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{0}")]
+    NotEnoughMemory(Box<crate::memory::Shortfall>),
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

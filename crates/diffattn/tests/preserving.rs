@@ -143,22 +143,91 @@ fn preserving_mirror_keeps_logits_and_learns() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("p");
         convert_to(&fixture(case), &out, Init::PreservingMirror);
-        let a = logits(&fixture(case), &ids);
-        let b = logits(&out, &ids);
-        let max = max_abs_diff(&a, &b);
-        assert!(max <= 1e-4, "{case}: step-0 logits differ by {max}");
-        let cfg = Model::load(&out, DType::F32, &Device::Cpu).unwrap().config;
-        let (hd, kvd) = (
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-        );
-        let steps = one_step(&out, &ids);
-        for (l, &(lam, q, k)) in negative_branch_changes(&steps, hd, kvd, cfg.hidden_size)
-            .iter()
-            .enumerate()
-        {
-            assert!(lam && q && k, "{case} layer {l}: lambda vectors changed {lam}, negative q rows {q}, negative k rows {k}");
+        preserves_and_learns(case, &fixture(case), &out, &ids);
+    }
+}
+
+/// The conversion in `out` of `src` computes its logits within 1e-4 on `ids`, and one step
+/// changes every lambda vector and every negative q/k row.
+fn preserves_and_learns(case: &str, src: &Path, out: &Path, ids: &[u32]) {
+    let max = max_abs_diff(&logits(src, ids), &logits(out, ids));
+    assert!(max <= 1e-4, "{case}: step-0 logits differ by {max}");
+    let cfg = Model::load(out, DType::F32, &Device::Cpu).unwrap().config;
+    let (hd, kvd) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let steps = one_step(out, ids);
+    for (l, &(lam, q, k)) in negative_branch_changes(&steps, hd, kvd, cfg.hidden_size)
+        .iter()
+        .enumerate()
+    {
+        assert!(lam && q && k, "{case} layer {l}: lambda vectors changed {lam}, negative q rows {q}, negative k rows {k}");
+    }
+}
+
+/// A copy of the checkpoint in `src` with every tensor rounded to bf16 (a bf16 source, as most
+/// released checkpoints are).
+fn bf16_copy(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
         }
+    }
+    let ck = diffattn::checkpoint::Checkpoint::open(src).unwrap();
+    let bf = diffattn::dtype::DType::BF16;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = ck
+        .names()
+        .map(|n| {
+            let info = ck.info(n).unwrap();
+            let v = ck.to_f32(n).unwrap();
+            (
+                n.to_string(),
+                info.shape.clone(),
+                diffattn::dtype::from_f32(&v, bf),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+
+/// Written in bf16 (from a bf16 source), the conversion folds an exact power of two into
+/// `o_proj` and stores mirrored lambda vectors: the logits stay within f32 rounding of the
+/// source's, where folding 1/(1 − λ) and rounding it to bf16 moved them by ~1e-1 on SmolLM2.
+#[test]
+fn preserving_mirror_in_bf16_is_exact_and_learns() {
+    let ids = [1u32, 5, 9, 13, 2, 7, 30, 11, 42, 3];
+    for case in ["llama_gqa", "llama_mqa_tied_bias"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("bf16");
+        bf16_copy(&fixture(case), &src);
+        let out = tmp.path().join("p");
+        convert_to(&src, &out, Init::PreservingMirror);
+        let ck = diffattn::checkpoint::Checkpoint::open(&out).unwrap();
+        let info = ck.info("model.layers.0.self_attn.o_proj.weight").unwrap();
+        assert_eq!(info.dtype, diffattn::dtype::DType::BF16);
+        for l in 0..2 {
+            let li = ck
+                .to_f32(&format!("model.layers.{l}.self_attn.lambda_init"))
+                .unwrap()[0];
+            assert!(
+                li == 0.5 || li == 0.75,
+                "{case} layer {l}: lambda_init {li}"
+            );
+        }
+        preserves_and_learns(case, &src, &out, &ids);
     }
 }
 
@@ -228,4 +297,13 @@ fn preserving_mirror_on_smollm2() {
     for (l, &(lam, q, k)) in changes.iter().enumerate() {
         assert!(lam && q && k, "layer {l}: ({lam}, {q}, {k})");
     }
+    // The common case: a bf16 source converted in bf16.
+    let hf16 = tmp.path().join("hf-bf16");
+    diffattn::gguf::import_gguf(&gguf, &hf16, diffattn::dtype::DType::BF16, false, &|_| {})
+        .unwrap();
+    let conv16 = tmp.path().join("p-bf16");
+    convert_to(&hf16, &conv16, Init::PreservingMirror);
+    let max16 = max_abs_diff(&logits(&hf16, &ids), &logits(&conv16, &ids));
+    println!("SmolLM2 bf16 --preserving-mirror: step-0 max |delta logit| {max16:.2e}");
+    assert!(max16 <= 1e-4, "bf16: {max16}");
 }

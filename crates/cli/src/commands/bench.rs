@@ -31,6 +31,14 @@ pub struct BenchArgs {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     use candle_core::{Device, Tensor};
+    diffattn::memory::check_inference(
+        "bench",
+        &a.model,
+        a.dtype.into(),
+        1,
+        a.prefill_tokens
+            .max(a.prompt_tokens.saturating_add(a.decode_tokens)),
+    )?;
     let model = diffattn::model::Model::load(&a.model, a.dtype.into(), &Device::Cpu)?;
     let context = model.config.max_position_embeddings;
     if a.prefill_tokens == 0 || a.prompt_tokens == 0 || a.decode_tokens == 0 || a.repeat == 0 {

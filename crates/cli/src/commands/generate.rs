@@ -43,13 +43,20 @@ pub struct GenerateArgs {
 pub fn run(a: &GenerateArgs) -> Result<()> {
     use std::io::Write;
     let dtype = a.dtype.into();
-    let model = diffattn::model::Model::load(&a.model, dtype, &candle_core::Device::Cpu)?;
     let codec = diffattn::generate::TextCodec::load(&a.model)?;
     let ids = match (&a.prompt, &a.chat) {
         (_, Some(c)) => codec.encode_chat(c)?,
         (Some(p), None) => codec.encode(p)?,
         (None, None) => unreachable!("clap requires one"),
     };
+    diffattn::memory::check_inference(
+        "generate",
+        &a.model,
+        dtype,
+        1,
+        ids.len() + a.max_new_tokens,
+    )?;
+    let model = diffattn::model::Model::load(&a.model, dtype, &candle_core::Device::Cpu)?;
     let sampling = diffattn::generate::Sampling {
         temperature: a.temperature,
         top_k: a.top_k,

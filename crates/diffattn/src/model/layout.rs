@@ -123,7 +123,7 @@ fn checked_product(
 /// The product must have passed [`checked_product`] for a `dst` slice starting at `dst`, and
 /// no other thread may access the elements it writes while it runs.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_unchecked(
+pub(crate) unsafe fn gemm_unchecked(
     dst: *mut f32,
     rs: usize,
     cs: usize,

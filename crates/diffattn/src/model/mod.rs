@@ -23,6 +23,7 @@ pub mod layout;
 pub mod ops;
 pub mod rope;
 pub(crate) mod simd;
+pub mod stored;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -168,22 +169,92 @@ impl Config {
     }
 }
 
+/// A weight matrix `[out, in]`: a candle tensor (training, GPU), or kept in its stored dtype
+/// and read from the checkpoint's map ([`stored`]; inference on the CPU).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Stored(stored::StoredMatrix),
+}
+
+impl Weight {
+    /// The candle tensor of a dense weight; stored weights are not tensors (training loads
+    /// dense weights: [`Model::load_trainable`]).
+    pub fn dense(&self) -> Result<&Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t),
+            Weight::Stored(_) => Err(Error::InvalidOptions(
+                "a model loaded for inference (weights in their stored dtype) cannot be trained"
+                    .into(),
+            )),
+        }
+    }
+
+    fn detach(&self) -> Self {
+        match self {
+            Weight::Dense(t) => Weight::Dense(t.detach()),
+            Weight::Stored(s) => Weight::Stored(s.clone()),
+        }
+    }
+
+    /// `x` `[.., in]` -> `[.., out]` = `x Wᵀ` (f32 on the CPU for stored weights).
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(layout::linear(x, w)?),
+            Weight::Stored(w) => {
+                let mut dims = x.dims().to_vec();
+                let inp = dims.pop().unwrap_or(0);
+                if inp != w.cols {
+                    return Err(Error::InvalidOptions(format!(
+                        "linear: input width {inp}, weight [{}, {}]",
+                        w.rows, w.cols
+                    )));
+                }
+                let m: usize = dims.iter().product();
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                dims.push(w.rows);
+                Ok(Tensor::from_vec(w.matmul_t(&xs, m), dims, x.device())?)
+            }
+        }
+    }
+
+    /// Rows `ids` (u32, any shape) -> `[..ids, in]`.
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(layout::embedding(w, ids)?),
+            Weight::Stored(w) => {
+                let mut dims = ids.dims().to_vec();
+                let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+                let rows = w.gather(&flat).map_err(|bad| {
+                    Error::InvalidOptions(format!(
+                        "token id {bad} is beyond the vocabulary ({})",
+                        w.rows
+                    ))
+                })?;
+                dims.push(w.cols);
+                Ok(Tensor::from_vec(rows, dims, ids.device())?)
+            }
+        }
+    }
+}
+
 /// A linear map `y = x W^T (+ b)`, `W` `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     /// `weight` `[out, in]`.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 
-    /// `x` `[.., in]` -> `[.., out]` (see [`layout::linear`] for how the product is formed).
+    /// `x` `[.., in]` -> `[.., out]` (see [`layout::linear`] and [`stored`] for how the
+    /// product is formed).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = layout::linear(x, &self.weight)?;
+        let y = self.weight.matmul_t(x)?;
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -297,10 +368,10 @@ fn wide_values(v: &Tensor, h: usize, kv: usize) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: Config,
-    embed_tokens: Tensor,
+    embed_tokens: Weight,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Weight,
     /// One table per distinct RoPE (see [`Config::layer_rope`]).
     ropes: Vec<rope::Rope>,
     /// `sqrt(hidden_size)` rounded to the weights' dtype (Gemma), else None.
@@ -356,10 +427,115 @@ pub fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<Weights
     Ok(out)
 }
 
+/// Where [`Model`] reads its tensors from.
+enum Source<'a> {
+    /// Candle tensors by name (training, GPU), used as they are.
+    Tensors(&'a Weights),
+    /// A checkpoint read in place (CPU inference): matrices stay in the stored dtype and
+    /// mapped when `dtype` is f32 or the stored dtype (else an owned copy rounded to
+    /// `dtype`); vectors become f32 tensors of their values rounded to `dtype`.
+    Checkpoint {
+        ck: &'a crate::checkpoint::Checkpoint,
+        dtype: crate::dtype::DType,
+        device: &'a Device,
+    },
+}
+
+impl Source<'_> {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Source::Tensors(w) => w.keys().cloned().collect(),
+            Source::Checkpoint { ck, .. } => ck.names().map(str::to_string).collect(),
+        }
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Source::Tensors(w) => w.get(name).map(|t| t.dims().to_vec()),
+            Source::Checkpoint { ck, .. } => ck.info(name).map(|i| i.shape.clone()),
+        }
+    }
+
+    /// The dtype parameters are rounded to (the checkpoint's, or `--dtype`).
+    fn param_dtype(&self) -> Result<DType> {
+        Ok(match self {
+            Source::Tensors(w) => w
+                .get("model.embed_tokens.weight")
+                .map(Tensor::dtype)
+                .unwrap_or(DType::F32),
+            Source::Checkpoint { dtype, .. } => match dtype {
+                crate::dtype::DType::F32 => DType::F32,
+                crate::dtype::DType::BF16 => DType::BF16,
+                crate::dtype::DType::F16 => DType::F16,
+            },
+        })
+    }
+
+    /// `x` rounded to the parameters' dtype, as a 0-dim tensor of the activations' dtype.
+    fn scalar(&self, x: f32, device: &Device) -> Result<Tensor> {
+        let t = Tensor::new(x, device)?.to_dtype(self.param_dtype()?)?;
+        Ok(match self {
+            Source::Tensors(_) => t,
+            Source::Checkpoint { .. } => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        match self {
+            Source::Tensors(w) => Ok(w[name].clone()),
+            Source::Checkpoint { ck, dtype, device } => {
+                let info = ck.require(name)?;
+                let mut v = ck.to_f32(name)?;
+                if dtype.size() < info.dtype.size() || (*dtype != info.dtype && dtype.size() == 2) {
+                    v = crate::dtype::to_f32(&crate::dtype::from_f32(&v, *dtype), *dtype);
+                }
+                Ok(Tensor::from_vec(v, info.shape.clone(), device)?)
+            }
+        }
+    }
+
+    fn matrix(&self, name: &str) -> Result<Weight> {
+        match self {
+            Source::Tensors(w) => Ok(Weight::Dense(w[name].clone())),
+            Source::Checkpoint { ck, dtype, .. } => {
+                let info = ck.require(name)?;
+                Ok(Weight::Stored(
+                    if *dtype == crate::dtype::DType::F32 || *dtype == info.dtype {
+                        ck.stored_matrix(name)?
+                    } else {
+                        let [rows, cols] = info.shape[..] else {
+                            return ck.stored_matrix(name).map(Weight::Stored);
+                        };
+                        stored::StoredMatrix::from_f32(&ck.to_f32(name)?, rows, cols, *dtype)
+                    },
+                ))
+            }
+        }
+    }
+}
+
 impl Model {
-    /// Loads config.json and weights from `dir`, computing in `dtype` (f32 by default on CPU).
+    /// Loads config.json and weights from `dir`. On the CPU the weight matrices stay in
+    /// their stored dtype, read from the file's map ([`stored`]), and arithmetic is f32:
+    /// `dtype` f32 uses the stored values exactly; bf16 or f16 rounds the parameters to it
+    /// (what a checkpoint of that dtype holds) and still accumulates in f32. Elsewhere
+    /// (`cuda`) every tensor is loaded as a candle tensor of `dtype`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let mc = ModelConfig::from_file(&dir.join("config.json"))?;
+        if device.is_cpu() {
+            let ck = crate::checkpoint::Checkpoint::open(dir)?;
+            let dtype = match dtype {
+                DType::BF16 => crate::dtype::DType::BF16,
+                DType::F16 => crate::dtype::DType::F16,
+                _ => crate::dtype::DType::F32,
+            };
+            let source = Source::Checkpoint {
+                ck: &ck,
+                dtype,
+                device,
+            };
+            return Self::from_source(&mc, &source, dir, device);
+        }
         let weights = load_weights(dir, dtype, device)?;
         Self::from_weights(&mc, &weights, dir, device)
     }
@@ -380,8 +556,13 @@ impl Model {
         origin: &Path,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_source(mc, &Source::Tensors(w), origin, device)
+    }
+
+    fn from_source(mc: &ModelConfig, w: &Source, origin: &Path, device: &Device) -> Result<Self> {
+        let names = w.names();
         crate::checkpoint::check_layer_count(
-            w.keys().map(String::as_str),
+            names.iter().map(String::as_str),
             mc.typed.num_hidden_layers,
             &mc.path,
         )?;
@@ -390,25 +571,33 @@ impl Model {
         // (a checkpoint of another family, or a bias the family does not have, must not run
         // silently as something else).
         let used = std::cell::RefCell::new(std::collections::HashSet::<String>::new());
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let check = |name: &str, shape: &[usize]| -> Result<()> {
             used.borrow_mut().insert(name.to_string());
-            let t = w.get(name).ok_or_else(|| Error::MissingTensor {
+            let dims = w.dims(name).ok_or_else(|| Error::MissingTensor {
                 path: origin.to_path_buf(),
                 name: name.to_string(),
             })?;
-            if t.dims() != shape {
+            if dims != shape {
                 return Err(Error::ShapeMismatch {
                     path: origin.to_path_buf(),
                     name: name.to_string(),
                     expected: shape.to_vec(),
-                    found: t.dims().to_vec(),
+                    found: dims,
                 });
             }
-            Ok(t.clone())
+            Ok(())
+        };
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            check(name, shape)?;
+            w.tensor(name)
+        };
+        let matrix = |name: &str, shape: &[usize]| -> Result<Weight> {
+            check(name, shape)?;
+            w.matrix(name)
         };
         let attention_bias = mc.typed.attention_bias.unwrap_or(false);
         let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
-            let weight = get(&format!("{p}.weight"), &[out, inp])?;
+            let weight = matrix(&format!("{p}.weight"), &[out, inp])?;
             let proj = p.rsplit('.').next().unwrap_or_default();
             let has_bias = p.contains(".self_attn.") && cfg.family.has_bias(proj, attention_bias);
             let bias = if has_bias {
@@ -438,8 +627,7 @@ impl Model {
             } else {
                 let vec = |n: &str| get(&format!("{a}.{n}"), &[d]);
                 let init = match cfg.format {
-                    Format::DiffLlama => Tensor::new(lambda_init(l) as f32, device)?
-                        .to_dtype(w[&format!("{a}.lambda_q1")].dtype())?,
+                    Format::DiffLlama => w.scalar(lambda_init(l) as f32, device)?,
                     _ => get(&format!("{a}.lambda_init"), &[])?,
                 };
                 let width = if cfg.attention == AttentionKind::SplitHeads {
@@ -500,18 +688,18 @@ impl Model {
                 down_proj: linear(&format!("{p}.mlp.down_proj"), dm, inter)?,
             });
         }
-        let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, dm])?;
+        let embed_tokens = matrix("model.embed_tokens.weight", &[cfg.vocab_size, dm])?;
         let norm = get("model.norm.weight", &[dm])?;
-        let lm_head = match w.get("lm_head.weight") {
-            Some(_) => get("lm_head.weight", &[cfg.vocab_size, dm])?,
+        let lm_head = match w.dims("lm_head.weight") {
+            Some(_) => matrix("lm_head.weight", &[cfg.vocab_size, dm])?,
             None => {
                 mc.check_lm_head(false, origin)?;
                 embed_tokens.clone()
             }
         };
         let used = used.into_inner();
-        let mut unread: Vec<&String> = w
-            .keys()
+        let mut unread: Vec<&String> = names
+            .iter()
             .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
             .collect();
         unread.sort();
@@ -522,7 +710,11 @@ impl Model {
                 model: format!("{} model in the {:?} format", cfg.family.class, cfg.format),
             });
         }
-        let dtype = embed_tokens.dtype();
+        // Activations: f32 for weights read in place, else the tensors' dtype.
+        let dtype = match &embed_tokens {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Stored(_) => DType::F32,
+        };
         let ropes = cfg
             .rope_tables
             .iter()
@@ -531,7 +723,7 @@ impl Model {
         // transformers: `embed_scale = torch.tensor(hidden_size ** 0.5)` (f32), cast to the
         // weights' dtype before it multiplies (Gemma3TextScaledWordEmbedding).
         let embed_scale = if cfg.family.embed_scale {
-            let s = Tensor::new((dm as f64).sqrt() as f32, device)?.to_dtype(dtype)?;
+            let s = w.scalar((dm as f64).sqrt() as f32, device)?;
             Some(s.to_dtype(DType::F64)?.to_scalar::<f64>()?)
         } else {
             None
@@ -612,7 +804,7 @@ impl Model {
             .iter()
             .map(|r| r.tables(positions))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut x = layout::embedding(&self.embed_tokens, ids)?;
+        let mut x = self.embed_tokens.embedding(ids)?;
         if let Some(scale) = self.embed_scale {
             x = x.affine(scale, 0.0)?;
         }
@@ -732,10 +924,10 @@ impl Model {
         let (b, s, dm) = hidden.dims3()?;
         // A few rows (decoding): the threads split the head's rows (see `layout::linear`);
         // more: candle's product, whose orientation suits this wide weight best.
-        let logits = if b * s < 16 {
-            layout::linear(&hidden.reshape((b * s, dm))?, &self.lm_head)?
-        } else {
-            hidden.reshape((b * s, dm))?.matmul(&self.lm_head.t()?)?
+        let logits = match &self.lm_head {
+            Weight::Dense(w) if b * s < 16 => layout::linear(&hidden.reshape((b * s, dm))?, w)?,
+            Weight::Dense(w) => hidden.reshape((b * s, dm))?.matmul(&w.t()?)?,
+            stored => stored.matmul_t(&hidden.reshape((b * s, dm))?)?,
         };
         let logits = logits
             .reshape((b, s, self.config.vocab_size))?
@@ -784,7 +976,7 @@ impl Model {
     }
 
     /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
-    pub fn lm_head(&self) -> &Tensor {
+    pub fn lm_head(&self) -> &Weight {
         &self.lm_head
     }
 

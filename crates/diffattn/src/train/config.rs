@@ -121,6 +121,9 @@ pub struct TrainConfig {
     pub resume_from_checkpoint: Option<Resume>,
     pub seed: u64,
     pub train_on_inputs: bool,
+    /// axolotl's `gradient_checkpointing`: recompute each layer's activations in the
+    /// backward instead of keeping them.
+    pub gradient_checkpointing: bool,
     pub special_tokens: Vec<(String, String)>,
     pub diff_attn_warmup_steps: Option<usize>,
     pub diff_attn_log_every: usize,
@@ -526,6 +529,7 @@ impl TrainConfig {
             resume_from_checkpoint,
             seed: axolotl.seed.unwrap_or(42),
             train_on_inputs: r.boolean("train_on_inputs")?.unwrap_or(false),
+            gradient_checkpointing: r.boolean("gradient_checkpointing")?.unwrap_or(false),
             special_tokens,
             diff_attn_warmup_steps,
             diff_attn_log_every: r.count("diff_attn_log_every", 1)?.unwrap_or(100),

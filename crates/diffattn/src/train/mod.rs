@@ -153,7 +153,23 @@ pub fn nll_sum(
     let h = hidden
         .reshape((batch.batch * batch.seq, dm))?
         .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    Ok(loss::head_nll_sum(&h, model.lm_head(), &targets)?)
+    match (model.lm_head(), model.config.final_logit_softcapping) {
+        (crate::model::Weight::Dense(w), None) => Ok(loss::head_nll_sum(&h, w, &targets)?),
+        // The soft cap (Gemma's `final_logit_softcapping`), or a head read in place
+        // (evaluation): logits through `Model::logits`, a bounded number of rows at a time.
+        _ => {
+            const ROWS: usize = 64;
+            let mut total = Tensor::zeros((), candle_core::DType::F32, dev)?;
+            for start in (0..n).step_by(ROWS) {
+                let len = ROWS.min(n - start);
+                let logits = model
+                    .logits(&h.narrow(0, start, len)?.unsqueeze(0)?)?
+                    .squeeze(0)?;
+                total = (total + loss::nll_sum(&logits, &targets[start..start + len])?)?;
+            }
+            Ok(total)
+        }
+    }
 }
 
 /// Mean loss and timing of `samples` in batches of `batch_size`.
@@ -620,6 +636,15 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
         _ => dir.clone(),
     };
     let prepared = prepare_data(cfg, &tokenizer_dir, &mc)?;
+    if device.is_cpu() {
+        let shape = crate::memory::ModelShape::read(&dir)?;
+        check_sequence_fits(cfg, shape.max_position_embeddings)?;
+        let (b, s) = (cfg.eval_batch_size as u64, cfg.sequence_len as u64);
+        let mut e = shape.inference(crate::dtype::DType::F32, b, s, 0, 0);
+        // The loss forms logits 64 rows at a time.
+        e.add("logits", 2 * 4 * 64 * shape.vocab_size);
+        e.check("evaluate")?;
+    }
     let model = Model::load(&dir, DType::F32, &device)?;
     check_sequence_len(cfg, &model)?;
     let r = evaluate_samples(&model, &prepared.val, cfg.eval_batch_size, prepared.pad_id)?;
@@ -628,14 +653,18 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
 
 /// Refuses a `sequence_len` longer than `model`'s `max_position_embeddings`.
 fn check_sequence_len(cfg: &TrainConfig, model: &Model) -> Result<()> {
-    if cfg.sequence_len > model.config.max_position_embeddings {
+    check_sequence_fits(cfg, model.config.max_position_embeddings)
+}
+
+/// Refuses a `sequence_len` longer than `max_position_embeddings`.
+pub(crate) fn check_sequence_fits(cfg: &TrainConfig, max_position_embeddings: usize) -> Result<()> {
+    if cfg.sequence_len > max_position_embeddings {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
             key: "sequence_len".into(),
             value: cfg.sequence_len.to_string(),
             reason: format!(
-                "longer than the model's max_position_embeddings ({})",
-                model.config.max_position_embeddings
+                "longer than the model's max_position_embeddings ({max_position_embeddings})"
             ),
         });
     }

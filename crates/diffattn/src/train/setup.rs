@@ -21,6 +21,11 @@ pub(super) fn load_model(
     model_dir: &Path,
     device: &Device,
 ) -> Result<TrainableModel> {
+    let shape = crate::memory::ModelShape::read(model_dir)?;
+    super::check_sequence_fits(cfg, shape.max_position_embeddings)?;
+    shape
+        .training(cfg.micro_batch_size as u64, cfg.sequence_len as u64, false)
+        .check("train")?;
     let tm = TrainableModel::load(model_dir, device)?;
     check_sequence_len(cfg, &tm.model)?;
     Ok(tm)
