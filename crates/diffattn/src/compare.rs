@@ -51,12 +51,74 @@ impl PromptComparison {
     /// docs/spec.md §7 preservation: max |Δ logit| ≤ 1e-4 and identical greedy generations (cached and
     /// uncached).
     pub fn preserved(&self) -> bool {
-        // NaN compares false: non-finite logits are never preserved.
-        self.max_abs_logit_diff <= PRESERVED_MAX_ABS
-            && self.non_finite_logits == (0, 0)
-            && self.generations_match
-            && self.source.uncached_ids_equal
-            && self.converted.uncached_ids_equal
+        Criterion::MaxAbs(PRESERVED_MAX_ABS).holds(self)
+    }
+}
+
+/// What `compare --expect-preserved` requires of each prompt (docs/spec.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Criterion {
+    /// Finite logits within this max |Δ| and identical greedy generations (cached and
+    /// uncached): f32 weights and compute (1e-4), or `--tolerance`.
+    MaxAbs(f32),
+    /// Half precision (weights stored or computed in bf16/f16, whose own rounding moves
+    /// logits by 1e-2 and more): finite logits, the same top-1 token at every prompt position
+    /// and identical greedy generations; max |Δ| is reported, not bounded.
+    Greedy,
+}
+
+impl Criterion {
+    /// The criterion for two model directories computed in `dtype`: `tolerance` when given,
+    /// else [`Criterion::Greedy`] when either model stores a weight matrix in bf16/f16 or the
+    /// compute dtype is one, else [`Criterion::MaxAbs`] of [`PRESERVED_MAX_ABS`].
+    pub fn for_dirs(
+        source: &Path,
+        converted: &Path,
+        dtype: DType,
+        tolerance: Option<f32>,
+    ) -> Result<Self> {
+        if let Some(t) = tolerance {
+            return Ok(Criterion::MaxAbs(t));
+        }
+        let half = |dir: &Path| -> Result<bool> {
+            let ck = crate::checkpoint::Checkpoint::open(dir)?;
+            let half = ck
+                .names()
+                .filter_map(|n| ck.info(n))
+                .any(|i| i.shape.len() == 2 && i.dtype != crate::dtype::DType::F32);
+            Ok(half)
+        };
+        Ok(
+            if dtype != DType::F32 || half(source)? || half(converted)? {
+                Criterion::Greedy
+            } else {
+                Criterion::MaxAbs(PRESERVED_MAX_ABS)
+            },
+        )
+    }
+
+    /// Whether `r` meets the criterion.
+    pub fn holds(&self, r: &PromptComparison) -> bool {
+        let common = r.non_finite_logits == (0, 0)
+            && r.generations_match
+            && r.source.uncached_ids_equal
+            && r.converted.uncached_ids_equal;
+        // NaN compares false: non-finite logits never pass.
+        common
+            && match self {
+                Criterion::MaxAbs(t) => r.max_abs_logit_diff <= *t,
+                Criterion::Greedy => r.top1_agreement == 1.0,
+            }
+    }
+
+    /// The requirement in words.
+    pub fn describe(&self) -> String {
+        match self {
+            Criterion::MaxAbs(t) => format!(
+                "finite logits, max |delta logit| <= {t:e} and identical greedy generations"
+            ),
+            Criterion::Greedy => "half-precision weights or compute: finite logits, the same top-1 token at every prompt position and identical greedy generations (max |delta logit| reported; --tolerance bounds it)".into(),
+        }
     }
 }
 

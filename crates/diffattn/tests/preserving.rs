@@ -228,6 +228,24 @@ fn preserving_mirror_in_bf16_is_exact_and_learns() {
             );
         }
         preserves_and_learns(case, &src, &out, &ids);
+        // compare judges a half-precision pair by its tokens unless given a tolerance.
+        use diffattn::compare::Criterion;
+        let crit = |a: &Path, b: &Path, dt, tol| Criterion::for_dirs(a, b, dt, tol).unwrap();
+        assert_eq!(crit(&src, &out, DType::F32, None), Criterion::Greedy);
+        assert_eq!(
+            crit(&src, &out, DType::F32, Some(1e-4)),
+            Criterion::MaxAbs(1e-4)
+        );
+        let f32_pair = (fixture(case), tmp.path().join("p32"));
+        convert_to(&f32_pair.0, &f32_pair.1, Init::PreservingMirror);
+        assert_eq!(
+            crit(&f32_pair.0, &f32_pair.1, DType::F32, None),
+            Criterion::MaxAbs(1e-4)
+        );
+        assert_eq!(
+            crit(&f32_pair.0, &f32_pair.1, DType::BF16, None),
+            Criterion::Greedy
+        );
     }
 }
 

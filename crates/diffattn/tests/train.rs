@@ -769,3 +769,72 @@ fn whole_run_warm_up_is_warned_and_home_is_expanded() {
     let a = AxolotlConfig::from_str("base_model: x\noutput_dir: ~/some-run\n", &path).unwrap();
     assert_eq!(a.output_dir.unwrap(), Path::new(&home).join("some-run"));
 }
+
+/// `gradient_checkpointing`: the loss and every parameter's gradient equal those of the plain
+/// backward (within f32 rounding of the recomputation's summation order), for a source model
+/// and differential ones (double and split heads, sub-layer norm, biases), and a run trains.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    use candle_core::Tensor;
+    use diffattn::model::layout::WeightGradSink;
+    let ids: Vec<u32> = vec![1, 5, 9, 13, 2, 7, 30, 11, 42, 3, 8, 21];
+    for case in [
+        "llama_gqa",
+        "diff_double_subln_gqa",
+        "diff_split_nosubln_linear_mix",
+        "diff_double_nosubln_mqa_bias",
+        "diffllama_h4_kv2",
+    ] {
+        let dir = fixture(case);
+        let (mut model, vars) = Model::load_trainable(&dir, &Device::Cpu).unwrap();
+        let mut results = Vec::new();
+        for flag in [false, true] {
+            model.gradient_checkpointing = flag;
+            let sink = WeightGradSink::open().unwrap();
+            let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.forward(&t).unwrap();
+            let targets: Vec<u32> = ids[1..].to_vec();
+            let rows = logits
+                .narrow(1, 0, ids.len() - 1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let loss = diffattn::train::loss::nll_sum(&rows, &targets).unwrap();
+            let mut grads = loss.backward().unwrap();
+            let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+            sink.finish(&tensors, &mut grads).unwrap();
+            let g: Vec<(String, Vec<f32>)> = vars
+                .iter()
+                .map(|(n, v)| {
+                    let g = grads.get(v.as_tensor()).unwrap_or_else(|| {
+                        panic!("{case} checkpointing {flag}: no gradient for {n}")
+                    });
+                    (
+                        n.clone(),
+                        g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    )
+                })
+                .collect();
+            results.push((loss.to_scalar::<f32>().unwrap(), g));
+        }
+        let ((l0, g0), (l1, g1)) = (&results[0], &results[1]);
+        assert!(
+            (l0 - l1).abs() <= 1e-5 * l0.abs(),
+            "{case}: loss {l0} vs {l1}"
+        );
+        for ((n, a), (_, b)) in g0.iter().zip(g1) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale.max(1e-6),
+                "{case} {n}: gradients differ by {diff} (scale {scale})"
+            );
+        }
+    }
+    let s = setup("diff_double_subln_gqa");
+    let (r, _) = run(&s.config("gc", "max_steps: 2\ngradient_checkpointing: true\n"));
+    assert_eq!(r.global_step, 2);
+}

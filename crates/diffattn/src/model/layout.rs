@@ -321,6 +321,11 @@ impl WeightGradSink {
     }
 }
 
+/// Whether a sink is open on this thread.
+pub(crate) fn sink_open() -> bool {
+    WEIGHT_GRADS.with(|s| s.borrow().is_some())
+}
+
 /// Whether gradients of `w` go to the open sink of this thread (`w` a variable, a sink open).
 pub(crate) fn sinks(w: &Tensor) -> bool {
     w.is_variable() && WEIGHT_GRADS.with(|s| s.borrow().is_some())

@@ -18,6 +18,7 @@
 //! `[batch, 1, seq, past + seq]` (f32, 0 or `f32::MIN`), logits `[batch, seq, vocab]` (f32).
 
 pub mod attend;
+pub mod checkpoint;
 pub(crate) mod cpu;
 pub mod layout;
 pub mod ops;
@@ -378,6 +379,9 @@ pub struct Model {
     embed_scale: Option<f64>,
     /// Warm-up factor of the negative branch (format A's `diff_attn_mix`), 1 outside warm-up.
     pub mix: f64,
+    /// Recompute each layer's activations in the backward instead of keeping them
+    /// (axolotl's `gradient_checkpointing`; see [`checkpoint`]).
+    pub gradient_checkpointing: bool,
     pub device: Device,
     pub dtype: DType,
 }
@@ -737,6 +741,7 @@ impl Model {
             ropes,
             embed_scale,
             mix: mc.diff_attn_mix()?.unwrap_or(1.0),
+            gradient_checkpointing: false,
             device: device.clone(),
             dtype,
         })
@@ -826,7 +831,10 @@ impl Model {
                 c.layers = vec![None; self.blocks.len()];
             }
         }
-        for (l, block) in self.blocks.iter().enumerate() {
+        // Gradient checkpointing: each layer's forward keeps no graph; its backward recomputes it.
+        let checkpointed = (self.gradient_checkpointing && x.track_op())
+            .then(|| checkpoint::Checkpointed::new(self));
+        for l in 0..self.blocks.len() {
             let layer_mask = match self.config.layer_windows[l] {
                 Some(w) => window_masks
                     .iter()
@@ -836,37 +844,90 @@ impl Model {
                 None => mask,
             };
             let (cos, sin) = &tables[self.config.layer_rope[l]];
-            let h = self.norm(&x, &block.input_layernorm)?;
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let want = probs
                 .as_ref()
                 .map(|(ls, _)| ls.contains(&l))
                 .unwrap_or(false);
-            let (a, p) =
-                self.attention(&block.attn, &h, cos, sin, layer_mask, layer_cache, want)?;
+            if let Some(ck) = &checkpointed {
+                if cache.is_none() && !want && x.track_op() {
+                    x = ck.block(l, &x, cos, sin, layer_mask)?;
+                    continue;
+                }
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let (y, p) = self.block(l, &x, cos, sin, layer_mask, layer_cache, want)?;
             if let (Some(p), Some((_, store))) = (p, probs.as_mut()) {
                 store.layers.insert(l, p);
             }
-            let (a, mlp_norm) = match &block.pre_feedforward_layernorm {
-                Some(pre) => (self.norm(&a, &block.post_attention_layernorm)?, pre),
-                None => (a, &block.post_attention_layernorm),
-            };
-            x = (x + a)?;
-            let h = self.norm(&x, mlp_norm)?;
-            let gate = block.gate_proj.forward(&h)?;
-            let up = block.up_proj.forward(&h)?;
-            let m = match self.config.activation {
-                Activation::Silu => ops::swiglu(&gate, &up)?,
-                Activation::GeluTanh => (gate.gelu()? * up)?,
-            };
-            let m = block.down_proj.forward(&m)?;
-            let m = match &block.post_feedforward_layernorm {
-                Some(post) => self.norm(&m, post)?,
-                None => m,
-            };
-            x = (x + m)?;
+            x = y;
         }
         self.norm(&x, &self.norm)
+    }
+
+    /// Decoder layer `l` on the residual stream `x` `[b, s, hidden]`: attention (its probabilities
+    /// when `want`), MLP and both residual additions.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        want: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
+        let block = &self.blocks[l];
+        let h = self.norm(x, &block.input_layernorm)?;
+        let (a, p) = self.attention(&block.attn, &h, cos, sin, mask, cache, want)?;
+        let (a, mlp_norm) = match &block.pre_feedforward_layernorm {
+            Some(pre) => (self.norm(&a, &block.post_attention_layernorm)?, pre),
+            None => (a, &block.post_attention_layernorm),
+        };
+        let x = (x + a)?;
+        let h = self.norm(&x, mlp_norm)?;
+        let gate = block.gate_proj.forward(&h)?;
+        let up = block.up_proj.forward(&h)?;
+        let m = match self.config.activation {
+            Activation::Silu => ops::swiglu(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        let m = block.down_proj.forward(&m)?;
+        let m = match &block.post_feedforward_layernorm {
+            Some(post) => self.norm(&m, post)?,
+            None => m,
+        };
+        Ok(((x + m)?, p))
+    }
+
+    /// The tensors of layer `l` that can be trained (variables when loaded trainable).
+    pub(crate) fn block_tensors(&self, l: usize) -> Vec<&Tensor> {
+        let b = &self.blocks[l];
+        let mut out = vec![&b.input_layernorm, &b.post_attention_layernorm];
+        out.extend(b.pre_feedforward_layernorm.iter());
+        out.extend(b.post_feedforward_layernorm.iter());
+        let a = &b.attn;
+        for lin in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &b.gate_proj,
+            &b.up_proj,
+            &b.down_proj,
+        ] {
+            if let Weight::Dense(w) = &lin.weight {
+                out.push(w);
+            }
+            out.extend(lin.bias.iter());
+        }
+        out.extend(a.q_norm.iter());
+        out.extend(a.k_norm.iter());
+        if let Some(lam) = &a.lambda {
+            out.extend([&lam.q1, &lam.k1, &lam.q2, &lam.k2]);
+            out.extend(lam.subln.iter());
+        }
+        out
     }
 
     /// The family's RMS norm of `x` `[.., n]` with weight `w` `[n]`: `w · x/rms` or, for

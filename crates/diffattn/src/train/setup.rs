@@ -24,9 +24,14 @@ pub(super) fn load_model(
     let shape = crate::memory::ModelShape::read(model_dir)?;
     super::check_sequence_fits(cfg, shape.max_position_embeddings)?;
     shape
-        .training(cfg.micro_batch_size as u64, cfg.sequence_len as u64, false)
+        .training(
+            cfg.micro_batch_size as u64,
+            cfg.sequence_len as u64,
+            cfg.gradient_checkpointing,
+        )
         .check("train")?;
-    let tm = TrainableModel::load(model_dir, device)?;
+    let mut tm = TrainableModel::load(model_dir, device)?;
+    tm.model.gradient_checkpointing = cfg.gradient_checkpointing;
     check_sequence_len(cfg, &tm.model)?;
     Ok(tm)
 }
