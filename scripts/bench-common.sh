@@ -5,7 +5,7 @@
 # times) for 256-token training windows, and defines `train_config` (below).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 cargo build --release --quiet -p diff-transformer
-bin="$PWD/target/release/diff-transformer"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/diff-transformer"
 # MODEL=smollm2 (default; SmolLM2-135M-Instruct, Llama) or gemma3 (Gemma 3 270M base).
 model="${MODEL:-smollm2}"
 case "$model" in

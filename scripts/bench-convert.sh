@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${RUNS:-5}"
 cargo build --release --quiet -p diff-transformer
-bin="$PWD/target/release/diff-transformer"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/diff-transformer"
 gguf=$(scripts/fetch-smollm2.sh)
 work=$(mktemp -d "${TMPDIR:-/tmp}/dt-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT

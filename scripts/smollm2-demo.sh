@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet -p diff-transformer
-bin=target/release/diff-transformer
+bin="${CARGO_TARGET_DIR:-target}/release/diff-transformer"
 gguf=$(scripts/fetch-smollm2.sh)
 mkdir -p demo
 echo "== import-gguf $gguf"

@@ -35,8 +35,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
+DTYPE = torch.float32
+
+
 def load(path, train):
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE)
     return m.train() if train else m.eval()
 
 
@@ -119,10 +122,14 @@ def main():
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the model is loaded and run in (run only)")
     p.add_argument("--text", help="JSONL file with a \"text\" field per line (train)")
     p.add_argument("--sequence-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.what == "run":

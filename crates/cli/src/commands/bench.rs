@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use diffattn::dtype::DType;
+
 use anyhow::Result;
 
 use crate::args::{parse_dtype, DTypeArg};
@@ -24,6 +26,10 @@ pub struct BenchArgs {
     /// Repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also measure this machine's memory read bandwidth (the decode kernel reading a 512 MB
+    /// matrix) and print decode's weight traffic as a fraction of it.
+    #[arg(long)]
+    bandwidth: bool,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DTypeArg,
@@ -84,5 +90,58 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         a.prompt_tokens,
         a.decode_tokens as f64 / best_decode
     );
+    if a.bandwidth {
+        let per_token = weight_bytes_per_token(&a.model, a.dtype.into())?;
+        let read = read_bandwidth();
+        let decode = per_token as f64 * a.decode_tokens as f64 / best_decode;
+        println!(
+            "decode reads {:.0} MB of weights per token: {:.1} GB/s, {:.0}% of this machine's read bandwidth ({:.1} GB/s: our product kernel reading a 512 MB matrix on {} threads)",
+            per_token as f64 / 1e6,
+            decode / 1e9,
+            100.0 * decode / read,
+            read / 1e9,
+            rayon::current_num_threads()
+        );
+    }
     Ok(())
+}
+
+/// Bytes of weight matrices one decoded token reads: every matrix in the dtype it is used in
+/// (see `Model::load`), except the embedding when an output head of its own exists (a decoded
+/// token reads one row of it).
+fn weight_bytes_per_token(dir: &std::path::Path, dtype: candle_core::DType) -> Result<u64> {
+    let ck = diffattn::checkpoint::Checkpoint::open(dir)?;
+    let dtype = diffattn::memory::dtype_of(dtype);
+    let untied = ck.info("lm_head.weight").is_some();
+    Ok(ck
+        .names()
+        .filter(|n| !(untied && *n == "model.embed_tokens.weight"))
+        .filter_map(|n| ck.info(n))
+        .filter(|i| i.shape.len() == 2)
+        .map(|i| {
+            let size = if dtype == diffattn::dtype::DType::F32 {
+                i.dtype.size()
+            } else {
+                dtype.size()
+            };
+            (i.numel() * size) as u64
+        })
+        .sum())
+}
+
+/// Bytes per second at which the decode kernel reads a 512 MB f32 matrix held in memory
+/// (`[16384, 8192]` times one row), best of 5: the ceiling decoding can reach on this machine.
+fn read_bandwidth() -> f64 {
+    let (rows, cols) = (16384, 8192);
+    let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 * 0.1).collect();
+    let m = diffattn::model::stored::StoredMatrix::from_f32(&w, rows, cols, DType::F32);
+    drop(w);
+    let x = vec![0.5f32; cols];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        std::hint::black_box(m.matmul_t(&x, 1));
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    m.nbytes() as f64 / best
 }

@@ -182,6 +182,8 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
         20,
         candle_core::DType::F32,
     )?;
+    let criterion =
+        diffattn::compare::Criterion::for_dirs(source, converted, candle_core::DType::F32, None)?;
     let r = &results[0];
     println!("debug: prompt {:?}", r.prompt);
     println!(
@@ -209,10 +211,10 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
             } else {
                 "--preserving-mirror"
             },
-            if r.preserved() {
-                "it holds"
+            if criterion.holds(r) {
+                format!("it holds ({})", criterion.describe())
             } else {
-                "IT DOES NOT HOLD"
+                format!("IT DOES NOT HOLD ({})", criterion.describe())
             }
         );
     } else {
