@@ -134,3 +134,40 @@ fn plugins_not_a_list_and_byte_order_mark() {
     let cfg = AxolotlConfig::from_str("\u{feff}base_model: a/b\noutput_dir: o\n", p).unwrap();
     assert_eq!(cfg.base_model, "a/b");
 }
+
+/// Deeply nested flow collections are refused before the parser (whose time grows with the
+/// square of the depth) sees them, quoted brackets and comments are not counted, oversized
+/// files are refused, and a long value is cut in the message.
+#[test]
+fn yaml_depth_size_and_long_values_are_bounded() {
+    let path = Path::new("deep.yml");
+    let deep = format!("base_model: x\nlist: {}\n", "[".repeat(100_000));
+    let start = std::time::Instant::now();
+    let err = AxolotlConfig::from_str(&deep, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        start.elapsed().as_secs_f64() < 1.0,
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("deep.yml") && err.contains("line 2") && err.contains("nested more than 64"),
+        "{err}"
+    );
+    let fine = "base_model: x\nq: \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"\n# [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\nl: [[1, 2], {a: [3]}]\n";
+    AxolotlConfig::from_str(fine, path).unwrap();
+    let big = format!("base_model: x\npad: {}\n", "a".repeat(5 << 20));
+    let err = AxolotlConfig::from_str(&big, path).unwrap_err().to_string();
+    assert!(err.contains("more than the 4194304"), "{err}");
+    let long = format!("base_model: [{}]\n", "y".repeat(100_000));
+    let err = AxolotlConfig::from_str(&long, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(100002 characters)") && err.len() < 600,
+        "{err}"
+    );
+    let list = AxolotlConfig::from_str("base_model:\n  - a\n  - b\n", path).unwrap_err();
+    assert_eq!(list.to_string().lines().count(), 1, "{list}");
+}

@@ -156,10 +156,7 @@ impl Reader<'_> {
         Error::InvalidValue {
             path: self.path.to_path_buf(),
             key: key.into(),
-            value: serde_yaml_ng::to_string(v)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
+            value: crate::axolotl::show_value(v),
             reason: reason.into(),
         }
     }
