@@ -1325,3 +1325,30 @@ fn commands_refuse_to_start_beyond_the_memory_limit() {
         "{err}"
     );
 }
+
+/// A run holds a lock on its output_dir (an advisory `flock` on the directory): a second run
+/// into it while the first is writing, even with --overwrite, is refused with one line and
+/// deletes nothing. The "first run" here is this test holding the lock.
+#[test]
+fn a_second_run_into_a_busy_output_dir_is_refused() {
+    let c = train_case("");
+    train_ok(&c);
+    let before = std::fs::read(c.path("out/model.safetensors")).unwrap();
+    let held = std::fs::File::open(c.path("out")).unwrap();
+    held.try_lock().unwrap();
+    let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
+    assert!(!ok, "the second run was not refused");
+    assert!(
+        err.contains("another run is writing into this directory")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(c.path("out/model.safetensors")).unwrap(),
+        before
+    );
+    drop(held);
+    // Released (the run ended), the directory is replaced as asked.
+    let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
+    assert!(ok, "{err}");
+}

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 /// Errors raised while reading, converting or writing checkpoints and configs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{path}: another run is writing into this directory (it holds its lock); wait for it to end or choose another output_dir")]
+    OutputLocked { path: PathBuf },
+
     #[error("{0}")]
     NotEnoughMemory(Box<crate::memory::Shortfall>),
 

@@ -504,7 +504,7 @@ pub fn train(
 ) -> Result<TrainReport> {
     let t_start = Instant::now();
     let device = default_device();
-    let run = RunDir::check(cfg, opts)?;
+    let mut run = RunDir::check(cfg, opts)?;
     let tokenizer_dir = run.tokenizer_dir(cfg)?;
     let tm = setup::load_model(cfg, &run.model_dir, &device)?;
     let data = setup::build_data(cfg, &tokenizer_dir, &tm)?;

@@ -18,6 +18,23 @@ pub(super) struct RunDir {
     pub state: Option<TrainerState>,
     /// `output_dir` is not empty and not the resumed run's: `--overwrite` replaces it.
     replace: bool,
+    /// The lock on `output_dir` held for the whole run (see [`RunDir::create`]).
+    lock: Option<std::fs::File>,
+}
+
+/// An exclusive advisory lock (`flock`) on the directory `dir`, taken without waiting.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(dir).at(dir)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::OutputLocked {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 impl RunDir {
@@ -115,6 +132,7 @@ impl RunDir {
             model_dir,
             state,
             replace,
+            lock: None,
         })
     }
 
@@ -131,14 +149,24 @@ impl RunDir {
 
     /// Creates `output_dir` (first removing the directory `--overwrite` replaces) and sweeps
     /// the staging directories of interrupted final saves. Call once everything is validated.
-    pub fn create(&self) -> Result<()> {
-        if self.replace {
-            std::fs::remove_dir_all(&self.output_dir).at(&self.output_dir)?;
+    ///
+    /// `output_dir` stays locked (an advisory `flock` on the directory) until the run ends:
+    /// a second run into the same directory, started at the same time or with `--overwrite`
+    /// while this one runs, is refused before it writes or deletes anything.
+    pub fn create(&mut self) -> Result<()> {
+        if self.output_dir.is_dir() {
+            // Held while the directory is replaced: a run still writing into it keeps it.
+            let held = lock_dir(&self.output_dir)?;
+            if self.replace {
+                std::fs::remove_dir_all(&self.output_dir).at(&self.output_dir)?;
+            }
+            drop(held);
         }
         std::fs::create_dir_all(&self.output_dir).map_err(|source| Error::OutputNotWritable {
             path: self.output_dir.clone(),
             source,
         })?;
+        self.lock = Some(lock_dir(&self.output_dir)?);
         crate::output::sweep_dead_partials(&self.output_dir, "final");
         Ok(())
     }
