@@ -1352,3 +1352,74 @@ fn a_second_run_into_a_busy_output_dir_is_refused() {
     let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
     assert!(ok, "{err}");
 }
+
+/// `train --overwrite` moves the previous run aside and removes it only once the new run has
+/// completed: killed before, the previous run is still whole, and the next run restores or
+/// names it; completed, nothing is left beside output_dir.
+#[test]
+fn train_overwrite_keeps_the_previous_run_until_the_new_one_completes() {
+    let c = train_case("");
+    train_ok(&c);
+    let previous = std::fs::read(c.path("out/model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace("max_steps: 1", "max_steps: 100000\nlogging_steps: 1");
+    c.write_config(&text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["train", &c.config(), "--overwrite"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let old = c.path(&format!(".out.old-{}", child.id()));
+    let start = std::time::Instant::now();
+    while !(old.is_dir() && c.path("out/metrics.jsonl").is_file()) {
+        assert!(start.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        std::fs::read(old.join("model.safetensors")).unwrap(),
+        previous,
+        "the previous run was not kept whole"
+    );
+    // The next run names both (one line of warning) and refuses the non-empty output_dir.
+    let (ok, err) = cli(&["train", &c.config()]);
+    assert!(
+        !ok && err.contains(".out.old-") && err.contains("is not empty"),
+        "{err}"
+    );
+    assert!(old.is_dir());
+    // With the interrupted run's directory removed by the user, the previous run comes back.
+    std::fs::remove_dir_all(c.path("out")).unwrap();
+    let (_, err) = cli(&[
+        "evaluate",
+        &c.config(),
+        "--model",
+        c.path("missing").to_str().unwrap(),
+    ]);
+    let _ = err;
+    let text = text.replace("max_steps: 100000", "max_steps: 1");
+    c.write_config(&text);
+    let (ok, err) = cli(&["train", &c.config()]);
+    assert!(!ok && err.contains("restored"), "{err}");
+    assert_eq!(
+        std::fs::read(c.path("out/model.safetensors")).unwrap(),
+        previous
+    );
+    // A completed --overwrite leaves nothing beside output_dir.
+    train_ok_overwrite(&c);
+    let left: Vec<_> = std::fs::read_dir(c.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".out."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+fn train_ok_overwrite(c: &Case) {
+    let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
+    assert!(ok, "{err}");
+}

@@ -229,11 +229,7 @@ impl StagedDir {
                     path: self.dest.clone(),
                 });
             }
-            let old = self.tmp.with_file_name(format!(
-                ".{}.old-{}",
-                self.dest.file_name().unwrap_or_default().to_string_lossy(),
-                std::process::id()
-            ));
+            let old = old_path(&self.dest);
             std::fs::rename(&self.dest, &old).at(&self.dest)?;
             std::fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
             std::fs::remove_dir_all(&old).at(&old)?;
@@ -253,24 +249,55 @@ impl Drop for StagedDir {
     }
 }
 
-/// Removes `.NAME.partial-PID` / `.NAME.old-PID` siblings left by runs that were killed (their
-/// process no longer exists), so interrupted runs do not accumulate disk usage.
+/// The hidden sibling `.NAME.old-PID` of `dest` that holds its previous contents while a
+/// replacement is written.
+pub(crate) fn old_path(dest: &Path) -> PathBuf {
+    dest.with_file_name(format!(
+        ".{}.old-{}",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ))
+}
+
+/// Cleans up after runs into `parent/name` that were killed (their process no longer exists):
+/// - `.NAME.partial-PID` and `.NAME.format-a-PID` (incomplete outputs) are removed;
+/// - `.NAME.old-PID` (the previous output an `--overwrite` run was replacing) is renamed back
+///   to `NAME` when `NAME` is missing, and otherwise kept and named in a warning: never
+///   deleted, since what it holds may be the only complete copy.
 pub(crate) fn sweep_dead_partials(parent: &Path, name: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
-        let pid = [".partial-", ".old-"].iter().find_map(|tag| {
+        let found = [".partial-", ".format-a-", ".old-"].iter().find_map(|tag| {
             file.strip_prefix(&format!(".{name}{tag}"))
                 .and_then(|p| p.parse::<u32>().ok())
+                .map(|pid| (*tag, pid))
         });
-        if let Some(pid) = pid {
-            let alive = Path::new("/proc").join(pid.to_string()).exists();
-            if !alive && Path::new("/proc/self").exists() {
-                tracing::warn!("removing {} left by an interrupted run", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+        let Some((tag, pid)) = found else { continue };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let dest = parent.join(name);
+        if tag != ".old-" {
+            tracing::warn!("removing {} left by an interrupted run", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        } else if !dest.exists() && std::fs::rename(e.path(), &dest).is_ok() {
+            tracing::warn!(
+                "restored {} from {}, which an interrupted run was replacing",
+                dest.display(),
+                e.path().display()
+            );
+        } else {
+            tracing::warn!(
+                "{} holds what an interrupted run was replacing; {} holds what that run left: remove the one you do not want",
+                e.path().display(),
+                dest.display()
+            );
         }
     }
 }
@@ -459,4 +486,45 @@ pub fn write_safetensors(
         names.push(INDEX_FILE.to_string());
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid no process has (above Linux's pid_max limit of 2^22).
+    const DEAD: u32 = 4_999_999;
+
+    #[test]
+    fn sweep_restores_or_names_an_interrupted_replacement_and_removes_partials() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path();
+        let old = p.join(format!(".out.old-{DEAD}"));
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("model.safetensors"), "previous").unwrap();
+        std::fs::create_dir(p.join(format!(".out.partial-{DEAD}"))).unwrap();
+        std::fs::create_dir(p.join(format!(".out.format-a-{DEAD}"))).unwrap();
+        // A live process's staging is left alone.
+        let live = p.join(format!(".out.partial-{}", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
+        sweep_dead_partials(p, "out");
+        assert_eq!(
+            std::fs::read_to_string(p.join("out/model.safetensors")).unwrap(),
+            "previous",
+            "the replaced output is restored when nothing took its place"
+        );
+        assert!(!old.exists());
+        assert!(!p.join(format!(".out.partial-{DEAD}")).exists());
+        assert!(!p.join(format!(".out.format-a-{DEAD}")).exists());
+        assert!(live.exists());
+        // With something in its place (what the interrupted run left), both are kept.
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("model.safetensors"), "older").unwrap();
+        sweep_dead_partials(p, "out");
+        assert_eq!(
+            std::fs::read_to_string(old.join("model.safetensors")).unwrap(),
+            "older"
+        );
+        assert!(p.join("out/model.safetensors").is_file());
+    }
 }

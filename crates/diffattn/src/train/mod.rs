@@ -531,7 +531,9 @@ pub fn train(
         trainer.maybe_eval(done.step())?;
         trainer.maybe_checkpoint(done.step())?;
     }
-    trainer.finish(t_start)
+    let report = trainer.finish(t_start)?;
+    run.finish_replacing()?;
+    Ok(report)
 }
 
 fn save_checkpoint(

@@ -20,6 +20,20 @@ pub(super) struct RunDir {
     replace: bool,
     /// The lock on `output_dir` held for the whole run (see [`RunDir::create`]).
     lock: Option<std::fs::File>,
+    /// Where `--overwrite` moved the previous `output_dir` until this run completes.
+    replaced: Option<PathBuf>,
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Some(old) = &self.replaced {
+            tracing::warn!(
+                "this run did not complete: the previous contents of {} are kept in {}",
+                self.output_dir.display(),
+                old.display()
+            );
+        }
+    }
 }
 
 /// An exclusive advisory lock (`flock`) on the directory `dir`, taken without waiting.
@@ -45,6 +59,11 @@ impl RunDir {
     pub fn check(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Self> {
         let output_dir =
             crate::output::absolutize(opts.output_dir.as_ref().unwrap_or(&cfg.output_dir))?;
+        // What an interrupted --overwrite left beside output_dir: restored, or named.
+        if let Some(parent) = output_dir.parent() {
+            let name = output_dir.file_name().unwrap_or_default();
+            crate::output::sweep_dead_partials(parent, &name.to_string_lossy());
+        }
         let (model_dir, state) = model_source(cfg, &output_dir)?;
         let model_dir = crate::output::absolutize(&model_dir)?;
         // The model being trained (or the run's base model) must not be overwritten, nor the
@@ -133,6 +152,7 @@ impl RunDir {
             state,
             replace,
             lock: None,
+            replaced: None,
         })
     }
 
@@ -147,7 +167,16 @@ impl RunDir {
         })
     }
 
-    /// Creates `output_dir` (first removing the directory `--overwrite` replaces) and sweeps
+    /// Removes the previous `output_dir` that `--overwrite` moved aside: call once the run
+    /// has completed.
+    pub fn finish_replacing(&mut self) -> Result<()> {
+        if let Some(old) = self.replaced.take() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        Ok(())
+    }
+
+    /// Creates `output_dir` (first moving aside the directory `--overwrite` replaces) and sweeps
     /// the staging directories of interrupted final saves. Call once everything is validated.
     ///
     /// `output_dir` stays locked (an advisory `flock` on the directory) until the run ends:
@@ -155,10 +184,14 @@ impl RunDir {
     /// while this one runs, is refused before it writes or deletes anything.
     pub fn create(&mut self) -> Result<()> {
         if self.output_dir.is_dir() {
-            // Held while the directory is replaced: a run still writing into it keeps it.
+            // Held while the directory is moved aside: a run still writing into it keeps it.
             let held = lock_dir(&self.output_dir)?;
             if self.replace {
-                std::fs::remove_dir_all(&self.output_dir).at(&self.output_dir)?;
+                // Kept until this run completes (then removed by `finish_replacing`); a run
+                // killed before leaves it for the next run's sweep to restore or name.
+                let old = crate::output::old_path(&self.output_dir);
+                std::fs::rename(&self.output_dir, &old).at(&self.output_dir)?;
+                self.replaced = Some(old);
             }
             drop(held);
         }
