@@ -128,8 +128,24 @@ fn bug_report_on_panic() {
     }));
 }
 
+/// SIGINT and SIGTERM ask the command to stop at its next check (`diffattn::interrupt`),
+/// which then removes its partial outputs and exits with 128 + the signal; a second signal
+/// ends the process at once (the handler restores the default action).
+fn stop_on_signals() {
+    extern "C" fn handler(signal: libc::c_int) {
+        diffattn::interrupt::request(signal);
+        // SAFETY: signal() is async-signal-safe; restores the default disposition.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that only stores an atomic and calls signal().
+        unsafe { libc::signal(signal, handler as *const () as libc::sighandler_t) };
+    }
+}
+
 fn main() -> ExitCode {
     default_sigpipe();
+    stop_on_signals();
     bug_report_on_panic();
     fix_thread_count();
     shorten_candle_spin();
@@ -189,7 +205,12 @@ fn dispatch(cli: &Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<diffattn::error::Error>() {
+                Some(diffattn::error::Error::Interrupted { signal }) => {
+                    ExitCode::from((128 + signal).clamp(0, 255) as u8)
+                }
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

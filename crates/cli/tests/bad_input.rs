@@ -1359,24 +1359,8 @@ fn a_second_run_into_a_busy_output_dir_is_refused() {
 #[test]
 fn train_overwrite_keeps_the_previous_run_until_the_new_one_completes() {
     let c = train_case("");
-    train_ok(&c);
-    let previous = std::fs::read(c.path("out/model.safetensors")).unwrap();
-    let text = std::fs::read_to_string(c.path("config.yml"))
-        .unwrap()
-        .replace("max_steps: 1", "max_steps: 100000\nlogging_steps: 1");
-    c.write_config(&text);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
-        .args(["train", &c.config(), "--overwrite"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let old = c.path(&format!(".out.old-{}", child.id()));
-    let start = std::time::Instant::now();
-    while !(old.is_dir() && c.path("out/metrics.jsonl").is_file()) {
-        assert!(start.elapsed().as_secs() < 60, "the run never started");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    let (mut child, previous, old) = start_replacing_run(&c);
+    let text = std::fs::read_to_string(c.path("config.yml")).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(
@@ -1422,4 +1406,60 @@ fn train_overwrite_keeps_the_previous_run_until_the_new_one_completes() {
 fn train_ok_overwrite(c: &Case) {
     let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
     assert!(ok, "{err}");
+}
+
+/// SIGINT or SIGTERM during a run: the command stops at its next step with one line and exit
+/// status 128 + the signal, leaves no staging directory, and keeps what `--overwrite` was
+/// replacing.
+#[test]
+fn a_signal_stops_a_run_cleanly() {
+    for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let c = train_case("");
+        let (child, _, old) = start_replacing_run(&c);
+        // SAFETY: sends a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        assert!(
+            err.contains(&format!("interrupted by signal {signal}")),
+            "{err}"
+        );
+        assert!(
+            old.join("model.safetensors").is_file(),
+            "the replaced run was not kept"
+        );
+        let staging: Vec<_> = std::fs::read_dir(c.path("out"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".partial-"))
+            .collect();
+        assert!(staging.is_empty(), "{staging:?}");
+    }
+}
+
+/// After a completed 1-step run into `out`, starts a long `train --overwrite` of the same
+/// config and waits until it has moved the previous run aside and begun writing; returns the
+/// child, the previous run's model bytes and where it was moved.
+fn start_replacing_run(c: &Case) -> (std::process::Child, Vec<u8>, PathBuf) {
+    train_ok(c);
+    let previous = std::fs::read(c.path("out/model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace("max_steps: 1", "max_steps: 100000\nlogging_steps: 1");
+    c.write_config(&text);
+    let child = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["train", &c.config(), "--overwrite"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let old = c.path(&format!(".out.old-{}", child.id()));
+    let start = std::time::Instant::now();
+    while !(old.is_dir() && c.path("out/metrics.jsonl").is_file()) {
+        assert!(start.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    (child, previous, old)
 }

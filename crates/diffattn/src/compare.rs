@@ -223,6 +223,7 @@ fn run_side(
     prompts
         .iter()
         .map(|ids| {
+            crate::interrupt::check()?;
             let t = Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?;
             let logits = model.forward(&t)?.squeeze(0)?.to_vec2::<f32>()?;
             // Non-finite logits leave nothing to generate from (generate refuses them).

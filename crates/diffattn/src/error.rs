@@ -9,6 +9,9 @@ pub enum Error {
     #[error("{path}: another run is writing into this directory (it holds its lock); wait for it to end or choose another output_dir")]
     OutputLocked { path: PathBuf },
 
+    #[error("interrupted by signal {signal}: partial outputs were removed (a training run keeps the checkpoints it completed; resume_from_checkpoint: true continues it)")]
+    Interrupted { signal: i32 },
+
     #[error("{0}")]
     NotEnoughMemory(Box<crate::memory::Shortfall>),
 

@@ -17,6 +17,7 @@ pub mod format;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod interrupt;
 pub mod memory;
 pub mod model;
 pub mod output;

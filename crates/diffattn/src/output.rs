@@ -352,8 +352,14 @@ impl View for LazyView<'_> {
         if let Some(prev) = st.previous.replace(self.idx) {
             self.producer.done(&self.tensors[prev]);
         }
+        if st.error.is_none() {
+            if let Err(e) = crate::interrupt::check() {
+                st.error = Some(e);
+            }
+        }
         if st.error.is_some() {
-            return Cow::Owned(vec![0; t.nbytes()]);
+            // The file is discarded: nothing more is produced (or written) for it.
+            return Cow::Owned(Vec::new());
         }
         match self.producer.produce(t) {
             Ok(bytes) if bytes.len() == t.nbytes() => bytes,

@@ -211,6 +211,7 @@ pub fn evaluate_samples(
     let model = &model.detached();
     let (mut total, mut n, mut batches) = (0.0f64, 0usize, 0usize);
     for chunk in samples.chunks(batch_size.max(1)) {
+        crate::interrupt::check()?;
         let refs: Vec<&Sample> = chunk.iter().collect();
         let b = data::collate(&refs, pad_id);
         total += nll_sum(model, &b, None)?.detach().to_scalar::<f32>()? as f64;
@@ -523,6 +524,7 @@ pub fn train(
     )?;
     let mut trainer = Trainer::new(cfg, &run, &data, &plan, on_event, tm, opt, start)?;
     for g in start..plan.total {
+        crate::interrupt::check()?;
         let mut out = trainer.forward_backward(g)?;
         trainer.check_finite(&out.info)?;
         let mean_lambda = trainer.monitor(&mut out)?;
