@@ -1463,3 +1463,27 @@ fn start_replacing_run(c: &Case) -> (std::process::Child, Vec<u8>, PathBuf) {
     }
     (child, previous, old)
 }
+
+/// Found by the fuzz harness: a control character inside a JSON string of tokenizer.json made
+/// the tokenizers library panic while reading its decoder; now one error naming the file.
+#[test]
+fn tokenizer_json_that_made_the_library_panic_is_refused() {
+    let c = Case::with_model(&TinyLlama::default());
+    diffattn_testutil::write_word_tokenizer(&c.path("src"), 32).unwrap();
+    let path = c.path("src/tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let at = text.find("\"decoder\"").expect("a decoder entry");
+    let broken = format!(
+        "{}\"decoder\": {{\"type\": \"Word\u{1}Piece\"}},{}",
+        &text[..at],
+        &text[at..].split_once(',').map(|(_, r)| r).unwrap_or("")
+    );
+    std::fs::write(&path, broken).unwrap();
+    let src = c.path("src").display().to_string();
+    let (ok, err) = cli(&["generate", "--model", &src, "--prompt", "the"]);
+    assert!(
+        !ok && err.contains("tokenizer.json") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
