@@ -1487,3 +1487,22 @@ fn tokenizer_json_that_made_the_library_panic_is_refused() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Found by the fuzz harness (tests/fixtures/fuzz): GGUF tensors whose declared dimensions
+/// multiply beyond `usize` overflowed the size check (a panic in debug builds, a wrapped size
+/// in release); now one error naming the tensor and its shape.
+#[test]
+fn gguf_regression_cases_from_the_fuzz_harness_are_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fuzz");
+    for name in ["gguf-dims-overflow-1.gguf", "gguf-dims-overflow-2.gguf"] {
+        let c = Case::new();
+        let gguf = dir.join(name).display().to_string();
+        let out = c.path("out").display().to_string();
+        let (ok, err) = cli(&["import-gguf", &gguf, &out]);
+        assert!(
+            !ok && err.contains("declares shape") && err.trim().lines().count() == 1,
+            "{name}: {err}"
+        );
+        assert!(!c.path("out").exists());
+    }
+}

@@ -87,10 +87,30 @@ impl GgufFile {
             )
         })?;
         for (name, info) in &g.content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
-            let end = g.content.tensor_data_offset + info.offset + bytes;
+            // Checked: a corrupt header can declare dimensions whose product overflows.
+            let too_large = || {
+                gguf_err(
+                    path,
+                    format!(
+                        "tensor `{name}` declares shape {:?} at offset {}, beyond any file",
+                        info.shape.dims(),
+                        info.offset
+                    ),
+                )
+            };
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(too_large)?;
+            let bs = info.ggml_dtype.block_size().max(1);
+            let end = (elems / bs)
+                .checked_mul(info.ggml_dtype.type_size())
+                .and_then(|b| u64::try_from(b).ok())
+                .and_then(|b| b.checked_add(info.offset))
+                .and_then(|b| b.checked_add(g.content.tensor_data_offset))
+                .ok_or_else(too_large)?;
             if end > len {
                 return Err(gguf_err(
                     path,
