@@ -1506,3 +1506,43 @@ fn gguf_regression_cases_from_the_fuzz_harness_are_refused() {
         assert!(!c.path("out").exists());
     }
 }
+
+/// The training console explains its lambda figure: what it is a mean of and when it was
+/// measured.
+#[test]
+fn training_console_explains_the_lambda_figure() {
+    let c = train_case("");
+    let conv = c.path("conv").display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["convert", &c.config(), "--output-dir", &conv])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace(&c.path("src").display().to_string(), &conv)
+        .replace(
+            "max_steps: 1",
+            "max_steps: 2\nlogging_steps: 1\ndiff_attn_log_every: 1",
+        );
+    c.write_config(&text);
+    let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .args(["train", &c.config()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("lambda_full")
+            && stdout.contains("mean over the monitored layers, measured at step 2"),
+        "{stdout}"
+    );
+}

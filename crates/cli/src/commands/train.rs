@@ -63,7 +63,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             let lam = last_lambda
                 .get()
-                .map(|(at, l)| format!(" mean lambda {l:.4} (step {at})"))
+                .map(|(at, l)| {
+                    format!(" lambda_full {l:.4} (mean over the monitored layers, measured at step {at}: every diff_attn_log_every steps)")
+                })
                 .unwrap_or_default();
             let msg = format!("loss {loss:.4} lr {learning_rate:.3e}{lam}");
             if p.is_hidden() && logged {
