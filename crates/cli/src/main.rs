@@ -171,12 +171,8 @@ fn main() -> ExitCode {
 /// the main thread would hand each one to the pool and sleep on a futex until it is done (two
 /// context switches per product). The worker's stack is as large as a main thread's.
 fn on_the_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    // The pool's size is rayon's default: `RAYON_NUM_THREADS`, set by `fix_thread_count`.
     match rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
         .stack_size(64 << 20)
         .build_global()
     {

@@ -3,8 +3,8 @@
 //! allocated, instead of a kill by the kernel's OOM killer (signal 9, no message).
 //!
 //! What this process may use ([`Budget::current`]), the smallest of:
-//! - `DIFF_TRANSFORMER_MEMORY_LIMIT` (bytes, or with a suffix `K`, `M`, `G`, `T`, powers of
-//!   1024; `1.5G`), the tool's own override;
+//! - `DIFF_TRANSFORMER_MEMORY_LIMIT` (a size as [`crate::output::parse_size`] reads it: `1.5G`,
+//!   `1536M`, `2GB`), the tool's own override;
 //! - the memory limit of this process's cgroup and of its ancestors (v2 `memory.max`, v1
 //!   `memory.limit_in_bytes`);
 //! - `MemAvailable` of `/proc/meminfo`.
@@ -28,25 +28,6 @@ pub const LIMIT_ENV: &str = "DIFF_TRANSFORMER_MEMORY_LIMIT";
 /// Fixed cost of a command besides the model: the binary, the allocator's arenas, thread
 /// stacks in use.
 const BASE_BYTES: u64 = 96 << 20;
-
-/// `1234`, `800M`, `1.5G`, `2GiB`, `512kb` (case-insensitive; K/M/G/T are powers of 1024).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t
-        .strip_suffix("ib")
-        .or_else(|| t.strip_suffix('b'))
-        .unwrap_or(&t);
-    let (num, mult) = match t.chars().last()? {
-        'k' => (&t[..t.len() - 1], 1u64 << 10),
-        'm' => (&t[..t.len() - 1], 1 << 20),
-        'g' => (&t[..t.len() - 1], 1 << 30),
-        't' => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0 && v * (mult as f64) < u64::MAX as f64)
-        .then(|| (v * mult as f64) as u64)
-}
 
 /// Bytes as `1.52 GB` / `830 MB` (powers of 1000, as `free -h --si` and most tools print).
 pub fn human(bytes: u64) -> String {
@@ -79,7 +60,7 @@ impl Budget {
         };
         if let Some(v) = std::env::var_os(LIMIT_ENV) {
             let text = v.to_string_lossy().to_string();
-            let bytes = parse_size(&text).ok_or_else(|| {
+            let bytes = crate::output::parse_size(&text).ok_or_else(|| {
                 Error::InvalidOptions(format!(
                     "{LIMIT_ENV}={text:?}: expected a size such as 1500000000, 800M or 1.5G"
                 ))
@@ -430,19 +411,6 @@ pub fn check_inference(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("1234"), Some(1234));
-        assert_eq!(parse_size("800M"), Some(800 << 20));
-        assert_eq!(parse_size("1.5G"), Some(3 << 29));
-        assert_eq!(parse_size("2GiB"), Some(2 << 30));
-        assert_eq!(parse_size(" 512kb "), Some(512 << 10));
-        assert_eq!(parse_size("1T"), Some(1 << 40));
-        for bad in ["", "G", "-1G", "one", "1.5X", "nan", "1e30G"] {
-            assert_eq!(parse_size(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn human_sizes() {

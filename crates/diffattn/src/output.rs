@@ -385,8 +385,9 @@ impl View for LazyView<'_> {
     }
 }
 
-/// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1000000` (bytes). Units as in transformers'
-/// `max_shard_size` (decimal for KB/MB/GB, binary for KiB/MiB/GiB).
+/// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1000000` (bytes), `1536M`, `1.5G`. Units as in
+/// transformers' `max_shard_size` (decimal for KB/MB/GB, binary for KiB/MiB/GiB), and the
+/// single letters K/M/G/T as the cgroup files and `ulimit` read them (binary).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s
@@ -400,9 +401,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "MB" => 1e6,
         "GB" => 1e9,
         "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "KIB" | "K" => 1024.0,
+        "MIB" | "M" => 1024.0 * 1024.0,
+        "GIB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        "TIB" | "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
     let v = num * mult;
@@ -497,6 +499,20 @@ pub fn write_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_size("1234"), Some(1234));
+        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
+        assert_eq!(parse_size("500kb"), Some(500_000));
+        assert_eq!(parse_size("800M"), Some(800 << 20));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size(" 2GiB "), Some(2 << 30));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        for bad in ["", "G", "-1G", "one", "1.5X", "nan", "1e30G", "0"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
 
     /// A pid no process has (above Linux's pid_max limit of 2^22).
     const DEAD: u32 = 4_999_999;

@@ -79,6 +79,18 @@ impl Setup {
         std::fs::write(&path, &text).unwrap();
         TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap()
     }
+    /// A one-step completion-only config training `base` into `out`, with `extra` appended.
+    fn completion_config(&self, base: &Path, out: &str, extra: &str) -> TrainConfig {
+        let text = format!(
+            "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nlearning_rate: 0.01\nmax_steps: 1\n{extra}",
+            base.display(),
+            self.root.join(out).display(),
+            self.root.join("text.jsonl").display()
+        );
+        let path = self.root.join(format!("{out}.yml"));
+        std::fs::write(&path, &text).unwrap();
+        TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap()
+    }
     fn out(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
@@ -614,15 +626,7 @@ fn zero_init_start_is_reported_as_stationary() {
     };
     let plan = diffattn::convert::plan(&src, &opts).unwrap();
     diffattn::convert::execute(&src, &plan, &conv, None, &|_| {}).unwrap();
-    let text = format!(
-        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nlearning_rate: 0.01\nmax_steps: 1\n",
-        conv.display(),
-        s.root.join("zout").display(),
-        s.root.join("text.jsonl").display()
-    );
-    let path = s.root.join("z.yml");
-    std::fs::write(&path, &text).unwrap();
-    let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+    let cfg = s.completion_config(&conv, "zout", "");
     let (_, events) = run(&cfg);
     assert!(
         events
@@ -641,12 +645,7 @@ fn zero_init_start_is_reported_as_stationary() {
     )
     .unwrap();
     diffattn::convert::execute(&src, &plan, &pm, None, &|_| {}).unwrap();
-    let text = text
-        .replace(&conv.display().to_string(), &pm.display().to_string())
-        .replace("zout", "pmout")
-        + "diff_attn_warmup_steps: 4\n";
-    std::fs::write(&path, &text).unwrap();
-    let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+    let cfg = s.completion_config(&pm, "pmout", "diff_attn_warmup_steps: 4\n");
     let (_, events) = run(&cfg);
     assert!(
         events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("--preserving-mirror") && m.contains("mix = 1"))),
@@ -749,15 +748,8 @@ fn training_is_bit_reproducible() {
 #[test]
 fn whole_run_warm_up_is_warned_and_home_is_expanded() {
     let s = setup("llama_gqa");
-    let text = format!(
-        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nlearning_rate: 0.01\nmax_steps: 1\nwarmup_steps: 1000\n",
-        s.model.display(),
-        s.root.join("wout").display(),
-        s.root.join("text.jsonl").display()
-    );
-    let path = s.root.join("w.yml");
-    std::fs::write(&path, &text).unwrap();
-    let cfg = TrainConfig::from_axolotl(AxolotlConfig::from_str(&text, &path).unwrap()).unwrap();
+    let cfg = s.completion_config(&s.model, "wout", "warmup_steps: 1000\n");
+    let path = s.root.join("wout.yml");
     let (_, events) = run(&cfg);
     assert!(
         events

@@ -212,9 +212,11 @@ impl Weight {
                     )));
                 }
                 let m: usize = dims.iter().product();
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 dims.push(w.rows);
-                Ok(Tensor::from_vec(w.matmul_t(&xs, m), dims, x.device())?)
+                // The activations' f32 data is read in place (no copy into a Vec).
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let y = cpu::with_f32(&[&x], "linear", |xs| Ok(w.matmul_t(xs[0], m)))?;
+                Ok(Tensor::from_vec(y, dims, x.device())?)
             }
         }
     }
@@ -490,7 +492,7 @@ impl Source<'_> {
             Source::Checkpoint { ck, dtype, device } => {
                 let info = ck.require(name)?;
                 let mut v = ck.to_f32(name)?;
-                if dtype.size() < info.dtype.size() || (*dtype != info.dtype && dtype.size() == 2) {
+                if *dtype != crate::dtype::DType::F32 && *dtype != info.dtype {
                     v = crate::dtype::to_f32(&crate::dtype::from_f32(&v, *dtype), *dtype);
                 }
                 Ok(Tensor::from_vec(v, info.shape.clone(), device)?)
