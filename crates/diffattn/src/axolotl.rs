@@ -13,8 +13,18 @@ use serde_yaml_ng::Value;
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
 
-/// The plugin line axolotl needs to load a `llama-differential` checkpoint.
-pub const PLUGIN: &str = "axolotl_diff_transformer.plugin.DifferentialTransformerPlugin";
+/// Our axolotl plugin (the `diff_transformer` Python package): registers the differential
+/// model types, the warm-up of lambda and the monitoring (docs/spec.md §5-6).
+pub const PLUGIN: &str = "diff_transformer.axolotl.DifferentialTransformerPlugin";
+
+/// The older Python plugin's line (package `axolotl_diff_transformer`); a converted config
+/// names ours instead (it reads the same keys, and the older one fails to load on current
+/// transformers, after which axolotl trains without warm-up or monitoring).
+pub const LEGACY_PLUGIN: &str = "axolotl_diff_transformer.plugin.DifferentialTransformerPlugin";
+
+/// Appended to a converted model's directory to name the training `output_dir` written into
+/// its `axolotl_config.yml` (training there never overwrites the converted checkpoint).
+pub const TRAINED_SUFFIX: &str = "-trained";
 
 /// Output dtype requested by `bf16` / `fp16` (docs/spec.md §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,19 +252,12 @@ pub fn converted_config_text(text: &str, model_dir: &str, with_plugin: bool) -> 
     if map.contains_key("base_model_config") {
         map.set("base_model_config", model_dir);
     }
+    map.set("output_dir", format!("{model_dir}{TRAINED_SUFFIX}"));
     map.set("diff_attention", true);
+    remove_plugins(&map);
     if with_plugin {
         match map.get_sequence("plugins") {
-            Some(seq) => {
-                let present = seq.values().any(|v| {
-                    v.as_scalar()
-                        .map(|s| s.as_string() == PLUGIN)
-                        .unwrap_or(false)
-                });
-                if !present {
-                    seq.push(PLUGIN);
-                }
-            }
+            Some(seq) => seq.push(PLUGIN),
             None => {
                 if map.contains_key("plugins") {
                     // `plugins:` with no items (null) or a scalar: replace with a list.
@@ -269,21 +272,25 @@ pub fn converted_config_text(text: &str, model_dir: &str, with_plugin: bool) -> 
     Ok(doc.to_string())
 }
 
-/// Removes [`PLUGIN`] from `plugins` (and the key when it becomes empty), preserving the rest:
-/// format B loads in vanilla transformers, without the plugin.
-pub fn without_plugin(text: &str) -> Result<String> {
-    let (doc, map) = edit_document(text)?;
+/// Removes our plugin and the older one from `plugins` (and the key when it becomes empty).
+fn remove_plugins(map: &yaml_edit::Mapping) {
     if let Some(seq) = map.get_sequence("plugins") {
         let idx: Vec<usize> = seq
             .values()
             .enumerate()
             .filter(|(_, v)| {
                 v.as_scalar()
-                    .map(|s| s.as_string() == PLUGIN)
+                    .map(|s| {
+                        let s = s.as_string();
+                        s == PLUGIN || s == LEGACY_PLUGIN
+                    })
                     .unwrap_or(false)
             })
             .map(|(i, _)| i)
             .collect();
+        if idx.is_empty() {
+            return;
+        }
         for i in idx.into_iter().rev() {
             seq.remove(i);
         }
@@ -291,7 +298,25 @@ pub fn without_plugin(text: &str) -> Result<String> {
             map.remove("plugins");
         }
     }
+}
+
+/// Removes [`PLUGIN`] (and [`LEGACY_PLUGIN`]) from `plugins` (and the key when it becomes
+/// empty), preserving the rest: format B loads in vanilla transformers, without the plugin.
+pub fn without_plugin(text: &str) -> Result<String> {
+    let (doc, map) = edit_document(text)?;
+    remove_plugins(&map);
     Ok(doc.to_string())
+}
+
+/// Removes the top-level `key` (comments and the rest preserved); returns the text and the
+/// removed value as written, or None when the key was absent.
+pub fn without_key(text: &str, key: &str) -> Result<(String, Option<String>)> {
+    let (doc, map) = edit_document(text)?;
+    let old = map.get(key).map(|v| v.to_string().trim().to_string());
+    if old.is_some() {
+        map.remove(key);
+    }
+    Ok((doc.to_string(), old))
 }
 
 /// Parses `text` for lossless editing; the document must be a mapping.

@@ -850,6 +850,7 @@ pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
             Init::Mirror | Init::PreservingMirror
         )),
     );
+    crate::remote_code::set_auto_map(&mut raw);
     Value::Object(raw)
 }
 
@@ -911,7 +912,12 @@ impl SideFiles {
 pub struct ConvertReport {
     pub output_dir: PathBuf,
     pub files: Vec<String>,
+    /// Changes made to what was asked, each one line (printed as warnings).
+    pub warnings: Vec<String>,
 }
+
+/// The warm-up key of docs/spec.md §5, which an output-preserving init cannot take (§6).
+pub const WARMUP_KEY: &str = "diff_attn_warmup_steps";
 
 /// Runs a planned conversion into `output_dir` (staged, renamed into place at the end).
 /// `axolotl` is the input YAML (its edited copy is written as `axolotl_config.yml`);
@@ -946,19 +952,33 @@ pub fn execute(
         &converted_config(&src.config, plan),
     )?;
     files.push("config.json".into());
+    files.extend(crate::remote_code::write_files(staged.path())?);
     files.extend(copy_side_files(src, staged.path())?);
+    let mut warnings = Vec::new();
     if let Some(a) = axolotl {
-        // The plugin line only where the plugin's loader reads the format (format A); a family
-        // format has no Python loader yet, and naming the plugin would claim one.
-        let with_plugin = matches!(plan.target, Target::LlamaDifferential { .. });
-        let text =
-            axolotl::converted_config_text(&a.text, &staged.dest().to_string_lossy(), with_plugin)?;
+        // Every format this tool writes as a differential checkpoint loads through our plugin
+        // (format B, `--format diffllama`, is written by export, without it).
+        let mut text =
+            axolotl::converted_config_text(&a.text, &staged.dest().to_string_lossy(), true)?;
+        if plan.options.init == Init::PreservingMirror {
+            let (stripped, old) = axolotl::without_key(&text, WARMUP_KEY)?;
+            if let Some(old) = old {
+                text = stripped;
+                warnings.push(format!(
+                    "{WARMUP_KEY}: {old} removed from axolotl_config.yml: --preserving-mirror folds 1/(1 - lambda) into o_proj, so the model computes its source only at mix = 1, and a warm-up from mix = 0 would start training from a rescaled attention output"
+                ));
+            }
+        }
         let path = staged.path().join("axolotl_config.yml");
         std::fs::write(&path, text).at(&path)?;
         files.push("axolotl_config.yml".into());
     }
     let output_dir = staged.commit()?;
-    Ok(ConvertReport { output_dir, files })
+    Ok(ConvertReport {
+        output_dir,
+        files,
+        warnings,
+    })
 }
 
 /// Mean, standard deviation (population) and max |x| of a slice.

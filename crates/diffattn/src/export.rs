@@ -310,6 +310,7 @@ pub fn export(
         u64::MAX,
         &producer,
     )?;
+    files.extend(crate::remote_code::attach(staged.path(), &mut config)?);
     write_json(&staged.path().join("config.json"), &Value::Object(config))?;
     files.push("config.json".into());
     files.extend(copy_side_files(&src, staged.path())?);

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod remote_code;
 pub mod train;
 
 pub use error::{Error, Result};

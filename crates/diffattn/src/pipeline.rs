@@ -32,7 +32,7 @@ pub fn check_format(src: &Source, plan: &Plan, format: Format) -> Result<()> {
 /// directly; `diffllama` is written as format A into a hidden scratch directory beside the
 /// destination (removed afterwards, whatever happens), then exported exactly into place.
 /// `on_tensor` is called after each format-A tensor is written; the report's `warnings` are
-/// the export's (none for format A).
+/// the conversion's (format A) or the export's (diffllama).
 pub fn convert_to(
     src: &Source,
     plan: &Plan,
@@ -47,7 +47,7 @@ pub fn convert_to(
         return Ok(ExportReport {
             output_dir: r.output_dir,
             files: r.files,
-            warnings: Vec::new(),
+            warnings: r.warnings,
         });
     }
     let dest = crate::output::absolutize(output_dir)?;

@@ -171,3 +171,44 @@ fn yaml_depth_size_and_long_values_are_bounded() {
     let list = AxolotlConfig::from_str("base_model:\n  - a\n  - b\n", path).unwrap_err();
     assert_eq!(list.to_string().lines().count(), 1, "{list}");
 }
+
+#[test]
+fn converted_config_trains_elsewhere_and_names_our_plugin_once() {
+    let text = "base_model: a/b\noutput_dir: ./conv\nplugins:\n  - axolotl_diff_transformer.plugin.DifferentialTransformerPlugin\n  - axolotl.integrations.liger.LigerPlugin\n";
+    let out = converted_config_text(text, "/models/conv", true).unwrap();
+    let cfg = AxolotlConfig::from_str(&out, Path::new("x.yml")).unwrap();
+    // Training into the converted model's own directory would overwrite it.
+    assert_eq!(
+        cfg.output_dir.as_deref(),
+        Some(Path::new("/models/conv-trained"))
+    );
+    let plugins: Vec<&str> = cfg.value["plugins"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // The older plugin's line is replaced by ours (both would register the same types).
+    assert_eq!(
+        plugins,
+        vec!["axolotl.integrations.liger.LigerPlugin", PLUGIN]
+    );
+    assert_eq!(
+        PLUGIN,
+        "diff_transformer.axolotl.DifferentialTransformerPlugin"
+    );
+    let b = diffattn::axolotl::without_plugin(&out).unwrap();
+    assert!(!b.contains("DifferentialTransformerPlugin"), "{b}");
+    assert!(b.contains("LigerPlugin"));
+}
+
+#[test]
+fn without_key_removes_one_top_level_key() {
+    let text = "base_model: m\n# warm-up\ndiff_attn_warmup_steps: 4  # steps\nlearning_rate: 0.1\n";
+    let (out, old) = diffattn::axolotl::without_key(text, "diff_attn_warmup_steps").unwrap();
+    assert_eq!(old.as_deref(), Some("4"));
+    assert!(!out.contains("diff_attn_warmup_steps"), "{out}");
+    assert!(out.contains("learning_rate: 0.1") && out.contains("base_model: m"));
+    let (same, none) = diffattn::axolotl::without_key(&out, "diff_attn_warmup_steps").unwrap();
+    assert_eq!((same.as_str(), none), (out.as_str(), None));
+}

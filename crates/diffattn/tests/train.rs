@@ -648,9 +648,24 @@ fn zero_init_start_is_reported_as_stationary() {
     let cfg = s.completion_config(&pm, "pmout", "diff_attn_warmup_steps: 4\n");
     let (_, events) = run(&cfg);
     assert!(
-        events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("--preserving-mirror") && m.contains("mix = 1"))),
+        events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("diff_attn_warmup_steps is ignored") && m.contains("--preserving-mirror") && m.contains("mix = 1"))),
         "{events:?}"
     );
+    // ... and ignored: the same losses as without the key, and no mix in the metrics.
+    let plain = s.completion_config(&pm, "pmplain", "");
+    run(&plain);
+    let losses = |dir: &Path| -> Vec<f64> {
+        jsonl(dir)
+            .iter()
+            .filter_map(|r| r.get("loss").and_then(Value::as_f64))
+            .collect()
+    };
+    let with_key = losses(&s.root.join("pmout"));
+    assert!(!with_key.is_empty());
+    assert_eq!(with_key, losses(&s.root.join("pmplain")));
+    assert!(jsonl(&s.root.join("pmout"))
+        .iter()
+        .all(|r| r.get("aggregate/diff_attn_mix").is_none()));
     assert!(!events
         .iter()
         .any(|e| matches!(e, Event::Warning(m) if m.contains("stationary"))));

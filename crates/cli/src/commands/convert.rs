@@ -119,12 +119,6 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         println!("output: diffllama (planned as llama-differential below, then exported exactly; final sizes below)");
     }
     println!("{}", plan.summary());
-    if plan.target == diffattn::format::Target::Family {
-        let (model_type, _) = plan.format_names();
-        eprintln!(
-            "warning: {model_type} runs in this tool (generate, compare, train, evaluate, bench) only: no Python loader reads it yet, so axolotl_config.yml names no plugin"
-        );
-    }
     if !plan.preserving_scales_far_from_one.is_empty() {
         let list: Vec<String> = plan
             .preserving_scales_far_from_one
@@ -147,6 +141,11 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         print_warnings_and_sizes(&report)?;
     }
     pb.finish_and_clear();
+    if format != Format::DiffLlama {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     println!(
         "wrote {} ({}) in {:.2} s",
         report.output_dir.display(),
@@ -154,7 +153,8 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     println!(
-        "next: diff-transformer compare {src} {out}   (logits and generations against the source)\n      diff-transformer train {out}/axolotl_config.yml --output-dir {out}-finetuned   (after adding datasets; its output_dir is this model)",
+        "next: diff-transformer compare {src} {out}   (logits and generations against the source)\n      diff-transformer train {out}/axolotl_config.yml   (after adding datasets; it trains into {out}{suffix})\n      AutoModelForCausalLM.from_pretrained(\"{out}\", trust_remote_code=True)   (PyTorch: the checkpoint carries its modeling code)",
+        suffix = diffattn::axolotl::TRAINED_SUFFIX,
         src = src.model_dir.display(),
         out = report.output_dir.display()
     );

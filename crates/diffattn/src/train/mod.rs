@@ -311,6 +311,7 @@ fn write_model(
     } else {
         raw.remove(MIX_KEY);
     }
+    crate::remote_code::attach(dir, &mut raw)?;
     crate::config::write_json(&dir.join("config.json"), &Value::Object(raw))?;
     side.write(dir)?;
     Ok(())

@@ -187,15 +187,9 @@ pub(super) fn report_setup(
                 .into(),
         ));
     }
-    let preserving = tm
-        .config
-        .raw
-        .get("preserving_mirror")
-        .and_then(Value::as_bool)
-        == Some(true);
-    if preserving && cfg.diff_attn_warmup_steps.is_some() && is_diff {
+    if is_preserving(tm) && cfg.diff_attn_warmup_steps.is_some() && is_diff {
         on_event(Event::Warning(
-            "this model was converted with --preserving-mirror: its o_proj carries 1/(1 - lambda), so it computes the source model only at mix = 1; diff_attn_warmup_steps starts at mix = 0 and the first steps see a rescaled attention output (a much higher loss); remove diff_attn_warmup_steps for this start"
+            "diff_attn_warmup_steps is ignored (mix = 1 throughout): this model was converted with --preserving-mirror, whose o_proj carries 1/(1 - lambda), so it computes the source model only at mix = 1; a warm-up from mix = 0 would start from a rescaled attention output (a much higher loss)"
                 .into(),
         ));
     }
@@ -211,6 +205,17 @@ pub(super) fn report_setup(
         ));
     }
     Ok(())
+}
+
+/// Whether `tm` was converted with an output-preserving init that folds a scale into `o_proj`
+/// (`preserving_mirror: true` in config.json): the warm-up of lambda does not apply to it
+/// (docs/spec.md §6), so `diff_attn_warmup_steps` is ignored with a warning.
+pub(super) fn is_preserving(tm: &TrainableModel) -> bool {
+    tm.config
+        .raw
+        .get("preserving_mirror")
+        .and_then(Value::as_bool)
+        == Some(true)
 }
 
 /// The optimizer of `tm`, and the steps already done: with a resumed checkpoint its AdamW

@@ -107,7 +107,7 @@ impl<'a> Trainer<'a> {
             tm.model.config.num_hidden_layers,
             cfg.diff_attn_num_monitor_layers,
         );
-        let warmup = if is_diff {
+        let warmup = if is_diff && !super::setup::is_preserving(&tm) {
             cfg.diff_attn_warmup_steps
         } else {
             None
