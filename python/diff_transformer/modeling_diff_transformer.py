@@ -277,6 +277,25 @@ class DifferentialPreTrainedModel(PreTrainedModel):
         _, theta, scaling = self.config.layer_attention()[layer_idx]
         return theta, scaling
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', plus the two remote-code files and `auto_map`, so that the saved
+        checkpoint loads with `trust_remote_code=True` wherever it goes."""
+        import os
+        import shutil
+
+        model_type = self.config.model_type
+        self.config.auto_map = {
+            "AutoConfig": f"configuration_diff_transformer.{type(self.config).__name__}",
+            "AutoModelForCausalLM": f"modeling_diff_transformer.{MODEL_CLASSES[model_type].__name__}",
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            here = os.path.dirname(os.path.abspath(__file__))
+            for name in ("configuration_diff_transformer.py", "modeling_diff_transformer.py"):
+                src, dst = os.path.join(here, name), os.path.join(save_directory, name)
+                if os.path.abspath(src) != os.path.abspath(dst):
+                    shutil.copyfile(src, dst)
+
     @classmethod
     def _supports_default_dynamic_cache(cls, *args, **kwargs):
         # generate() would otherwise build the cache from config.json's window keys, which
