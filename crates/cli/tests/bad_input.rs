@@ -1326,20 +1326,21 @@ fn commands_refuse_to_start_beyond_the_memory_limit() {
     );
 }
 
-/// A run holds a lock on its output_dir (an advisory `flock` on the directory): a second run
-/// into it while the first is writing, even with --overwrite, is refused with one line and
-/// deletes nothing. The "first run" here is this test holding the lock.
+/// A run holds the lock of its output_dir (`.out.lock` beside it, with the holder's PID): a
+/// second writer into it while the first is writing, even with --overwrite, is refused with one
+/// line naming the holder and deletes nothing. The "first run" here is this test holding the lock.
 #[test]
 fn a_second_run_into_a_busy_output_dir_is_refused() {
     let c = train_case("");
     train_ok(&c);
     let before = std::fs::read(c.path("out/model.safetensors")).unwrap();
-    let held = std::fs::File::open(c.path("out")).unwrap();
-    held.try_lock().unwrap();
+    let held = diffattn::output::OutputLock::acquire(&c.path("out")).unwrap();
+    let holder = format!("process {} holds its lock", std::process::id());
     let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
     assert!(!ok, "the second run was not refused");
     assert!(
         err.contains("another run is writing into this directory")
+            && err.contains(&holder)
             && err.trim().lines().count() == 1,
         "{err}"
     );
@@ -1348,9 +1349,42 @@ fn a_second_run_into_a_busy_output_dir_is_refused() {
         before
     );
     drop(held);
+    assert!(
+        !c.path(".out.lock").exists(),
+        "the lock file outlived its lock"
+    );
     // Released (the run ended), the directory is replaced as asked.
     let (ok, err) = cli(&["train", &c.config(), "--overwrite"]);
     assert!(ok, "{err}");
+    assert!(!c.path(".out.lock").exists());
+}
+
+/// convert, export and import-gguf take the same lock: a second writer fails at once naming
+/// the holder's PID, writes nothing, and the output is written once the lock is released.
+#[test]
+fn convert_and_export_refuse_an_output_another_process_writes() {
+    let c = Case::with_model(&TinyLlama::default());
+    let held = diffattn::output::OutputLock::acquire(&c.path("out")).unwrap();
+    let pid = std::process::id().to_string();
+    c.fails(
+        &["convert", &c.config()],
+        &["another run is writing into this directory", &pid],
+    );
+    drop(held);
+    let (ok, err) = cli(&["convert", &c.config()]);
+    assert!(ok, "{err}");
+    let held = diffattn::output::OutputLock::acquire(&c.path("b")).unwrap();
+    let b = c.path("b").display().to_string();
+    let src = c.path("out").display().to_string();
+    let (ok, err) = cli(&["export", "--to", "diffllama", &src, &b]);
+    assert!(!ok && err.contains(&pid) && !c.path("b").exists(), "{err}");
+    drop(held);
+    let names: Vec<String> = std::fs::read_dir(c.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".lock"))
+        .collect();
+    assert!(names.is_empty(), "lock files left: {names:?}");
 }
 
 /// `train --overwrite` moves the previous run aside and removes it only once the new run has

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 /// Errors raised while reading, converting or writing checkpoints and configs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: another run is writing into this directory (it holds its lock); wait for it to end or choose another output_dir")]
-    OutputLocked { path: PathBuf },
+    #[error("{path}: another run is writing into this directory ({}); wait for it to end or choose another output", match holder { Some(pid) => format!("process {pid} holds its lock"), None => "a process holds its lock".to_string() })]
+    OutputLocked { path: PathBuf, holder: Option<u32> },
 
     #[error("interrupted by signal {signal}: partial outputs were removed (a training run keeps the checkpoints it completed; resume_from_checkpoint: true continues it)")]
     Interrupted { signal: i32 },

@@ -128,11 +128,97 @@ fn normalize(p: &Path) -> PathBuf {
 
 /// A directory being written: `path()` is a hidden sibling of the destination, moved into
 /// place by [`StagedDir::commit`]; dropped uncommitted, it is removed.
+/// One writer per output: an exclusive advisory lock (`flock`) on the hidden file
+/// `.NAME.lock` beside the output `NAME`, holding the writer's PID, taken without waiting by
+/// every command that writes a directory (`convert`, `export`, `import-gguf`, `train`) and kept
+/// until the command ends. A second writer fails at once naming the holder's PID. The file is
+/// removed when the lock is released (a killed holder leaves an unlocked one behind, which the
+/// next writer takes over).
+#[derive(Debug)]
+pub struct OutputLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl OutputLock {
+    /// Locks the output `dest` (which need not exist yet; its parent is created).
+    pub fn acquire(dest: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let dest = absolutize(dest)?;
+        let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(|source| Error::OutputNotWritable {
+            path: dest.clone(),
+            source,
+        })?;
+        let name = dest.file_name().unwrap_or_default().to_string_lossy();
+        let path = parent.join(format!(".{name}.lock"));
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|source| Error::OutputNotWritable {
+                    path: dest.clone(),
+                    source,
+                })?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    return Err(Error::OutputLocked {
+                        path: dest,
+                        holder: holder.trim().parse().ok(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(source)) => {
+                    return Err(Error::Io { path, source })
+                }
+            }
+            // The holder before us may have removed the file between our open and our lock:
+            // then we locked a file nobody else will see; open the current one again.
+            if !same_file(&file, &path) {
+                continue;
+            }
+            file.set_len(0).at(&path)?;
+            file.rewind().at(&path)?;
+            write!(file, "{}", std::process::id()).at(&path)?;
+            return Ok(Self { file, path });
+        }
+    }
+}
+
+#[cfg(unix)]
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::File, path: &Path) -> bool {
+    path.exists()
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so no other writer holds a lock on this file.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
 pub struct StagedDir {
     dest: PathBuf,
     tmp: PathBuf,
     overwrite: bool,
     committed: bool,
+    /// Held from the checks to the rename into place (see [`OutputLock`]).
+    _lock: OutputLock,
 }
 
 impl StagedDir {
@@ -165,6 +251,7 @@ impl StagedDir {
                 }
             }
         }
+        let lock = OutputLock::acquire(&dest)?;
         if dest.exists() {
             if !dest.is_dir() {
                 return Err(Error::OutputNotWritable {
@@ -203,6 +290,7 @@ impl StagedDir {
             tmp,
             overwrite,
             committed: false,
+            _lock: lock,
         })
     }
 

@@ -19,7 +19,7 @@ pub(super) struct RunDir {
     /// `output_dir` is not empty and not the resumed run's: `--overwrite` replaces it.
     replace: bool,
     /// The lock on `output_dir` held for the whole run (see [`RunDir::create`]).
-    lock: Option<std::fs::File>,
+    lock: Option<crate::output::OutputLock>,
     /// Where `--overwrite` moved the previous `output_dir` until this run completes.
     replaced: Option<PathBuf>,
 }
@@ -33,21 +33,6 @@ impl Drop for RunDir {
                 old.display()
             );
         }
-    }
-}
-
-/// An exclusive advisory lock (`flock`) on the directory `dir`, taken without waiting.
-fn lock_dir(dir: &Path) -> Result<std::fs::File> {
-    let f = std::fs::File::open(dir).at(dir)?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::OutputLocked {
-            path: dir.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(source)) => Err(Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        }),
     }
 }
 
@@ -179,13 +164,12 @@ impl RunDir {
     /// Creates `output_dir` (first moving aside the directory `--overwrite` replaces) and sweeps
     /// the staging directories of interrupted final saves. Call once everything is validated.
     ///
-    /// `output_dir` stays locked (an advisory `flock` on the directory) until the run ends:
-    /// a second run into the same directory, started at the same time or with `--overwrite`
-    /// while this one runs, is refused before it writes or deletes anything.
+    /// `output_dir` stays locked ([`crate::output::OutputLock`]) until the run ends: a second
+    /// writer into the same directory (another `train`, started at the same time or with
+    /// `--overwrite`, or a `convert`), is refused before it writes or deletes anything.
     pub fn create(&mut self) -> Result<()> {
+        let lock = crate::output::OutputLock::acquire(&self.output_dir)?;
         if self.output_dir.is_dir() {
-            // Held while the directory is moved aside: a run still writing into it keeps it.
-            let held = lock_dir(&self.output_dir)?;
             if self.replace {
                 // Kept until this run completes (then removed by `finish_replacing`); a run
                 // killed before leaves it for the next run's sweep to restore or name.
@@ -193,13 +177,12 @@ impl RunDir {
                 std::fs::rename(&self.output_dir, &old).at(&self.output_dir)?;
                 self.replaced = Some(old);
             }
-            drop(held);
         }
         std::fs::create_dir_all(&self.output_dir).map_err(|source| Error::OutputNotWritable {
             path: self.output_dir.clone(),
             source,
         })?;
-        self.lock = Some(lock_dir(&self.output_dir)?);
+        self.lock = Some(lock);
         crate::output::sweep_dead_partials(&self.output_dir, "final");
         Ok(())
     }
