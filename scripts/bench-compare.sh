@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Our speed and the Python reference's, measured alternately on this machine (f32, 2 threads).
 #
-# The speed targets of issues 3 and 5 are figures of transformers + PyTorch; on a shared 2-core
+# The speed targets are figures of transformers + PyTorch; on a shared 2-core
 # machine the same program varies by +-30% between runs minutes apart, so this script runs ours
 # and the reference (tools/bench_reference.py) in alternation, ROUNDS times (default 3), and
 # prints the median of each side and our speed as a fraction of the reference's.
