@@ -13,9 +13,21 @@
 # is built again from scratch. With the marker in place the script returns at once.
 # The base interpreter is python3 (3.10 or later: transformers 5 needs it), or
 # $DIFF_TRANSFORMER_BASE_PYTHON.
+#
+# `scripts/python-env.sh --oldest` builds the second environment the tests use, with the oldest
+# versions the Python side supports (transformers 4.48.3, the first with DiffLlama, and torch
+# 2.6.0): $DIFF_TRANSFORMER_CACHE/venv-transformers-4.48, about the same size.
 set -euo pipefail
 cache="${DIFF_TRANSFORMER_CACHE:-$HOME/.cache/diff-transformer}"
 venv="$cache/venv"
+oldest=0
+if [ "${1:-}" = "--oldest" ]; then
+  oldest=1
+  venv="$cache/venv-transformers-4.48"
+elif [ -n "${1:-}" ]; then
+  echo "usage: scripts/python-env.sh [--oldest]" >&2
+  exit 2
+fi
 py="$venv/bin/python"
 marker="$venv/.diff-transformer-env"
 base_python="${DIFF_TRANSFORMER_BASE_PYTHON:-python3}"
@@ -31,6 +43,16 @@ requirements=(
   pytest
   "maturin>=1.5,<2"
 )
+if [ "$oldest" = 1 ]; then
+  requirements=(
+    "torch==2.6.0"
+    "transformers==4.48.3"
+    "accelerate>=1.0,<1.4"
+    safetensors
+    "numpy<2.3"
+    pytest
+  )
+fi
 # The marker's first line; any change of the list rebuilds the venv.
 want="requirements: ${requirements[*]}"
 
@@ -40,7 +62,7 @@ ready() { [ -x "$py" ] && [ -f "$marker" ] && [ "$(head -n 1 "$marker")" = "$wan
 if ! ready; then
   mkdir -p "$cache"
   # One builder at a time (cargo runs tests in parallel): the others wait, then find it ready.
-  exec 9>"$cache/venv.lock"
+  exec 9>"$venv.lock"
   if command -v flock >/dev/null; then
     if ! flock -n 9; then
       echo "python-env: another run is building $venv; waiting for it" >&2

@@ -94,3 +94,15 @@ def runtime_logits(src, conv, tmp, prompt=PROMPT):
 @pytest.fixture
 def tmp(tmp_path):
     return str(tmp_path)
+
+
+def _f32_kwargs():
+    import torch
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": torch.float32}
+
+
+# `from_pretrained(..., **F32)`: float32 weights (transformers 5 says `dtype`, 4.x `torch_dtype`).
+F32 = _f32_kwargs()

@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import PROMPT, ROOT, convert, fixture_copy, runtime_logits
+import transformers
+
+from conftest import F32, PROMPT, ROOT, convert, fixture_copy, runtime_logits
 
 # (fixture kind, name, conversions): each conversion is a list of convert flags.
 DEFAULT, SPLIT, NO_SUBLN = [], ["--split-heads"], ["--zero-init", "--no-sublayer-norm"]
@@ -28,11 +30,12 @@ CASES = [
     ("families", "qwen3_qk_norm", [DEFAULT, SPLIT, PRESERVING]),
     ("families", "gemma3_sliding", [DEFAULT, NO_SUBLN, PRESERVING]),
 ]
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 PARAMS = [(k, n, f) for k, n, fl in CASES for f in fl]
 
 
 def python_logits(model_dir, ids, **kw):
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, **F32, **kw).eval()
     with torch.no_grad():
         return m(torch.tensor([list(ids)])).logits[0].numpy(), m
 
@@ -44,9 +47,15 @@ def test_forward_matches_the_runtime(tmp, kind, name, flags):
     ids, src_rt, conv_rt = runtime_logits(src, conv, tmp)
     assert len(ids) >= 30
     ours, model = python_logits(conv, ids, trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules"), "remote code was not used"
+    # The checkpoint's remote code, or the same classes from the package once another test of
+    # this process has registered them (test_remote_code_works_with_nothing_installed checks
+    # the remote code alone).
+    module = type(model).__module__
+    assert module.startswith("transformers_modules") or module == "diff_transformer.modeling_diff_transformer", module
     err = float(np.abs(ours - conv_rt).max())
     assert err <= 1e-4, f"{name} {flags}: max |python - runtime| = {err}"
+    if not TRANSFORMERS_5:
+        return  # the fixtures' source configs are transformers 5 files (rope_parameters, Qwen3, Gemma 3)
     # The source as transformers reads it: the runtime's source logits are the reference's.
     theirs, _ = python_logits(src, ids)
     src_err = float(np.abs(theirs - src_rt).max())
@@ -77,7 +86,7 @@ def test_remote_code_works_with_nothing_installed(tmp):
         "import sys, numpy as np, torch\n"
         "try:\n    import diff_transformer\n    sys.exit('diff_transformer is importable')\nexcept ImportError: pass\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({conv!r}, trust_remote_code=True, dtype=torch.float32).eval()\n"
+        f"m = AutoModelForCausalLM.from_pretrained({conv!r}, trust_remote_code=True, **{F32!r}).eval()\n"
         f"ids = np.load({os.path.join(tmp, 'ids.npy')!r})\n"
         "with torch.no_grad(): out = m(torch.tensor([ids])).logits[0].numpy()\n"
         f"np.save({os.path.join(tmp, 'out.npy')!r}, out)\n"
@@ -94,7 +103,7 @@ def test_cached_generation_equals_full_recompute(tmp):
     """generate() with the KV cache, past a sliding window, equals greedy decoding by full forwards."""
     src = fixture_copy("families", "mistral_window", os.path.join(tmp, "src"))
     conv = convert(src, os.path.join(tmp, "conv"))
-    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32).eval()
     ids = torch.tensor([[3 + (i * 7) % 60 for i in range(12)]])
     with torch.no_grad():
         out = m.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
@@ -108,7 +117,7 @@ def test_cached_generation_equals_full_recompute(tmp):
 def test_diff_attn_mix_is_read_and_saved(tmp):
     src = fixture_copy("tiny", "llama_gqa", os.path.join(tmp, "src"))
     conv = convert(src, os.path.join(tmp, "conv"))
-    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32).eval()
     ids = torch.tensor([[5, 9, 13, 2, 7]])
     with torch.no_grad():
         full = m(ids).logits
@@ -117,7 +126,7 @@ def test_diff_attn_mix_is_read_and_saved(tmp):
     assert float((full - quarter).abs().max()) > 1e-3
     out = os.path.join(tmp, "saved")
     m.save_pretrained(out)
-    again = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    again = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, **F32).eval()
     assert again.config.diff_attn_mix == 0.25
     with torch.no_grad():
         assert torch.equal(again(ids).logits, quarter)

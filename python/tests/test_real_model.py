@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, convert, run_bin, runtime_logits
+from conftest import F32, ROOT, convert, run_bin, runtime_logits
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 
@@ -31,7 +31,7 @@ def smollm2(tmp_path_factory):
 def test_smollm2_conversions_match_the_runtime(smollm2, tmp, flags):
     conv = convert(smollm2, os.path.join(tmp, "conv"), *flags)
     ids, src_rt, conv_rt = runtime_logits(smollm2, conv, tmp, PROMPT)
-    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32).eval()
     with torch.no_grad():
         ours = m(torch.tensor([list(ids)])).logits[0].numpy()
     err = float(np.abs(ours - conv_rt).max())

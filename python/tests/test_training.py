@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, WORDS, convert, fixture_copy, run_bin
+from conftest import F32, ROOT, WORDS, convert, fixture_copy, run_bin
 
 EVAL_TEXT = " ".join(WORDS[10:40])
 TRAIN_SCRIPT = os.path.join(os.path.dirname(__file__), "train_tiny.py")
@@ -39,7 +39,7 @@ def our_eval_loss(tmp, model_dir):
 def python_eval_loss(model_dir):
     """The same loss in PyTorch: the text's tokens plus EOS, every token a label."""
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    m = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **F32).eval()
     ids = tok.encode(EVAL_TEXT).ids + [m.config.eos_token_id]
     t = torch.tensor([ids])
     with torch.no_grad():
@@ -58,7 +58,7 @@ def run_training(tmp, conv, out, steps, launcher=()):
 
 def test_trainer_warmup_monitoring_save_and_reload_by_our_evaluate(tmp):
     conv = converted(tmp)
-    before = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, dtype=torch.float32)
+    before = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32)
     out = os.path.join(tmp, "trained")
     history, _ = run_training(tmp, conv, out, 3)
     mixes = [h["aggregate/diff_attn_mix"] for h in history if "aggregate/diff_attn_mix" in h]
@@ -114,13 +114,13 @@ def test_axolotl_plugin_callbacks_and_preserving_rule(tmp, caplog):
     assert DifferentialTransformerArgs().diff_attn_log_every == 100
     cfg = {"diff_attention": True, "diff_attn_warmup_steps": 4, "diff_attn_log_every": 1}
     plugin.pre_model_load(cfg)
-    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    source = AutoModelForCausalLM.from_pretrained(src, **F32)
     try:
         plugin.post_model_load(cfg, source)
         raise AssertionError("a model without differential layers was accepted")
     except ValueError as e:
         assert "no differential attention layer" in str(e)
-    model = AutoModelForCausalLM.from_pretrained(conv, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(conv, **F32)
     plugin.post_model_load(cfg, model)
     ids = torch.tensor([[5, 9, 13, 2, 7, 30, 11, 42]] * 2)
 
@@ -131,10 +131,13 @@ def test_axolotl_plugin_callbacks_and_preserving_rule(tmp, caplog):
         def __getitem__(self, i):
             return {"input_ids": ids[0], "labels": ids[0]}
 
-    with torch.no_grad():
-        source_loss = float(source(ids[:1], labels=ids[:1]).loss)
     args = TrainingArguments(output_dir=os.path.join(tmp, "out"), max_steps=1, per_device_train_batch_size=1,
                              learning_rate=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True)
+    # The source model under the same Trainer: its logged loss is the reference (the Trainer's
+    # normalisation of the loss differs between transformers versions).
+    source_trainer = Trainer(model=source, args=args, train_dataset=Data())
+    source_trainer.train()
+    (source_loss,) = [h["loss"] for h in source_trainer.state.log_history if "loss" in h]
     trainer = Trainer(model=model, args=args, train_dataset=Data())
     (cb,) = plugin.add_callbacks_post_trainer(cfg, trainer)
     assert cb.trainer is trainer and cb.warmup_steps == 4

@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+import transformers
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -29,7 +30,8 @@ class Data(torch.utils.data.Dataset):
 
 
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+F32 = {("dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"): torch.float32}
+model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **F32)
 args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=2,
                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
                          use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,

@@ -457,17 +457,17 @@ fn output_dir_not_empty_without_overwrite() {
         std::fs::read_to_string(c.path("out/keep.txt")).unwrap(),
         "precious"
     );
-    // With --overwrite it is replaced by a complete checkpoint.
-    let ok = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
-        .args(["convert", &c.config(), "--overwrite"])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    // --overwrite does not delete a file this tool did not write: it is named instead.
+    let (ok, err) = cli(&["convert", &c.config(), "--overwrite"]);
+    assert!(!ok && err.contains("1 other entry (keep.txt)"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(c.path("out/keep.txt")).unwrap(),
+        "precious"
     );
-    assert!(!c.path("out/keep.txt").exists());
+    // Moved away, the directory is replaced by a complete checkpoint.
+    std::fs::remove_file(c.path("out/keep.txt")).unwrap();
+    let (ok, err) = cli(&["convert", &c.config(), "--overwrite"]);
+    assert!(ok, "{err}");
     assert!(c.path("out/model.safetensors").is_file());
 }
 
@@ -1006,9 +1006,17 @@ fn compare_save_logits_refuses_inputs_and_non_empty_directories() {
         "{err}"
     );
     assert!(c.path("logits/keep.txt").is_file());
+    // --overwrite names the file it would not delete ...
     let (ok, err) = cli(&["compare", &src, &src, "--save-logits", &dir, "--overwrite"]);
-    assert!(ok, "{err}");
-    assert!(c.path("logits/manifest.json").is_file() && !c.path("logits/keep.txt").exists());
+    assert!(!ok && err.contains("(keep.txt)"), "{err}");
+    assert!(c.path("logits/keep.txt").is_file());
+    // ... and replaces a directory of saved logits.
+    std::fs::remove_file(c.path("logits/keep.txt")).unwrap();
+    for _ in 0..2 {
+        let (ok, err) = cli(&["compare", &src, &src, "--save-logits", &dir, "--overwrite"]);
+        assert!(ok, "{err}");
+    }
+    assert!(c.path("logits/manifest.json").is_file());
 }
 
 #[test]
@@ -1579,4 +1587,46 @@ fn training_console_explains_the_lambda_figure() {
             && stdout.contains("mean over the monitored layers, measured at step 2"),
         "{stdout}"
     );
+}
+
+/// `--overwrite` replaces only a directory of this tool's own files: one that also holds a
+/// user's files (a note, a sub-directory) is refused with the entries named, and nothing is
+/// deleted; this tool's own outputs (a conversion, a training run with checkpoints) are replaced.
+#[test]
+fn overwrite_refuses_to_delete_files_this_tool_did_not_write() {
+    let c = Case::with_model(&TinyLlama::default());
+    let (ok, err) = cli(&["convert", &c.config()]);
+    assert!(ok, "{err}");
+    // A conversion written over itself: all its files are ours.
+    let (ok, err) = cli(&["convert", &c.config(), "--overwrite"]);
+    assert!(ok, "{err}");
+    std::fs::write(c.path("out/thesis.txt"), "my thesis").unwrap();
+    std::fs::create_dir(c.path("out/sub")).unwrap();
+    std::fs::write(c.path("out/sub/notes.md"), "notes").unwrap();
+    let (ok, err) = cli(&["convert", &c.config(), "--overwrite"]);
+    assert!(!ok, "the directory with foreign files was replaced");
+    assert!(
+        err.contains("--overwrite replaces only what this tool writes")
+            && err.contains("2 other entries (sub/, thesis.txt)")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.path("out/thesis.txt")).unwrap(),
+        "my thesis"
+    );
+    assert!(c.path("out/sub/notes.md").is_file() && c.path("out/model.safetensors").is_file());
+    // train --overwrite follows the same rule, checkpoints included.
+    let t = train_case("save_steps: 1\n");
+    train_ok(&t);
+    assert!(t.path("out/checkpoint-1").is_dir());
+    let (ok, err) = cli(&["train", &t.config(), "--overwrite"]);
+    assert!(ok, "a run of ours was not replaced: {err}");
+    std::fs::write(t.path("out/checkpoint-1/mine.txt"), "x").unwrap();
+    let (ok, err) = cli(&["train", &t.config(), "--overwrite"]);
+    assert!(
+        !ok && err.contains("1 other entry (checkpoint-1/mine.txt)"),
+        "{err}"
+    );
+    assert!(t.path("out/checkpoint-1/mine.txt").is_file());
 }

@@ -4,8 +4,11 @@
 //! (scripts/check-pip-install.sh), with the venv of scripts/python-env.sh (torch, transformers,
 //! accelerate, pytest, maturin from PyPI; `.ci/run` creates it, cached outside the clone).
 //!
-//! `DIFF_TRANSFORMER_PYTHON` names another interpreter; `DIFF_TRANSFORMER_SKIP_PYTHON=1` skips
-//! both tests (for machines without PyPI), saying so.
+//! The same Python tests run a second time with the oldest versions supported (transformers
+//! 4.48.3, torch 2.6.0: `scripts/python-env.sh --oldest`).
+//!
+//! `DIFF_TRANSFORMER_PYTHON` (`DIFF_TRANSFORMER_PYTHON_OLDEST`) names another interpreter;
+//! `DIFF_TRANSFORMER_SKIP_PYTHON=1` skips these tests (for machines without PyPI), saying so.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,11 +19,24 @@ fn root() -> PathBuf {
 
 /// The interpreter, or None (with a line on stderr) when the Python tests are skipped.
 fn python() -> Option<PathBuf> {
+    env_python("DIFF_TRANSFORMER_PYTHON", "venv", "scripts/python-env.sh")
+}
+
+/// The interpreter with the oldest supported versions.
+fn python_oldest() -> Option<PathBuf> {
+    env_python(
+        "DIFF_TRANSFORMER_PYTHON_OLDEST",
+        "venv-transformers-4.48",
+        "scripts/python-env.sh --oldest",
+    )
+}
+
+fn env_python(var: &str, venv: &str, script: &str) -> Option<PathBuf> {
     if std::env::var("DIFF_TRANSFORMER_SKIP_PYTHON").as_deref() == Ok("1") {
         eprintln!("DIFF_TRANSFORMER_SKIP_PYTHON=1: the Python tests are skipped");
         return None;
     }
-    if let Some(p) = std::env::var_os("DIFF_TRANSFORMER_PYTHON") {
+    if let Some(p) = std::env::var_os(var) {
         return Some(PathBuf::from(p));
     }
     let cache = std::env::var_os("DIFF_TRANSFORMER_CACHE")
@@ -28,13 +44,13 @@ fn python() -> Option<PathBuf> {
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/diff-transformer")
         });
-    let py = cache.join("venv/bin/python");
+    let py = cache.join(venv).join("bin/python");
     assert!(
-        cache.join("venv/.diff-transformer-env").is_file() && py.is_file(),
-        "no Python test environment at {}: run scripts/python-env.sh (it installs torch, transformers, \
-         accelerate and pytest from PyPI into that cache), set DIFF_TRANSFORMER_PYTHON, or \
+        cache.join(venv).join(".diff-transformer-env").is_file() && py.is_file(),
+        "no Python test environment at {}: run {script} (it installs torch, transformers, \
+         accelerate and pytest from PyPI into that cache), set {var}, or \
          DIFF_TRANSFORMER_SKIP_PYTHON=1 to skip",
-        cache.join("venv").display()
+        cache.join(venv).display()
     );
     Some(py)
 }
@@ -42,7 +58,17 @@ fn python() -> Option<PathBuf> {
 #[test]
 fn python_tests_pass() {
     let Some(py) = python() else { return };
-    let out = Command::new(&py)
+    pytest(&py);
+}
+
+#[test]
+fn python_tests_pass_on_transformers_4_48() {
+    let Some(py) = python_oldest() else { return };
+    pytest(&py);
+}
+
+fn pytest(py: &Path) {
+    let out = Command::new(py)
         .args([
             "-m",
             "pytest",

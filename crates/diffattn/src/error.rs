@@ -99,6 +99,13 @@ pub enum Error {
     #[error("output directory {path} is not empty; pass --overwrite to replace it")]
     OutputNotEmpty { path: PathBuf },
 
+    #[error("{path}: --overwrite replaces only what this tool writes, and this directory also holds {count} other entr{} ({entries}); move {} away or choose another output", if *count == 1 { "y" } else { "ies" }, if *count == 1 { "it" } else { "them" })]
+    ForeignFiles {
+        path: PathBuf,
+        count: usize,
+        entries: String,
+    },
+
     #[error("output file {path} exists; pass --overwrite to replace it")]
     OutputExists { path: PathBuf },
 

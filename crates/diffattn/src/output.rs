@@ -128,6 +128,109 @@ fn normalize(p: &Path) -> PathBuf {
 
 /// A directory being written: `path()` is a hidden sibling of the destination, moved into
 /// place by [`StagedDir::commit`]; dropped uncommitted, it is removed.
+/// Whether `name` (a file in an output directory) is one this tool writes: a checkpoint's
+/// files (config, weights and index, tokenizer files, generation config, remote code,
+/// `axolotl_config.yml`), a training run's (metrics, trainer state, optimizer state,
+/// results, TensorBoard events, plot) and `compare --save-logits`'s (manifest, `.npy` files).
+fn is_own_file(name: &str) -> bool {
+    const OWN: [&str; 12] = [
+        "config.json",
+        "generation_config.json",
+        crate::checkpoint::SINGLE_FILE,
+        crate::checkpoint::INDEX_FILE,
+        "axolotl_config.yml",
+        crate::remote_code::CONFIGURATION_FILE,
+        crate::remote_code::MODELING_FILE,
+        "trainer_state.json",
+        "optimizer.safetensors",
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+    ];
+    let shard = || {
+        let Some(rest) = name.strip_prefix("model-") else {
+            return false;
+        };
+        let Some(rest) = rest.strip_suffix(".safetensors") else {
+            return false;
+        };
+        let mut parts = rest.split("-of-");
+        matches!(
+            (parts.next(), parts.next(), parts.next()),
+            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty()
+                && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
+        )
+    };
+    OWN.contains(&name)
+        || crate::convert::TOKENIZER_FILES.contains(&name)
+        || name == crate::train::METRICS_FILE
+        || name == "plot.png"
+        || name.starts_with("events.out.tfevents.")
+        // compare --save-logits
+        || name == "manifest.json"
+        || (name.starts_with("prompt") && name.ends_with(".npy"))
+        || shard()
+}
+
+/// The entries of the directory `dir` that this tool did not write (see [`is_own_file`]; a
+/// training run's `checkpoint-N` directories count as its own when everything in them does,
+/// and so do its hidden staging names `.final.*`), as paths relative to `dir`, in name order.
+pub fn foreign_entries(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .at(dir)?
+        .collect::<std::io::Result<Vec<_>>>()
+        .at(dir)?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ty = e.file_type().at(e.path())?;
+        if ty.is_dir() {
+            let checkpoint = name
+                .strip_prefix("checkpoint-")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
+            if name.starts_with(".final.") {
+                continue;
+            }
+            if checkpoint {
+                out.extend(
+                    foreign_entries(&e.path())?
+                        .into_iter()
+                        .map(|f| format!("{name}/{f}")),
+                );
+            } else {
+                out.push(format!("{name}/"));
+            }
+        } else if !(ty.is_file() && is_own_file(&name)) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses to replace `dir` (`--overwrite`) when it holds anything this tool did not write,
+/// naming up to five of those entries: a user's files are never deleted without being named.
+pub fn check_replaceable(dir: &Path) -> Result<()> {
+    let foreign = foreign_entries(dir)?;
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let mut entries = foreign
+        .iter()
+        .take(5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if foreign.len() > 5 {
+        entries.push_str(", …");
+    }
+    Err(Error::ForeignFiles {
+        path: dir.to_path_buf(),
+        count: foreign.len(),
+        entries,
+    })
+}
+
 /// One writer per output: an exclusive advisory lock (`flock`) on the hidden file
 /// `.NAME.lock` beside the output `NAME`, holding the writer's PID, taken without waiting by
 /// every command that writes a directory (`convert`, `export`, `import-gguf`, `train`) and kept
@@ -265,6 +368,9 @@ impl StagedDir {
             let non_empty = std::fs::read_dir(&dest).at(&dest)?.next().is_some();
             if non_empty && !overwrite {
                 return Err(Error::OutputNotEmpty { path: dest });
+            }
+            if non_empty {
+                check_replaceable(&dest)?;
             }
         }
         let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();

@@ -35,7 +35,8 @@ pub struct CompareArgs {
     /// Write each prompt's ids and both models' float32 logits as .npy with a manifest.json.
     #[arg(long)]
     save_logits: Option<PathBuf>,
-    /// Replace a non-empty --save-logits directory.
+    /// Replace a non-empty --save-logits directory (only one holding nothing but files this
+    /// tool writes; other files are named and kept).
     #[arg(long)]
     overwrite: bool,
     /// Compute dtype: f32, bf16 or f16.

@@ -46,7 +46,9 @@ pub struct ConvertArgs {
     /// Output directory (default: the config's `output_dir`).
     #[arg(long)]
     output_dir: Option<PathBuf>,
-    /// Replace a non-empty output directory.
+    /// Replace a non-empty output directory: only one holding nothing but files this tool
+    /// writes (a checkpoint, a training run); any other file is named and nothing is deleted.
+    /// The old output is kept until the new one is complete.
     #[arg(long)]
     overwrite: bool,
     /// Output format: llama-differential (the axolotl plugin's) or diffllama (transformers').

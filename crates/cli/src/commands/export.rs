@@ -16,7 +16,8 @@ pub struct ExportArgs {
     src: PathBuf,
     /// The directory to write (must not exist or be empty, unless --overwrite).
     dst: PathBuf,
-    /// Replace a non-empty destination.
+    /// Replace a non-empty destination: only one holding nothing but files this tool writes;
+    /// any other file is named and nothing is deleted.
     #[arg(long)]
     overwrite: bool,
 }

@@ -17,7 +17,9 @@ pub struct ImportGgufArgs {
     /// Storage dtype of the written weights: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DTypeArg,
-    /// Replace a non-empty output directory.
+    /// Replace a non-empty output directory: only one holding nothing but files this tool
+    /// writes (a checkpoint, a training run); any other file is named and nothing is deleted.
+    /// The old output is kept until the new one is complete.
     #[arg(long)]
     overwrite: bool,
 }

@@ -14,7 +14,9 @@ pub struct TrainArgs {
     /// Write here instead of the config's output_dir.
     #[arg(long)]
     output_dir: Option<PathBuf>,
-    /// Replace a non-empty output directory (not needed to resume).
+    /// Replace a non-empty output directory (not needed to resume): only one holding nothing
+    /// but files this tool writes (a model, metrics, checkpoint-N directories); any other file
+    /// is named and nothing is deleted. The previous run is kept until this one completes.
     #[arg(long)]
     overwrite: bool,
 }

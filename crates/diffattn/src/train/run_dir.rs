@@ -121,6 +121,8 @@ impl RunDir {
                     )));
                 }
             }
+            // --overwrite replaces only a directory of this tool's own files.
+            crate::output::check_replaceable(&output_dir)?;
         }
         if output_dir.exists() && !output_dir.is_dir() {
             return Err(Error::OutputNotWritable {
