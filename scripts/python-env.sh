@@ -14,6 +14,9 @@
 # The base interpreter is python3 (3.10 or later: transformers 5 needs it), or
 # $DIFF_TRANSFORMER_BASE_PYTHON.
 #
+# `scripts/python-env.sh --axolotl` builds the environment of scripts/axolotl-smollm2.sh:
+# axolotl 0.19.0 with the torch and transformers it pins ($DIFF_TRANSFORMER_CACHE/venv-axolotl,
+# about 3.5 GB to download).
 # `scripts/python-env.sh --oldest` builds the second environment the tests use, with the oldest
 # versions the Python side supports (transformers 4.48.3, the first with DiffLlama, and torch
 # 2.6.0): $DIFF_TRANSFORMER_CACHE/venv-transformers-4.48, about the same size.
@@ -21,11 +24,15 @@ set -euo pipefail
 cache="${DIFF_TRANSFORMER_CACHE:-$HOME/.cache/diff-transformer}"
 venv="$cache/venv"
 oldest=0
+axolotl=0
 if [ "${1:-}" = "--oldest" ]; then
   oldest=1
   venv="$cache/venv-transformers-4.48"
+elif [ "${1:-}" = "--axolotl" ]; then
+  axolotl=1
+  venv="$cache/venv-axolotl"
 elif [ -n "${1:-}" ]; then
-  echo "usage: scripts/python-env.sh [--oldest]" >&2
+  echo "usage: scripts/python-env.sh [--oldest | --axolotl]" >&2
   exit 2
 fi
 py="$venv/bin/python"
@@ -43,6 +50,9 @@ requirements=(
   pytest
   "maturin>=1.5,<2"
 )
+if [ "$axolotl" = 1 ]; then
+  requirements=("axolotl==0.19.0")
+fi
 if [ "$oldest" = 1 ]; then
   requirements=(
     "torch==2.6.0"

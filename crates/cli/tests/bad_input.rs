@@ -1630,3 +1630,60 @@ fn overwrite_refuses_to_delete_files_this_tool_did_not_write() {
     );
     assert!(t.path("out/checkpoint-1/mine.txt").is_file());
 }
+
+/// `resume_from_checkpoint: true` continues the checkpoint written last, not the highest step:
+/// after a run (checkpoints 2, 4, 6) and a second run resumed from checkpoint-2 with another
+/// learning rate (checkpoint-3), it continues checkpoint-3 and says why; a changed setting on
+/// resume is reported with both values.
+#[test]
+fn resume_continues_the_run_that_wrote_last_and_reports_changed_settings() {
+    let c = train_case("save_steps: 2\n");
+    let text = std::fs::read_to_string(c.path("config.yml"))
+        .unwrap()
+        .replace("max_steps: 1", "max_steps: 6");
+    c.write_config(&text);
+    train_ok(&c);
+    assert!(c.path("out/checkpoint-6/trainer_state.json").is_file());
+    let run = |text: String| {
+        c.write_config(&text);
+        let out = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+            .args(["train", &c.config()])
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{all}");
+        all
+    };
+    // Stopped after its checkpoint-3 (as if killed): max_steps 3.
+    let branch = text
+        .replace("learning_rate: 0.001", "learning_rate: 0.002")
+        .replace("save_steps: 2", "save_steps: 1")
+        .replace("max_steps: 6", "max_steps: 3")
+        + &format!(
+            "resume_from_checkpoint: {}\n",
+            c.path("out/checkpoint-2").display()
+        );
+    let out = run(branch);
+    assert!(
+        out.contains("resuming with changed settings: learning_rate 0.001 -> 0.002"),
+        "{out}"
+    );
+    assert!(c.path("out/checkpoint-3/trainer_state.json").is_file());
+    let out =
+        run(text.replace("save_steps: 2", "save_steps: 1") + "resume_from_checkpoint: true\n");
+    assert!(
+        out.contains("continues checkpoint-3, the checkpoint written last")
+            && out
+                .contains("checkpoint-6 has a higher step but was written before, by another run"),
+        "{out}"
+    );
+    assert!(out.contains("checkpoint-3 at step 3"), "{out}");
+    assert!(
+        out.contains("learning_rate 0.002 -> 0.001"),
+        "the change back was not reported: {out}"
+    );
+}

@@ -333,6 +333,53 @@ pub struct TrainerState {
     #[serde(default)]
     pub total_loss: f64,
     pub log_history: Vec<Value>,
+    /// The `train` invocation that wrote this checkpoint (one id per command run; a resumed
+    /// run gets its own). Absent in checkpoints of older versions.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// The optimisation settings in force ([`hyperparameters`]), compared on resume.
+    #[serde(default)]
+    pub hyperparameters: serde_json::Map<String, Value>,
+}
+
+/// The id of this `train` invocation (time and PID), written into every checkpoint it saves.
+pub fn run_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{}.{:09}-{}",
+            t.as_secs(),
+            t.subsec_nanos(),
+            std::process::id()
+        )
+    })
+}
+
+/// The settings a resumed run reports when they changed: learning rate and schedule, weight
+/// decay, clipping, sequence length and the warm-up of lambda.
+pub fn hyperparameters(cfg: &TrainConfig) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("learning_rate".into(), serde_json::json!(cfg.learning_rate));
+    m.insert(
+        "lr_scheduler".into(),
+        serde_json::json!(format!("{:?}", cfg.lr_scheduler).to_lowercase()),
+    );
+    m.insert("warmup_steps".into(), serde_json::json!(cfg.warmup_steps));
+    m.insert("warmup_ratio".into(), serde_json::json!(cfg.warmup_ratio));
+    m.insert(
+        "weight_decay".into(),
+        serde_json::json!(cfg.adamw.weight_decay),
+    );
+    m.insert("max_grad_norm".into(), serde_json::json!(cfg.max_grad_norm));
+    m.insert("sequence_len".into(), serde_json::json!(cfg.sequence_len));
+    m.insert(
+        "diff_attn_warmup_steps".into(),
+        serde_json::json!(cfg.diff_attn_warmup_steps),
+    );
+    m
 }
 
 impl TrainerState {
@@ -359,6 +406,8 @@ impl TrainerState {
             train_samples,
             total_loss,
             log_history: log_history.to_vec(),
+            run_id: Some(run_id().to_string()),
+            hyperparameters: hyperparameters(cfg),
         }
     }
 }

@@ -16,6 +16,8 @@ pub(super) struct RunDir {
     pub model_dir: PathBuf,
     /// The state of the checkpoint being resumed.
     pub state: Option<TrainerState>,
+    /// With `resume_from_checkpoint: true`: which checkpoint was picked and why.
+    pub resume_note: Option<String>,
     /// `output_dir` is not empty and not the resumed run's: `--overwrite` replaces it.
     replace: bool,
     /// The lock on `output_dir` held for the whole run (see [`RunDir::create`]).
@@ -49,7 +51,7 @@ impl RunDir {
             let name = output_dir.file_name().unwrap_or_default();
             crate::output::sweep_dead_partials(parent, &name.to_string_lossy());
         }
-        let (model_dir, state) = model_source(cfg, &output_dir)?;
+        let (model_dir, state, resume_note) = model_source(cfg, &output_dir)?;
         let model_dir = crate::output::absolutize(&model_dir)?;
         // The model being trained (or the run's base model) must not be overwritten, nor the
         // checkpoint being resumed (output_dir may contain it, as transformers' layout has it).
@@ -137,6 +139,7 @@ impl RunDir {
             output_dir,
             model_dir,
             state,
+            resume_note,
             replace,
             lock: None,
             replaced: None,
@@ -223,34 +226,70 @@ pub(super) fn old_checkpoints(dir: &Path, keep: usize) -> Vec<PathBuf> {
 
 /// The `checkpoint-N` directory with the largest N in `dir`.
 pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
+    latest_checkpoint_why(dir).map(|(p, _)| p)
+}
+
+/// The checkpoint `resume_from_checkpoint: true` continues: the `checkpoint-N` whose
+/// trainer_state.json was written last, i.e. the newest checkpoint of the run that wrote into
+/// `dir` last (a run resumed from an earlier checkpoint writes lower step numbers than the run
+/// it branched from, so the highest N is not always it), and a note saying why when that is
+/// not also the highest step.
+fn latest_checkpoint_why(dir: &Path) -> Option<(PathBuf, Option<String>)> {
+    let mut found: Vec<(std::time::SystemTime, usize, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join(STATE_FILE).is_file().then_some((n, e.path()))
+            let written = std::fs::metadata(e.path().join(STATE_FILE))
+                .ok()?
+                .modified()
+                .ok()?;
+            Some((written, n, e.path()))
         })
-        .max_by_key(|(n, _)| *n)
-        .map(|(_, p)| p)
+        .collect();
+    found.sort();
+    let (_, n, path) = found.last()?.clone();
+    let (_, top, top_path) = found.iter().max_by_key(|(_, n, _)| *n)?.clone();
+    if top == n {
+        return Some((path, None));
+    }
+    let run = |p: &Path| read_state(p).ok().and_then(|s| s.run_id);
+    let other_run = match (run(&path), run(&top_path)) {
+        (Some(a), Some(b)) => a != b,
+        _ => true,
+    };
+    let why = format!(
+        "resume_from_checkpoint: true continues checkpoint-{n}, the checkpoint written last; checkpoint-{top} has a higher step but was written before{}",
+        if other_run { ", by another run (this one resumed from an earlier checkpoint)" } else { "" }
+    );
+    Some((path, Some(why)))
 }
 
 /// Resolves where the weights come from: the checkpoint being resumed, else `base_model`.
-fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option<TrainerState>)> {
+#[allow(clippy::type_complexity)]
+fn model_source(
+    cfg: &TrainConfig,
+    output_dir: &Path,
+) -> Result<(PathBuf, Option<TrainerState>, Option<String>)> {
     match &cfg.resume_from_checkpoint {
         Some(r) => {
+            let mut note = None;
             let dir = match r {
                 Resume::Path(p) => p.clone(),
                 Resume::Latest => {
-                    latest_checkpoint(output_dir).ok_or_else(|| Error::InvalidValue {
-                        path: cfg.axolotl.path.clone(),
-                        key: "resume_from_checkpoint".into(),
-                        value: "true".into(),
-                        reason: format!(
-                            "no checkpoint-N directory with {STATE_FILE} in {}",
-                            output_dir.display()
-                        ),
-                    })?
+                    let (dir, why) =
+                        latest_checkpoint_why(output_dir).ok_or_else(|| Error::InvalidValue {
+                            path: cfg.axolotl.path.clone(),
+                            key: "resume_from_checkpoint".into(),
+                            value: "true".into(),
+                            reason: format!(
+                                "no checkpoint-N directory with {STATE_FILE} in {}",
+                                output_dir.display()
+                            ),
+                        })?;
+                    note = why;
+                    dir
                 }
             };
             if !dir.join(STATE_FILE).is_file() {
@@ -262,7 +301,7 @@ fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option
                 });
             }
             let state = read_state(&dir)?;
-            Ok((dir, Some(state)))
+            Ok((dir, Some(state), note))
         }
         None => Ok((
             crate::hub::resolve_model(
@@ -271,6 +310,7 @@ fn model_source(cfg: &TrainConfig, output_dir: &Path) -> Result<(PathBuf, Option
                 "base_model",
                 &cfg.axolotl.path,
             )?,
+            None,
             None,
         )),
     }

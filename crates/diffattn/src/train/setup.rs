@@ -250,6 +250,23 @@ pub(super) fn resume_state(
                     s.max_steps, s.micro_batch_size, s.gradient_accumulation_steps, s.seed, s.train_samples
                 )));
             }
+            let now = super::hyperparameters(cfg);
+            let changed: Vec<String> = now
+                .iter()
+                .filter_map(|(k, v)| {
+                    let old = s.hyperparameters.get(k)?;
+                    (old != v).then(|| format!("{k} {old} -> {v}"))
+                })
+                .collect();
+            if !changed.is_empty() {
+                on_event(Event::Warning(format!(
+                    "resuming with changed settings: {} (the checkpoint was written with the first values)",
+                    changed.join(", ")
+                )));
+            }
+            if let Some(why) = &run.resume_note {
+                on_event(Event::Info(why.clone()));
+            }
             on_event(Event::Info(format!(
                 "resuming from {} at step {}",
                 run.model_dir.display(),
