@@ -22,6 +22,8 @@ cd "$(dirname "$0")/.."
 py="${AXOLOTL_PYTHON:-python3}"
 work="${1:-demo/axolotl}"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+# No telemetry (offline machines would log every failed upload).
+export AXOLOTL_DO_NOT_TRACK="${AXOLOTL_DO_NOT_TRACK:-1}"
 "$py" -c 'import axolotl, diff_transformer.axolotl' 2>/dev/null || {
   echo "axolotl-smollm2: $py cannot import axolotl (pip install axolotl) and diff_transformer" >&2
   exit 1

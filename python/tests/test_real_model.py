@@ -44,3 +44,19 @@ def test_smollm2_conversions_match_the_runtime(smollm2, tmp, flags):
         assert err <= 1e-3
     if flags[:1] == ["--preserving-mirror"]:
         assert float(np.abs(ours - src_rt).max()) <= 1e-3
+
+
+def test_the_documented_snippet_generates(smollm2, tmp):
+    """docs/python.md's loading snippet, as written (tokenizer included), on the converted model:
+    greedy tokens equal our runtime's `generate`."""
+    from transformers import AutoTokenizer
+
+    conv = convert(smollm2, os.path.join(tmp, "conv"), "--preserving-mirror", "--no-sublayer-norm")
+    model = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32)
+    tok = AutoTokenizer.from_pretrained(conv, trust_remote_code=True)
+    out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    text = tok.decode(out[0], skip_special_tokens=True)
+    ours = run_bin("generate", "--model", conv, "--prompt", "The capital of France is", "--max-new-tokens", "8").stdout
+    assert text.startswith("The capital of France is")
+    continuation = text[len("The capital of France is"):].strip()
+    assert continuation and continuation.split()[0] in ours, (text, ours)

@@ -1536,16 +1536,46 @@ fn tokenizer_json_that_made_the_library_panic_is_refused() {
 #[test]
 fn gguf_regression_cases_from_the_fuzz_harness_are_refused() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fuzz");
-    for name in ["gguf-dims-overflow-1.gguf", "gguf-dims-overflow-2.gguf"] {
+    for (name, needle) in [
+        ("gguf-dims-overflow-1.gguf", "declares shape"),
+        ("gguf-dims-overflow-2.gguf", "declares shape"),
+        // 3.5 million layers declared: listing their tensors took gigabytes and minutes.
+        (
+            "gguf-block-count-huge.gguf",
+            "llama.block_count = 3538946, but the file holds tensors of 2 layers",
+        ),
+    ] {
         let c = Case::new();
         let gguf = dir.join(name).display().to_string();
         let out = c.path("out").display().to_string();
         let (ok, err) = cli(&["import-gguf", &gguf, &out]);
         assert!(
-            !ok && err.contains("declares shape") && err.trim().lines().count() == 1,
+            !ok && err.contains(needle) && err.trim().lines().count() == 1,
             "{name}: {err}"
         );
         assert!(!c.path("out").exists());
+    }
+}
+
+/// A GGUF header whose declared counts or lengths exceed the file is refused before anything
+/// is allocated, naming what was declared where.
+#[test]
+fn gguf_declared_sizes_beyond_the_file_are_refused() {
+    let c = gguf_case("llama");
+    let path = c.path("m.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    let out = c.path("out").display().to_string();
+    let gguf = path.display().to_string();
+    // The tensor count (bytes 8..16) and the first key's length (bytes 24..32).
+    for (at, what) in [(8usize, "tensors and"), (24, "metadata entry 0")] {
+        let mut b = bytes.clone();
+        b[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        let (ok, err) = cli(&["import-gguf", &gguf, &out]);
+        assert!(
+            !ok && err.contains("beyond the end of the file") && err.contains(what),
+            "{what}: {err}"
+        );
     }
 }
 
@@ -1584,7 +1614,7 @@ fn training_console_explains_the_lambda_figure() {
     );
     assert!(
         stdout.contains("lambda_full")
-            && stdout.contains("mean over the monitored layers, measured at step 2"),
+            && stdout.contains("mean over all layers, times the warm-up mix; measured at step 2"),
         "{stdout}"
     );
 }

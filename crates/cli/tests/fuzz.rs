@@ -5,14 +5,15 @@
 //! end in `Ok` or a typed error, within a second: a panic, a hang or an abort fails the case
 //! (proptest then shrinks it to a minimal input and prints it).
 //!
-//! Cases per format: `DIFF_TRANSFORMER_FUZZ_CASES` (default 2,000, four formats: 8,000 in all),
+//! Cases per format: `DIFF_TRANSFORMER_FUZZ_CASES` (default 2,000, five formats: 10,000 in all),
 //! drawn from a fixed seed (the same cases every run); the count and the time are printed.
 //!
 //! Found so far, now refused with an error and kept as regression cases in `bad_input.rs`:
 //! tokenizer.json with a control character inside a string made the tokenizers library panic;
 //! a GGUF tensor whose declared dimensions multiply beyond `usize` overflowed the size check
-//! (`tests/fixtures/fuzz/`). GGUF is not in this harness yet: some mutated GGUF files make
-//! the reader allocate gigabytes (a declared count far beyond the file), still to be fixed.
+//! (`tests/fixtures/fuzz/`); a GGUF declaring a count or length far beyond the file made the
+//! reader allocate gigabytes (the header is now walked and checked against the file length
+//! first).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -188,6 +189,15 @@ fn every_reader_survives_mutated_inputs() {
                 .is_ok()
         },
     );
+    // GGUF: the header (counts, lengths, metadata values, tensor infos) and the data, read
+    // and imported as a Hugging Face checkpoint.
+    let gguf = s.model.parent().unwrap().join("tiny.gguf");
+    diffattn_testutil::write_gguf_from_hf(&s.model, &gguf, "llama").unwrap();
+    fuzz("GGUF", &s, &gguf, &|f, dir| {
+        let out = dir.join("imported");
+        let _ = std::fs::remove_dir_all(&out);
+        diffattn::gguf::import_gguf(f, &out, diffattn::dtype::DType::F32, true, &|_| {}).is_ok()
+    });
     let yaml = s.model.parent().unwrap().join("config.yml");
     std::fs::write(
         &yaml,

@@ -45,11 +45,148 @@ fn gguf_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
+/// Walks a GGUF header (docs: ggml `docs/gguf.md`: magic, version, tensor and metadata
+/// counts, key/value pairs, tensor infos) checking every declared count and length against
+/// what is left of the file before anything is allocated: a corrupt count (a string of 2^40
+/// bytes, an array of 2^60 values) is refused here instead of making the reader allocate it.
+fn check_header_layout(file: &mut File, len: u64) -> std::result::Result<(), String> {
+    use std::io::{BufReader, Read, Seek, SeekFrom};
+    struct R<'a> {
+        r: BufReader<&'a mut File>,
+        pos: u64,
+        len: u64,
+        wide: bool,
+    }
+    impl R<'_> {
+        fn need(&self, n: u64, what: &str) -> std::result::Result<(), String> {
+            match self.pos.checked_add(n) {
+                Some(end) if end <= self.len => Ok(()),
+                _ => Err(format!(
+                    "{what} at byte {} declares {n} bytes, beyond the end of the file ({} bytes)",
+                    self.pos, self.len
+                )),
+            }
+        }
+        fn bytes<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+            self.need(N as u64, what)?;
+            let mut b = [0u8; N];
+            self.r.read_exact(&mut b).map_err(|e| e.to_string())?;
+            self.pos += N as u64;
+            Ok(b)
+        }
+        fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+            Ok(u32::from_le_bytes(self.bytes::<4>(what)?))
+        }
+        fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+            Ok(u64::from_le_bytes(self.bytes::<8>(what)?))
+        }
+        /// A count or length: u64 from version 2, u32 in version 1.
+        fn size(&mut self, what: &str) -> std::result::Result<u64, String> {
+            if self.wide {
+                self.u64(what)
+            } else {
+                self.u32(what).map(u64::from)
+            }
+        }
+        fn skip(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+            self.need(n, what)?;
+            self.r.seek_relative(n as i64).map_err(|e| e.to_string())?;
+            self.pos += n;
+            Ok(())
+        }
+        fn string(&mut self, what: &str) -> std::result::Result<(), String> {
+            let n = self.size(what)?;
+            self.skip(n, what)
+        }
+        fn value(&mut self, ty: u32, depth: usize, what: &str) -> std::result::Result<(), String> {
+            let fixed = |ty: u32| -> Option<u64> {
+                Some(match ty {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    10..=12 => 8,
+                    _ => return None,
+                })
+            };
+            match ty {
+                8 => self.string(what),
+                9 => {
+                    if depth > 8 {
+                        return Err(format!("{what}: arrays nested more than 8 deep"));
+                    }
+                    let inner = self.u32(what)?;
+                    let n = self.size(what)?;
+                    match fixed(inner) {
+                        Some(w) => self.skip(
+                            n.checked_mul(w)
+                                .ok_or_else(|| format!("{what}: {n} values"))?,
+                            what,
+                        ),
+                        None => {
+                            // Each string or array element takes at least 4 bytes.
+                            self.need(n.saturating_mul(4), what)?;
+                            for _ in 0..n {
+                                self.value(inner, depth + 1, what)?;
+                            }
+                            Ok(())
+                        }
+                    }
+                }
+                t => match fixed(t) {
+                    Some(w) => self.skip(w, what),
+                    None => Err(format!("{what}: unknown value type {t}")),
+                },
+            }
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    let mut r = R {
+        r: BufReader::new(file),
+        pos: 0,
+        len,
+        wide: true,
+    };
+    if &r.bytes::<4>("the magic number")? != b"GGUF" {
+        return Err("no GGUF magic number".into());
+    }
+    let version = r.u32("the version")?;
+    r.wide = version >= 2;
+    let tensors = r.size("the tensor count")?;
+    let kvs = r.size("the metadata count")?;
+    // A key/value pair takes at least 13 bytes, a tensor info at least 24.
+    r.need(
+        kvs.saturating_mul(13)
+            .saturating_add(tensors.saturating_mul(24)),
+        &format!("{tensors} tensors and {kvs} metadata entries"),
+    )?;
+    for i in 0..kvs {
+        let what = format!("metadata entry {i}");
+        r.string(&what)?;
+        let ty = r.u32(&what)?;
+        r.value(ty, 0, &what)?;
+    }
+    for i in 0..tensors {
+        let what = format!("tensor info {i}");
+        r.string(&what)?;
+        let dims = r.u32(&what)?;
+        if dims > 8 {
+            return Err(format!("{what}: {dims} dimensions"));
+        }
+        r.skip(u64::from(dims) * if r.wide { 8 } else { 4 }, &what)?;
+        r.skip(4 + 8, &what)?;
+    }
+    drop(r);
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 impl GgufFile {
     /// Reads the header, checks the architecture and that every tensor lies inside the file.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).at(path)?;
         let len = file.metadata().at(path)?.len();
+        check_header_layout(&mut file, len)
+            .map_err(|m| gguf_err(path, format!("not a readable GGUF file: {m}")))?;
         // candle can panic on some malformed headers (e.g. general.alignment = 0): report those
         // as unreadable files too.
         // The panic hook is silenced meanwhile: the panic becomes the error below, and the
@@ -875,6 +1012,30 @@ pub fn import_gguf(
     mc.check_supported()?;
     mc.dims()?;
     let geo = Geometry::of(&config, gguf_path, arch.gguf)?;
+    // A block count beyond the layers the tensors hold is refused before the family's tensor
+    // list is built (a corrupt count of 2^32 layers would list billions of names).
+    let layers_in_file = g
+        .tensor_names()
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    let declared = mc.dims()?.num_hidden_layers;
+    if declared > layers_in_file {
+        return Err(gguf_err(
+            gguf_path,
+            format!(
+                "{}.block_count = {declared}, but the file holds tensors of {layers_in_file} layers: no tensor for layer {layers_in_file}",
+                arch.gguf
+            ),
+        ));
+    }
     // What a checkpoint of the family must hold, by the family's own list.
     let mut expected = mc.expected_tensors()?;
     let mut planned = Vec::new();
@@ -1368,6 +1529,12 @@ fn build_byte_level_tokenizer(g: &GgufFile, style: TokenizerStyle) -> Result<Imp
         cfg.insert("model_max_length".into(), json!(ctx as u64));
     }
     cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    // A causal LM takes no token_type_ids: without this list transformers 4.x's generic
+    // PreTrainedTokenizerFast returns them, and generate() refuses the unused argument.
+    cfg.insert(
+        "model_input_names".into(),
+        json!(["input_ids", "attention_mask"]),
+    );
     Ok(ImportedTokenizer {
         tokenizer: tok,
         tokenizer_config: Value::Object(cfg),
@@ -1619,6 +1786,10 @@ fn build_gemma_tokenizer(g: &GgufFile) -> Result<ImportedTokenizer> {
     }
     cfg.insert("padding_side".into(), json!("left"));
     cfg.insert("tokenizer_class".into(), json!("GemmaTokenizer"));
+    cfg.insert(
+        "model_input_names".into(),
+        json!(["input_ids", "attention_mask"]),
+    );
     Ok(ImportedTokenizer {
         tokenizer: tok,
         tokenizer_config: Value::Object(cfg),

@@ -78,6 +78,24 @@ pub fn run(a: &CompareArgs) -> Result<ExitCode> {
         a.dtype.into(),
         a.tolerance,
     )?;
+    // The two models run one after the other (one in memory at a time): say so before the
+    // silence of the forward passes and generations (on a terminal; an error stays one line).
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let say = |m: String| {
+        if tty {
+            eprintln!("{m}");
+        }
+    };
+    say(format!(
+        "comparing on {} prompt{} ({} generated tokens each): running {} then {} ...",
+        prompts.len(),
+        if prompts.len() == 1 { "" } else { "s" },
+        a.max_new_tokens,
+        a.source_dir.display(),
+        a.converted_dir.display()
+    ));
+    let t0 = std::time::Instant::now();
     let results = diffattn::compare::compare_dirs(
         &a.source_dir,
         &a.converted_dir,
@@ -85,6 +103,7 @@ pub fn run(a: &CompareArgs) -> Result<ExitCode> {
         a.max_new_tokens,
         a.dtype.into(),
     )?;
+    say(format!("compared in {:.1} s", t0.elapsed().as_secs_f64()));
     if let Some(staged) = staged {
         diffattn::compare::save_logits(staged, &results)?;
     }

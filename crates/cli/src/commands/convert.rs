@@ -51,7 +51,9 @@ pub struct ConvertArgs {
     /// The old output is kept until the new one is complete.
     #[arg(long)]
     overwrite: bool,
-    /// Output format: llama-differential (the axolotl plugin's) or diffllama (transformers').
+    /// Output format: llama-differential = the default, written as format A where a Llama config
+    /// expresses the source and as the family format (`<model_type>-differential`: Qwen3, Gemma 3,
+    /// windowed Mistral/Qwen2) otherwise; diffllama = transformers' format B.
     #[arg(
         long,
         default_value = "llama-differential",

@@ -66,7 +66,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             let lam = last_lambda
                 .get()
                 .map(|(at, l)| {
-                    format!(" lambda_full {l:.4} (mean over the monitored layers, measured at step {at}: every diff_attn_log_every steps)")
+                    format!(" lambda_full {l:.4} (aggregate/lambda_full_mean: mean over all layers, times the warm-up mix; measured at step {at}, every diff_attn_log_every steps)")
                 })
                 .unwrap_or_default();
             let msg = format!("loss {loss:.4} lr {learning_rate:.3e}{lam}");

@@ -76,7 +76,7 @@ impl RunDir {
         for input in base.iter().chain(state.is_none().then_some(&model_dir)) {
             if overlap(input) {
                 return Err(refuse_output(format!(
-                    "overlaps the model being trained ({}); choose a new directory, e.g. {}-finetuned",
+                    "overlaps the model being trained ({}); choose a new directory, e.g. {}-trained",
                     input.display(),
                     input.display()
                 )));
@@ -101,7 +101,13 @@ impl RunDir {
             return Err(refuse_output(if state.is_some() {
                 format!("is not empty and does not hold the checkpoint being resumed ({}); use the checkpoint's run directory or a new one", model_dir.display())
             } else {
-                "is not empty (a previous run?); set resume_from_checkpoint to continue it, choose another directory, or pass --overwrite".into()
+                match latest_checkpoint(&output_dir) {
+                    Some(ck) => format!(
+                        "is not empty: it holds a previous run with checkpoints (the last written: {}); set resume_from_checkpoint: true to continue it, choose another directory, or pass --overwrite",
+                        ck.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                    None => "is not empty and holds no checkpoint-N to resume (a run stopped before its first save_steps, or another run's files); choose another directory, or pass --overwrite to replace it".into(),
+                }
             }));
         }
         if replace {
