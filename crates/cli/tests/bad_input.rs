@@ -1717,3 +1717,24 @@ fn resume_continues_the_run_that_wrote_last_and_reports_changed_settings() {
         "the change back was not reported: {out}"
     );
 }
+
+/// A base_model that is a symbolic link loop, or a link to nothing, is named as such (not
+/// "does not exist" / "Not a directory").
+#[cfg(unix)]
+#[test]
+fn symlink_loops_and_dangling_links_are_named() {
+    let c = Case::new();
+    std::os::unix::fs::symlink(c.path("loop"), c.path("loop")).unwrap();
+    std::os::unix::fs::symlink(c.path("nowhere"), c.path("dangling")).unwrap();
+    for (name, needle) in [
+        ("loop", "a symbolic link loop"),
+        ("dangling", "a symbolic link that cannot be followed"),
+    ] {
+        c.write_config(&format!(
+            "base_model: {}\noutput_dir: {}\n",
+            c.path(name).display(),
+            c.path("out").display()
+        ));
+        c.fails(&["convert", &c.config()], &["base_model", needle]);
+    }
+}

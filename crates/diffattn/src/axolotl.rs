@@ -91,9 +91,15 @@ impl AxolotlConfig {
         // A UTF-8 byte order mark (some Windows editors write one) is not YAML content.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         check_yaml_shape(text, path)?;
-        let value: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Yaml {
+        let mut value: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Yaml {
             path: path.to_path_buf(),
             msg: e.to_string(),
+        })?;
+        // Merge keys (`<<: *defaults`), which axolotl's PyYAML resolves: keys given through
+        // them count as given.
+        value.apply_merge().map_err(|e| Error::Yaml {
+            path: path.to_path_buf(),
+            msg: format!("merge key (<<): {e}"),
         })?;
         let map = value.as_mapping().ok_or_else(|| Error::Yaml {
             path: path.to_path_buf(),

@@ -70,10 +70,20 @@ pub fn resolve_model(
             path: config_path.to_path_buf(),
             key: key.into(),
             value: reference.into(),
-            reason: if expanded.exists() {
-                "this is not a directory (give the model's directory)".into()
-            } else {
-                "this directory does not exist".into()
+            reason: match std::fs::metadata(&expanded) {
+                Ok(_) => "this is not a directory (give the model's directory)".into(),
+                // The link itself exists but cannot be followed.
+                Err(e) if std::fs::symlink_metadata(&expanded).is_ok() => {
+                    if e.raw_os_error() == Some(40) {
+                        "a symbolic link loop (the link leads back to itself)".into()
+                    } else {
+                        format!("a symbolic link that cannot be followed ({e})")
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    "this directory does not exist".into()
+                }
+                Err(e) => format!("cannot be read: {e}"),
             },
         });
     }

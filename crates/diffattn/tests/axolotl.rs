@@ -212,3 +212,20 @@ fn without_key_removes_one_top_level_key() {
     let (same, none) = diffattn::axolotl::without_key(&out, "diff_attn_warmup_steps").unwrap();
     assert_eq!((same.as_str(), none), (out.as_str(), None));
 }
+
+#[test]
+fn merge_keys_count_as_given() {
+    // axolotl reads configs with PyYAML, which resolves `<<: *anchor`.
+    let text = "defaults: &defaults\n  base_model: ./m\n  learning_rate: 0.001\n<<: *defaults\noutput_dir: ./out\n";
+    let cfg = AxolotlConfig::from_str(text, Path::new("m.yml")).unwrap();
+    assert_eq!(cfg.base_model, "./m");
+    assert_eq!(cfg.value["learning_rate"].as_f64(), Some(0.001));
+    // An explicit key wins over the merged one, as in PyYAML.
+    let text = "d: &d\n  base_model: ./a\n<<: *d\nbase_model: ./b\noutput_dir: o\n";
+    assert_eq!(
+        AxolotlConfig::from_str(text, Path::new("m.yml"))
+            .unwrap()
+            .base_model,
+        "./b"
+    );
+}
