@@ -15,6 +15,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// stdout then stderr of a finished command.
+fn both(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -95,11 +104,7 @@ fn pytest(py: &Path) {
         )
         .output()
         .expect("run pytest");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = both(&out);
     eprintln!("{}", text.lines().last().unwrap_or(""));
     assert!(out.status.success(), "python/tests failed:\n{text}");
     assert!(text.contains(" passed"), "{text}");
@@ -113,11 +118,7 @@ fn pip_install_gives_the_binary_and_the_package() {
         .env("DIFF_TRANSFORMER_PYTHON", &py)
         .output()
         .expect("run scripts/check-pip-install.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = both(&out);
     assert!(out.status.success(), "pip install check failed:\n{text}");
 }
 
@@ -148,11 +149,7 @@ fn axolotl_trains_a_converted_smollm2_with_our_plugin() {
             )
             .output()
             .expect("run scripts/axolotl-smollm2.sh");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = both(&out);
         assert!(out.status.success(), "axolotl run ({init}) failed:\n{text}");
         let config =
             std::fs::read_to_string(dir.join("SmolLM2-135M-Instruct-diff-trained/config.json"))
