@@ -1451,13 +1451,13 @@ fn train_ok_overwrite(c: &Case) {
 }
 
 /// SIGINT or SIGTERM during a run: the command stops at its next step with one line and exit
-/// status 128 + the signal, leaves no staging directory, and keeps what `--overwrite` was
-/// replacing.
+/// status 128 + the signal, leaves no staging directory, and — having saved no checkpoint —
+/// removes what it wrote and puts back the run `--overwrite` was replacing.
 #[test]
 fn a_signal_stops_a_run_cleanly() {
     for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let c = train_case("");
-        let (child, _, old) = start_replacing_run(&c);
+        let (child, previous, old) = start_replacing_run(&c);
         // SAFETY: sends a signal to our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         let out = child.wait_with_output().unwrap();
@@ -1467,9 +1467,15 @@ fn a_signal_stops_a_run_cleanly() {
             err.contains(&format!("interrupted by signal {signal}")),
             "{err}"
         );
+        assert_eq!(
+            std::fs::read(c.path("out/model.safetensors")).unwrap(),
+            previous,
+            "the replaced run was not put back"
+        );
         assert!(
-            old.join("model.safetensors").is_file(),
-            "the replaced run was not kept"
+            !old.exists(),
+            "the previous run was left aside in {}",
+            old.display()
         );
         let staging: Vec<_> = std::fs::read_dir(c.path("out"))
             .unwrap()
@@ -1736,5 +1742,54 @@ fn symlink_loops_and_dangling_links_are_named() {
             c.path("out").display()
         ));
         c.fails(&["convert", &c.config()], &["base_model", needle]);
+    }
+}
+
+/// A fresh run stopped before its first checkpoint leaves no output_dir behind (its metrics
+/// resume nothing and would block the next run); one that saved a checkpoint keeps it.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_without_checkpoints_leaves_nothing() {
+    for save in ["", "save_steps: 1\n"] {
+        let c = train_case(save);
+        let text = std::fs::read_to_string(c.path("config.yml"))
+            .unwrap()
+            .replace("max_steps: 1", "max_steps: 100000\nlogging_steps: 1");
+        c.write_config(&text);
+        let child = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+            .args(["train", &c.config()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let ready = if save.is_empty() {
+            "out/metrics.jsonl"
+        } else {
+            "out/checkpoint-1/trainer_state.json"
+        };
+        while !c.path(ready).is_file() {
+            assert!(start.elapsed().as_secs() < 60, "the run never started");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // SAFETY: sends a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130));
+        if save.is_empty() {
+            assert!(
+                !c.path("out").exists(),
+                "an interrupted run without checkpoints left its output_dir"
+            );
+            // The same command runs again without --overwrite.
+            let text = text.replace("max_steps: 100000", "max_steps: 1");
+            c.write_config(&text);
+            train_ok(&c);
+        } else {
+            assert!(
+                c.path("out/checkpoint-1/trainer_state.json").is_file(),
+                "the checkpoint was lost"
+            );
+        }
     }
 }

@@ -24,10 +24,40 @@ pub(super) struct RunDir {
     lock: Option<crate::output::OutputLock>,
     /// Where `--overwrite` moved the previous `output_dir` until this run completes.
     replaced: Option<PathBuf>,
+    /// `output_dir` was made by this run (it did not exist, or `--overwrite` moved the previous
+    /// one aside): a run that stops before its first checkpoint removes it again.
+    created: bool,
+    /// The run completed ([`RunDir::finish_replacing`]).
+    finished: bool,
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
+        // Stopped (a signal, an error) before any checkpoint: what it wrote (metrics, events)
+        // resumes nothing and would only block the next run; it is removed, and a previous run
+        // that --overwrite had moved aside is put back. The lock is still held here.
+        if self.created && !self.finished && self.output_dir.is_dir() {
+            let resumable = latest_checkpoint(&self.output_dir).is_some();
+            let ours = crate::output::foreign_entries(&self.output_dir)
+                .map(|f| f.is_empty())
+                .unwrap_or(false);
+            if !resumable && ours && std::fs::remove_dir_all(&self.output_dir).is_ok() {
+                let restored = self
+                    .replaced
+                    .take()
+                    .filter(|old| std::fs::rename(old, &self.output_dir).is_ok());
+                tracing::warn!(
+                    "this run stopped before its first checkpoint: {} was removed{}",
+                    self.output_dir.display(),
+                    if restored.is_some() {
+                        " and the previous run put back in its place"
+                    } else {
+                        ""
+                    }
+                );
+                return;
+            }
+        }
         if let Some(old) = &self.replaced {
             tracing::warn!(
                 "this run did not complete: the previous contents of {} are kept in {}",
@@ -149,6 +179,8 @@ impl RunDir {
             replace,
             lock: None,
             replaced: None,
+            created: false,
+            finished: false,
         })
     }
 
@@ -166,6 +198,7 @@ impl RunDir {
     /// Removes the previous `output_dir` that `--overwrite` moved aside: call once the run
     /// has completed.
     pub fn finish_replacing(&mut self) -> Result<()> {
+        self.finished = true;
         if let Some(old) = self.replaced.take() {
             std::fs::remove_dir_all(&old).at(&old)?;
         }
@@ -180,6 +213,7 @@ impl RunDir {
     /// `--overwrite`, or a `convert`), is refused before it writes or deletes anything.
     pub fn create(&mut self) -> Result<()> {
         let lock = crate::output::OutputLock::acquire(&self.output_dir)?;
+        self.created = !self.output_dir.is_dir() || self.replace;
         if self.output_dir.is_dir() {
             if self.replace {
                 // Kept until this run completes (then removed by `finish_replacing`); a run
