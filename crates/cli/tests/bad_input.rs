@@ -1793,3 +1793,57 @@ fn an_interrupted_run_without_checkpoints_leaves_nothing() {
         }
     }
 }
+
+/// Rewrites the header of the safetensors file `path` with `edit` (data untouched).
+fn edit_safetensors_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// A safetensors header whose tensor entry is wrong, or a file cut short, is reported naming
+/// the tensor and what is wrong (the library said "invalid shape, data type, or offset for
+/// tensor" or "incomplete metadata"); a truncated optimizer.safetensors on resume says so.
+#[test]
+fn safetensors_errors_name_the_tensor() {
+    let c = Case::with_model(&TinyLlama::default());
+    edit_safetensors_header(&st_file(&c), |h| {
+        h["model.norm.weight"]["shape"] = serde_json::json!([3]);
+    });
+    c.fails(
+        &["convert", &c.config()],
+        &[
+            "model.safetensors",
+            "tensor `model.norm.weight`",
+            "shape [3] of F32 needs 12 bytes",
+        ],
+    );
+    let c = Case::with_model(&TinyLlama::default());
+    let bytes = std::fs::read(st_file(&c)).unwrap();
+    std::fs::write(st_file(&c), &bytes[..bytes.len() - 10]).unwrap();
+    let err = c.fails(
+        &["convert", &c.config()],
+        &["model.safetensors", "truncated"],
+    );
+    assert!(err.contains("tensor `"), "{err}");
+    // The optimizer state of a checkpoint being resumed.
+    let t = train_case("save_steps: 1\n");
+    train_ok(&t);
+    let opt = t.path("out/checkpoint-1/optimizer.safetensors");
+    let bytes = std::fs::read(&opt).unwrap();
+    std::fs::write(&opt, &bytes[..bytes.len() / 2]).unwrap();
+    let text =
+        std::fs::read_to_string(t.path("config.yml")).unwrap() + "resume_from_checkpoint: true\n";
+    t.write_config(&text);
+    let (ok, err) = cli(&["train", &t.config()]);
+    assert!(
+        !ok && err.contains("optimizer.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+}

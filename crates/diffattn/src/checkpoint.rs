@@ -50,6 +50,113 @@ pub struct Checkpoint {
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// Maps a safetensors file read-only and checks its header before the library parses it: the
+/// 8-byte length, a header inside the file, valid JSON, and every tensor entry
+/// ([`check_header_entries`]); returns the map and the header length.
+fn map_checked(path: &Path) -> Result<(Mmap, u64)> {
+    let file = File::open(path).at(path)?;
+    let len = file.metadata().at(path)?.len() as usize;
+    let err = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if len < 8 {
+        return Err(err(format!(
+            "truncated: {len} bytes, shorter than the 8-byte header length"
+        )));
+    }
+    // SAFETY: the file is opened read-only and we never write through the map. A file
+    // truncated by another process while mapped would fault; that is the usual mmap caveat
+    // shared with every safetensors loader.
+    let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+    let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+    if header_len > (len - 8) as u64 {
+        return Err(err(format!(
+            "header length {header_len} is larger than the file ({len} bytes): truncated or not a safetensors file"
+        )));
+    }
+    let header = &mmap[8..8 + header_len as usize];
+    let parsed = match serde_json::from_slice::<Value>(header) {
+        Ok(v) => v,
+        Err(e) => return Err(err(format!("header is not valid JSON: {e}"))),
+    };
+    check_header_entries(&parsed, len - 8 - header_len as usize).map_err(err)?;
+    Ok((mmap, header_len))
+}
+
+/// Checks a safetensors file (as [`Checkpoint::open`] checks each shard) before another reader
+/// (candle's, for the optimizer state) loads it, so that a truncated or corrupt file is
+/// reported by name, tensor and what is wrong.
+pub fn check_safetensors_file(path: &Path) -> Result<()> {
+    let (mmap, _) = map_checked(path)?;
+    SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!("invalid safetensors file: {e}"),
+    })?;
+    Ok(())
+}
+
+/// Checks each tensor entry of a parsed safetensors header before the library does, so that
+/// an error names the tensor: its dtype, `data_offsets` `[start, end]` (end >= start), a byte
+/// length equal to `shape` x the dtype's size, and an end inside the `data_len` bytes after
+/// the header ("truncated" otherwise). Sub-byte dtypes (F4, F6) are left to the library.
+fn check_header_entries(header: &Value, data_len: usize) -> std::result::Result<(), String> {
+    let Some(map) = header.as_object() else {
+        return Err("the header is not a JSON object".into());
+    };
+    for (name, entry) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: String| format!("tensor `{name}`: {what}");
+        let dtype = entry
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype".into()))?;
+        let shape: Vec<u64> = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| bad("shape is not a list of sizes".into()))?;
+        let offsets: Vec<u64> = entry
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .filter(|o: &Vec<u64>| o.len() == 2)
+            .ok_or_else(|| bad("data_offsets is not [start, end]".into()))?;
+        let (start, end) = (offsets[0], offsets[1]);
+        if end < start {
+            return Err(bad(format!(
+                "data_offsets [{start}, {end}] end before they start"
+            )));
+        }
+        let width: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+            "I16" | "U16" | "F16" | "BF16" => 2,
+            "I32" | "U32" | "F32" => 4,
+            "I64" | "U64" | "F64" | "C64" => 8,
+            "F4" | "F6_E2M3" | "F6_E3M2" => continue,
+            other => return Err(bad(format!("unknown dtype {other:?}"))),
+        };
+        let bytes = shape
+            .iter()
+            .try_fold(width, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+        if end - start != bytes {
+            return Err(bad(format!(
+                "shape {shape:?} of {dtype} needs {bytes} bytes, but data_offsets [{start}, {end}] hold {}",
+                end - start
+            )));
+        }
+        if end > data_len as u64 {
+            return Err(bad(format!(
+                "truncated: its data ends at byte {end} of the data section, which holds {data_len} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Checkpoint {
     /// Opens `dir/model.safetensors` or the shards listed in `dir/model.safetensors.index.json`.
     ///
@@ -122,31 +229,12 @@ impl Checkpoint {
     }
 
     fn add_shard(&mut self, path: &Path, expected: Option<&[String]>) -> Result<()> {
-        let file = File::open(path).at(path)?;
-        let len = file.metadata().at(path)?.len() as usize;
+        let (mmap, header_len) = map_checked(path)?;
+        let len = mmap.len();
         let err = |msg: String| Error::Safetensors {
             path: path.to_path_buf(),
             msg,
         };
-        if len < 8 {
-            return Err(err(format!(
-                "truncated: {len} bytes, shorter than the 8-byte header length"
-            )));
-        }
-        // SAFETY: the file is opened read-only and we never write through the map. A file
-        // truncated by another process while mapped would fault; that is the usual mmap caveat
-        // shared with every safetensors loader.
-        let mmap = unsafe { Mmap::map(&file) }.at(path)?;
-        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
-        if header_len > (len - 8) as u64 {
-            return Err(err(format!(
-                "header length {header_len} is larger than the file ({len} bytes): truncated or not a safetensors file"
-            )));
-        }
-        let header = &mmap[8..8 + header_len as usize];
-        if let Err(e) = serde_json::from_slice::<Value>(header) {
-            return Err(err(format!("header is not valid JSON: {e}")));
-        }
         let st = SafeTensors::deserialize(&mmap).map_err(|e| match e {
             safetensors::SafeTensorError::MetadataIncompleteBuffer => err(format!(
                 "truncated: the header describes more tensor data than the file's {len} bytes hold"

@@ -233,6 +233,7 @@ pub(super) fn resume_state(
     let start = match &run.state {
         Some(s) => {
             let p = run.model_dir.join(OPTIMIZER_FILE);
+            crate::checkpoint::check_safetensors_file(&p)?;
             let st =
                 candle_core::safetensors::load(&p, device).map_err(|e| Error::Safetensors {
                     path: p.clone(),
