@@ -123,6 +123,8 @@ class DiffAttnCallback(TrainerCallback):
         """The metrics of docs/spec.md §6 from the layers' current lambdas and captured stats."""
         out = {}
         values = []
+        # Computed from the parameters, not through methods of the layer: the layer may be the
+        # remote code of a checkpoint written by another version of this package.
         for layer in self.layers:
             v = {
                 "lambda_q1_norm": float(layer.lambda_q1.detach().float().norm()),

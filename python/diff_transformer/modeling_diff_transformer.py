@@ -101,6 +101,35 @@ def repeat_kv(x, n):
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
+class Masks:
+    """Additive attention masks [b or 1, 1, s, kv] (f32: 0 or the f32 minimum) of one forward,
+    built once per (sliding window, key count) and shared by the layers that need them: causal
+    on cache slots, the window (a query at slot i sees keys j with i - window < j <= i), and the
+    2-D padding mask [b, total] (1 = token)."""
+
+    def __init__(self, query_index, pad_mask):
+        self.query_index = query_index  # [s] cache slots of the queries
+        self.pad_mask = pad_mask
+        self.built = {}
+
+    def get(self, window, kv_len):
+        key = (window, kv_len)
+        if key not in self.built:
+            q = self.query_index
+            total = int(q[-1]) + 1
+            # The cache returns a contiguous suffix of the sequence.
+            k = torch.arange(total - kv_len, total, device=q.device)
+            allowed = k[None, :] <= q[:, None]
+            if window is not None:
+                allowed = allowed & (q[:, None] - k[None, :] < window)
+            allowed = allowed[None, None]
+            if self.pad_mask is not None:
+                allowed = allowed & self.pad_mask[:, None, None, -kv_len:].bool()
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
+            self.built[key] = bias.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return self.built[key]
+
+
 class DifferentialAttention(nn.Module):
     """One differential attention layer (module docstring); tensors of docs/formats.md §1/§3."""
 
@@ -151,7 +180,7 @@ class DifferentialAttention(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
 
-    def forward(self, x, positions, query_index, pad_mask, cache):
+    def forward(self, x, positions, masks, cache):
         b, s, _ = x.shape
         d = self.head_dim
         q = self.q_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, 2H or H, s, d]
@@ -164,19 +193,7 @@ class DifferentialAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        kv_len = k.shape[2]
-        # Cache slots of the keys (the cache returns a contiguous suffix of the sequence).
-        total = int(query_index[-1]) + 1
-        key_index = torch.arange(total - kv_len, total, device=x.device)
-        allowed = key_index[None, :] <= query_index[:, None]  # causal, [s, kv]
-        if self.sliding_window is not None:
-            allowed = allowed & (query_index[:, None] - key_index[None, :] < self.sliding_window)
-        allowed = allowed[None, None]
-        if pad_mask is not None:
-            allowed = allowed & pad_mask[:, None, None, -kv_len:].bool()
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(torch.float32).min)
-
+        bias = masks.get(self.sliding_window, k.shape[2])
         q1, q2 = q.chunk(2, dim=1)
         k1, k2 = k.chunk(2, dim=1)
         group = q1.shape[1] // k1.shape[1]
@@ -199,7 +216,7 @@ class DifferentialAttention(nn.Module):
         vf = v.float()
         o = torch.matmul(a1, vf) - (mix * self.lambda_full()) * torch.matmul(a2, vf)
         if self.subln is not None:
-            o = self.subln.weight.float() * (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.subln.eps))
+            o = self.subln(o)  # o is f32: the norm and its weight in f32
         o = o.to(x.dtype).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(o)
 
@@ -241,8 +258,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, one_plus)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, one_plus)
 
-    def forward(self, x, positions, query_index, pad_mask, cache):
-        h = self.self_attn(self.input_layernorm(x), positions, query_index, pad_mask, cache)
+    def forward(self, x, positions, masks, cache):
+        h = self.self_attn(self.input_layernorm(x), positions, masks, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -343,11 +360,12 @@ class DifferentialModel(DifferentialPreTrainedModel):
         positions = position_ids if position_ids is not None else query_index[None].expand(b, s)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be 2-D [batch, seq] (1 = token, 0 = padding)")
+        masks = Masks(query_index, attention_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x, positions, query_index, attention_mask, None)
+                x = self._gradient_checkpointing_func(layer.__call__, x, positions, masks, None)
             else:
-                x = layer(x, positions, query_index, attention_mask, cache)
+                x = layer(x, positions, masks, cache)
         return self.norm(x), cache
 
 
