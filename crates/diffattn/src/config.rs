@@ -45,6 +45,19 @@ impl Format {
     }
 }
 
+/// The config key naming the differential-attention version (V1 when absent).
+pub const VARIANT_KEY: &str = "diff_attn_variant";
+
+/// Which Differential Transformer a differential checkpoint holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Ye et al. 2024 (arXiv:2410.05258): two softmax maps per head, a shared scalar lambda.
+    V1,
+    /// Differential Transformer V2 (2026): 2H query heads over unchanged K/V, a per-token,
+    /// per-head `sigmoid(lambda_proj(x))`, no sub-layer norm.
+    V2,
+}
+
 /// Every accepted `architectures` value, for error messages.
 pub fn supported_architectures() -> String {
     let mut v: Vec<String> = FAMILIES.iter().map(|f| f.class.to_string()).collect();
@@ -683,6 +696,35 @@ impl ModelConfig {
                     reason: "expected a number in [0, 1]".into(),
                 }),
             },
+        }
+    }
+
+    /// `diff_attn_variant` of a differential config: `"v1"` (absent or null: the paper's first
+    /// version) or `"v2"` (Differential Transformer V2, docs/formats.md "V2"); any other value
+    /// is refused by key. A source config with the key is refused too: it names a variant of
+    /// an attention the model does not have.
+    pub fn diff_attn_variant(&self) -> Result<Variant> {
+        let v = match self.raw.get(VARIANT_KEY) {
+            None | Some(Value::Null) => return Ok(Variant::V1),
+            Some(v) => v,
+        };
+        let bad = |reason: &str| Error::InvalidValue {
+            path: self.path.clone(),
+            key: VARIANT_KEY.into(),
+            value: short(v),
+            reason: reason.into(),
+        };
+        let variant = match v.as_str() {
+            Some("v1") => Variant::V1,
+            Some("v2") => Variant::V2,
+            _ => return Err(bad("expected \"v1\" or \"v2\"")),
+        };
+        match self.format {
+            Format::Source => Err(bad("a source (non-differential) config has no variant")),
+            Format::DiffLlama if variant == Variant::V2 => Err(bad(
+                "the diffllama format cannot express V2 (its attention is V1 split heads)",
+            )),
+            _ => Ok(variant),
         }
     }
 

@@ -50,6 +50,10 @@ pub enum Layout {
     DoubleHeads,
     /// First half of the heads positive, second half negative; values of width 2d.
     SplitHeads,
+    /// Differential Transformer V2 (`--variant v2`, docs/formats.md "V2"): source head i
+    /// becomes query head 2i, a new query head 2i+1 is its negative partner, `lambda_proj`
+    /// `[H, hidden]` is added; K/V heads, `o_proj`'s shape and the KV cache are unchanged.
+    V2,
 }
 
 /// Initialisation of what the source model does not have (docs/spec.md §4).
@@ -98,6 +102,14 @@ impl ConvertOptions {
             (Layout::SplitHeads, Init::PreservingMirror) => Err(Error::InvalidOptions(
                 "--preserving-mirror needs double heads: split heads can never preserve outputs"
                     .into(),
+            )),
+            (Layout::V2, Init::Zero) => Err(Error::InvalidOptions(
+                "--zero-init has no V2 form: zero negative query rows attend uniformly, which \
+                 preserves nothing; --variant v2 --preserving-mirror preserves outputs and learns"
+                    .into(),
+            )),
+            (Layout::V2, _) if self.sublayer_norm => Err(Error::InvalidOptions(
+                "--sublayer-norm with --variant v2: V2 has no sub-layer norm".into(),
             )),
             (_, Init::PreservingMirror) if self.sublayer_norm => Err(Error::InvalidOptions(
                 "--preserving-mirror needs --no-sublayer-norm: the per-head RMS norm changes \
@@ -153,6 +165,13 @@ pub(crate) enum Recipe {
     },
     /// A small new tensor whose f32 values are fixed at plan time.
     Values(Vec<f32>),
+    /// V2 `q_proj` weight or bias: per head i, the source's block of `block` elements (d rows),
+    /// then the new head's block (`neg`).
+    InterleaveHeads {
+        src: String,
+        block: usize,
+        neg: NegRows,
+    },
     /// `[source; source]` along dim 0 (format B's duplicated `v_proj` rows).
     RepeatRows(String),
     /// Output column c = source column `map[c].0` times `map[c].1`, for every row of a 2-D
@@ -250,8 +269,20 @@ impl Plan {
         let layout = match self.options.layout {
             Layout::DoubleHeads => "double heads",
             Layout::SplitHeads => "split heads",
+            Layout::V2 => {
+                "V2 (2H query heads, K/V heads unchanged, lambda = sigmoid(lambda_proj(x)))"
+            }
         };
         let init = match self.options.init {
+            Init::Random if self.options.layout == Layout::V2 => {
+                "random (new query heads and lambda_proj ~ N(0, initializer_range))"
+            }
+            Init::Mirror if self.options.layout == Layout::V2 => {
+                "mirror-weights (new query heads = source heads, lambda_proj ~ N(0, initializer_range))"
+            }
+            Init::PreservingMirror if self.options.layout == Layout::V2 => {
+                "preserving-mirror (new query heads = source heads, lambda_proj = 0 so lambda = 1/2, o_proj x 2)"
+            }
             // Split heads draw no q/k: the second half of the source heads is the negative part.
             Init::Random if self.options.layout == Layout::SplitHeads => {
                 "random lambda (q/k copied: heads H/2..H are the negative components; lambda ~ N(0, 0.1))"
@@ -522,6 +553,50 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
                     }
                 }
             }
+            Layout::V2 => {
+                for (b, suffix, block) in [(0u64, "weight", d * dm), (8, "bias", d)] {
+                    let name = format!("{p}q_proj.{suffix}");
+                    let Some(info) = ck.info(&name) else { continue };
+                    let mut shape = info.shape.clone();
+                    shape[0] *= 2;
+                    recipes.insert(
+                        name.clone(),
+                        (
+                            shape,
+                            Recipe::InterleaveHeads {
+                                src: name,
+                                block,
+                                neg: neg_rows(layer, b, b == 8),
+                            },
+                        ),
+                    );
+                }
+                // lambda = sigmoid(x W^T): N(0, initializer_range) as every new projection,
+                // 0 (lambda = 1/2) for the preserving start, whose o_proj doubles (SPEC: exact
+                // in any dtype, a power of two).
+                let lp = match options.init {
+                    Init::PreservingMirror => vec![0.0; h * dm],
+                    _ => normal_values(
+                        src.config.initializer_range() as f32,
+                        seed,
+                        stream(layer, 6),
+                        h * dm,
+                    ),
+                };
+                recipes.insert(
+                    format!("{p}lambda_proj.weight"),
+                    (vec![h, dm], Recipe::Values(lp)),
+                );
+                if options.init == Init::PreservingMirror {
+                    let o = format!("{p}o_proj.weight");
+                    let map = (0..h * d).map(|c| (c, 2.0)).collect();
+                    recipes.insert(
+                        o.clone(),
+                        (vec![dm, h * d], Recipe::MapColumns { src: o, map }),
+                    );
+                }
+                continue;
+            }
             Layout::SplitHeads => {
                 let o = format!("{p}o_proj.weight");
                 recipes.insert(
@@ -595,7 +670,7 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         );
         if options.sublayer_norm {
             let width = match options.layout {
-                Layout::DoubleHeads => d,
+                Layout::DoubleHeads | Layout::V2 => d,
                 Layout::SplitHeads => 2 * d,
             };
             recipes.insert(
@@ -617,7 +692,7 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
     let kv_before = l * 2 * (hkv * d) as u64 * es;
     let kv_after = match options.layout {
         Layout::DoubleHeads => l * 3 * (hkv * d) as u64 * es,
-        Layout::SplitHeads => kv_before,
+        Layout::SplitHeads | Layout::V2 => kv_before,
     };
     let tensors = recipes
         .into_iter()
@@ -642,11 +717,11 @@ pub fn plan(src: &Source, options: &ConvertOptions) -> Result<Plan> {
         options: options.clone(),
         out_dtype,
         value_head_dim: match options.layout {
-            Layout::DoubleHeads => d,
+            Layout::DoubleHeads | Layout::V2 => d,
             Layout::SplitHeads => 2 * d,
         },
         diff_heads: match options.layout {
-            Layout::DoubleHeads => h,
+            Layout::DoubleHeads | Layout::V2 => h,
             Layout::SplitHeads => h / 2,
         },
         params_before,
@@ -714,6 +789,7 @@ impl Producer<'_> {
         let src = match self.recipe(&t.name) {
             Recipe::Copy(src)
             | Recipe::AppendRows { src, .. }
+            | Recipe::InterleaveHeads { src, .. }
             | Recipe::PermuteOProj { src, .. }
             | Recipe::RepeatRows(src)
             | Recipe::MapColumns { src, .. } => Some(src.as_str()),
@@ -758,6 +834,27 @@ impl Producer<'_> {
                         let n = pos.len() / out.size();
                         let v = normal_values(*std, self.seed, *stream, n);
                         dtype::extend_from_f32(&mut data, &v, out);
+                    }
+                }
+                Ok(Cow::Owned(data))
+            }
+            Recipe::InterleaveHeads { src, block, neg } => {
+                let pos = self.source_bytes(src)?;
+                let es = out.size();
+                let n = pos.len() / es;
+                let fresh = match neg {
+                    NegRows::Normal { std, stream } => {
+                        dtype::from_f32(&normal_values(*std, self.seed, *stream, n), out)
+                    }
+                    NegRows::Zeros => vec![0u8; pos.len()],
+                    NegRows::Mirror => Vec::new(),
+                };
+                let mut data = Vec::with_capacity(pos.len() * 2);
+                for (i, head) in pos.chunks(block * es).enumerate() {
+                    data.extend_from_slice(head);
+                    match neg {
+                        NegRows::Mirror => data.extend_from_slice(head),
+                        _ => data.extend_from_slice(&fresh[i * block * es..][..head.len()]),
                     }
                 }
                 Ok(Cow::Owned(data))
@@ -808,6 +905,7 @@ impl Producer<'_> {
         match self.recipe(&t.name) {
             Recipe::Copy(src)
             | Recipe::AppendRows { src, .. }
+            | Recipe::InterleaveHeads { src, .. }
             | Recipe::PermuteOProj { src, .. }
             | Recipe::RepeatRows(src)
             | Recipe::MapColumns { src, .. } => self.ck.release(src),
@@ -838,6 +936,9 @@ pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
         "split_heads".into(),
         json!(plan.options.layout == Layout::SplitHeads),
     );
+    if plan.options.layout == Layout::V2 {
+        raw.insert(crate::config::VARIANT_KEY.into(), json!("v2"));
+    }
     raw.insert("sublayer_norm".into(), json!(plan.options.sublayer_norm));
     raw.insert("zero_init".into(), json!(plan.options.init == Init::Zero));
     if plan.options.init == Init::PreservingMirror {
@@ -964,8 +1065,13 @@ pub fn execute(
             let (stripped, old) = axolotl::without_key(&text, WARMUP_KEY)?;
             if let Some(old) = old {
                 text = stripped;
+                let fold = if plan.options.layout == Layout::V2 {
+                    "--variant v2 --preserving-mirror doubles o_proj (lambda = 1/2)"
+                } else {
+                    "--preserving-mirror folds 1/(1 - lambda) into o_proj"
+                };
                 warnings.push(format!(
-                    "{WARMUP_KEY}: {old} removed from axolotl_config.yml: --preserving-mirror folds 1/(1 - lambda) into o_proj, so the model computes its source only at mix = 1, and a warm-up from mix = 0 would start training from a rescaled attention output"
+                    "{WARMUP_KEY}: {old} removed from axolotl_config.yml: {fold}, so the model computes its source only at mix = 1, and a warm-up from mix = 0 would start training from a rescaled attention output"
                 ));
             }
         }

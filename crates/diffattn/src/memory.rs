@@ -238,7 +238,14 @@ impl ModelShape {
         // Before anything is sized by the layer count.
         ck.check_layer_count(mc.typed.num_hidden_layers, &mc.path)?;
         let cfg = crate::model::Config::from_model_config(&mc)?;
-        let double = u64::from(cfg.attention == crate::model::AttentionKind::DoubleHeads) + 1;
+        use crate::model::AttentionKind;
+        // (query heads, key heads) per KV head group: V1 double heads double both, V2 only
+        // the queries.
+        let (qf, kf) = match cfg.attention {
+            AttentionKind::DoubleHeads => (2, 2),
+            AttentionKind::V2 => (2, 1),
+            _ => (1, 1),
+        };
         let (h, kv) = (
             cfg.num_attention_heads as u64,
             cfg.num_key_value_heads as u64,
@@ -253,8 +260,8 @@ impl ModelShape {
             intermediate_size: mc.typed.intermediate_size as u64,
             layers: cfg.num_hidden_layers as u64,
             vocab_size: cfg.vocab_size as u64,
-            query_heads: double * h,
-            cached_heads: double * kv + kv,
+            query_heads: qf * h,
+            cached_heads: kf * kv + kv,
             head_dim: cfg.head_dim as u64,
             max_position_embeddings: cfg.max_position_embeddings,
             parameters,

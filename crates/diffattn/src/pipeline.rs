@@ -16,6 +16,11 @@ use crate::format::Target;
 /// Refuses `--format diffllama` for a source that only its family's format expresses (a
 /// Llama config, which diffllama is, would be read with another block), naming why.
 pub fn check_format(src: &Source, plan: &Plan, format: Format) -> Result<()> {
+    if format == Format::DiffLlama && plan.options.layout == crate::convert::Layout::V2 {
+        return Err(Error::InvalidOptions(
+            "--format diffllama cannot express --variant v2: diffllama's attention is V1 split heads (two softmax maps per head, one lambda per layer); without --format it is written as a differential checkpoint with diff_attn_variant: \"v2\"".into(),
+        ));
+    }
     if format == Format::DiffLlama && plan.target == Target::Family {
         let (model_type, _) = plan.format_names();
         return Err(Error::InvalidOptions(format!(

@@ -40,6 +40,13 @@ pub struct ConvertArgs {
     /// mirrored negative q/k, random lambda vectors, o_proj divided by (1 - lambda).
     #[arg(long)]
     preserving_mirror: bool,
+    /// Differential Transformer version: v1 (Ye et al. 2024: two softmax maps per head, one
+    /// lambda per layer) or v2 (2026: doubles only the query heads, KV cache unchanged,
+    /// lambda = sigmoid(lambda_proj(x)) per token and head, no sub-layer norm). With v2:
+    /// default (new heads and lambda_proj random), --mirror-weights, or --preserving-mirror
+    /// (outputs preserved exactly: mirrored heads, lambda_proj = 0, o_proj x 2).
+    #[arg(long, value_enum, default_value = "v1")]
+    variant: VariantArg,
     /// Seed of the random initialisation (default: the config's `seed`, else 42).
     #[arg(long)]
     seed: Option<u64>,
@@ -65,6 +72,12 @@ pub struct ConvertArgs {
     max_shard_size: String,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VariantArg {
+    V1,
+    V2,
+}
+
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let start = Instant::now();
     let cfg = AxolotlConfig::from_file(&args.config)?;
@@ -87,14 +100,27 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             args.max_shard_size
         )
     })?;
+    let v2 = args.variant == VariantArg::V2;
+    if v2 && args.split_heads {
+        anyhow::bail!(
+            "--split-heads with --variant v2: V2 keeps every source head as a positive head and adds its negative partner (split heads are a V1 layout)"
+        );
+    }
     let options = ConvertOptions {
-        layout: if args.split_heads {
+        layout: if v2 {
+            Layout::V2
+        } else if args.split_heads {
             Layout::SplitHeads
         } else {
             Layout::DoubleHeads
         },
         init,
-        sublayer_norm: !args.no_sublayer_norm,
+        // V2 has no sub-layer norm: off unless asked for (and then refused by validate).
+        sublayer_norm: if v2 {
+            args.sublayer_norm
+        } else {
+            !args.no_sublayer_norm
+        },
         seed: args.seed.or(cfg.seed).unwrap_or(convert::DEFAULT_SEED),
         dtype: cfg.dtype,
         max_shard_bytes,
@@ -201,19 +227,22 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
     println!("  generations match: {}", r.generations_match);
     print_metrics(r);
     let o = &plan.options;
-    let expected = o.layout == Layout::DoubleHeads
+    let expected = (o.layout == Layout::DoubleHeads
         && matches!(
             o.init,
             convert::Init::Zero | convert::Init::PreservingMirror
         )
-        && !o.sublayer_norm;
+        && !o.sublayer_norm)
+        || (o.layout == Layout::V2 && o.init == convert::Init::PreservingMirror);
     if expected {
         println!(
-            "  a match is expected ({} --no-sublayer-norm preserves outputs): {}",
-            if o.init == convert::Init::Zero {
-                "--zero-init"
+            "  a match is expected ({} preserves outputs): {}",
+            if o.layout == Layout::V2 {
+                "--variant v2 --preserving-mirror"
+            } else if o.init == convert::Init::Zero {
+                "--zero-init --no-sublayer-norm"
             } else {
-                "--preserving-mirror"
+                "--preserving-mirror --no-sublayer-norm"
             },
             if criterion.holds(r) {
                 format!("it holds ({})", criterion.describe())
@@ -222,14 +251,18 @@ fn debug_compare(source: &Path, converted: &Path, plan: &convert::Plan) -> Resul
             }
         );
     } else {
-        let why = if o.layout == Layout::SplitHeads {
+        let why = if o.layout == Layout::V2 {
+            "the new query heads and lambda_proj are not the mirrored, zero start"
+        } else if o.layout == Layout::SplitHeads {
             "split heads turn half of the source heads into negative components"
         } else if o.sublayer_norm {
             "the sub-layer norm renormalises every head's output"
         } else {
             "the negative branch is non-zero (lambda != 0)"
         };
-        if o.layout == Layout::SplitHeads {
+        if o.layout == Layout::V2 {
+            println!("  a match is not expected: {why}; --variant v2 --preserving-mirror preserves outputs");
+        } else if o.layout == Layout::SplitHeads {
             println!("  a match is not expected: {why} (no split-heads conversion preserves outputs; double heads with --zero-init or --preserving-mirror and --no-sublayer-norm do)");
         } else {
             println!("  a match is not expected: {why}; --zero-init or --preserving-mirror with --no-sublayer-norm preserve outputs");

@@ -157,7 +157,8 @@ pub fn attend(
     let (_, hkv, _, _) = v.dims4()?;
     // (output heads, query heads per branch, key heads per branch, value width)
     let (heads, qb, kb, dv) = match kind {
-        AttentionKind::Standard => (nq, nq, nk, d),
+        // V2: softmax attention over its 2H query heads; the caller combines the pairs.
+        AttentionKind::Standard | AttentionKind::V2 => (nq, nq, nk, d),
         AttentionKind::DoubleHeads => (nq / 2, nq / 2, nk / 2, d),
         AttentionKind::SplitHeads => (nq / 2, nq / 2, nk / 2, 2 * d),
     };
@@ -212,7 +213,7 @@ pub fn attend(
                 let vhead = |head: usize| &vhead(head)[k0 * d..];
                 let mut p = vec![0f32; m * t];
                 match kind {
-                    AttentionKind::Standard => {
+                    AttentionKind::Standard | AttentionKind::V2 => {
                         probs(&mut p, t, qrow(j), khead(j / g), mrows, m, n, d);
                         gemm_rows(false, ob, dv, m, d, n, &p, (t, 1), vhead(j / g), (d, 1));
                     }

@@ -46,6 +46,12 @@ pub enum AttentionKind {
     /// Split heads (format A with `split_heads`, and format B): H/2 differential heads pairing
     /// head j with head j + H/2, values `[v_j ; v_{j+H/2}]` of width 2d.
     SplitHeads,
+    /// Differential Transformer V2 (`diff_attn_variant: "v2"`, docs/formats.md "V2"): 2H
+    /// query heads, pair (2i, 2i+1) in the GQA group of output head i, over the source's Hkv
+    /// key and value heads (KV cache unchanged); one softmax attention over the 2H heads, then
+    /// `O_i = A_2i V − mix · sigmoid(lambda_proj(x))_i · A_2i+1 V` per token. No sub-layer
+    /// norm, no `lambda_init` (unilm `multihead_flashdiffv2.py`).
+    V2,
 }
 
 /// The per-head normalisation after differential attention.
@@ -112,7 +118,27 @@ impl Config {
                 },
             ))
         };
+        let variant = mc.diff_attn_variant()?;
         let (attention, sublayer_norm) = match mc.format {
+            Format::LlamaDifferential | Format::FamilyDifferential
+                if variant == crate::config::Variant::V2 =>
+            {
+                // V2 has neither split heads nor a sub-layer norm: a config saying otherwise
+                // describes another model.
+                for key in ["split_heads", "sublayer_norm"] {
+                    if flag(key, false)? {
+                        return Err(Error::InvalidValue {
+                            path: mc.path.clone(),
+                            key: key.into(),
+                            value: "true".into(),
+                            reason:
+                                "diff_attn_variant \"v2\" has no split heads and no sub-layer norm"
+                                    .into(),
+                        });
+                    }
+                }
+                (AttentionKind::V2, SubLayerNorm::None)
+            }
             Format::LlamaDifferential | Format::FamilyDifferential => differential()?,
             Format::DiffLlama => (AttentionKind::SplitHeads, SubLayerNorm::ScaledPlain),
             Format::Source => (AttentionKind::Standard, SubLayerNorm::None),
@@ -305,6 +331,8 @@ struct Attention {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     lambda: Option<Lambda>,
+    /// V2's `lambda_proj` `[H, hidden]` (no bias).
+    lambda_proj: Option<Linear>,
     /// `1 - lambda_init(l)` for format B.
     out_scale: f64,
 }
@@ -335,6 +363,15 @@ impl KvCache {
     pub fn new() -> Self {
         Self::default()
     }
+    /// Bytes the cached keys and values occupy, over all layers.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Cached positions (t).
     pub fn seq_len(&self) -> usize {
         self.layers
@@ -348,8 +385,32 @@ impl KvCache {
 /// Optional per-layer attention probabilities captured during a forward (monitoring).
 #[derive(Debug, Clone, Default)]
 pub struct AttentionProbs {
-    /// layer -> (A1 or A, A2) each `[b, heads, s, t]`.
+    /// layer -> (A1 or A, A2) each `[b, heads, s, t]` (V2: the positive heads 2i and the
+    /// negative heads 2i+1, each `[b, H, s, t]`).
     pub layers: HashMap<usize, (Tensor, Option<Tensor>)>,
+    /// V2 layers -> the gate `sigmoid(lambda_proj(x))` `[b, s, H]` (without mix).
+    pub gates: HashMap<usize, Tensor>,
+}
+
+/// What one layer's forward captures for monitoring: A1 (or A), A2, the V2 gate.
+pub(crate) type Captured = (Tensor, Option<Tensor>, Option<Tensor>);
+
+/// `sigmoid(x)` = `1 / (1 + exp(-x))` in differentiable candle ops.
+fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// Heads `[b, 2n, ..]` -> (even heads, odd heads), each `[b, n, ..]` (contiguous).
+fn pairs(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut dims = x.dims().to_vec();
+    let n = dims[1] / 2;
+    let mut split = vec![dims[0], n, 2];
+    split.extend_from_slice(&dims[2..]);
+    let x = x.reshape(split)?;
+    dims[1] = n;
+    let even = x.narrow(2, 0, 1)?.reshape(dims.clone())?;
+    let odd = x.narrow(2, 1, 1)?.reshape(dims)?;
+    Ok((even, odd))
 }
 
 /// Split heads' values: `repeat_kv`, then `[v_j ; v_{j+H/2}]` along features:
@@ -619,16 +680,16 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let qk_factor = if cfg.attention == AttentionKind::DoubleHeads {
-            2
-        } else {
-            1
+        let (q_factor, k_factor) = match cfg.attention {
+            AttentionKind::DoubleHeads => (2, 2),
+            AttentionKind::V2 => (2, 1),
+            _ => (1, 1),
         };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
-            let lambda = if cfg.attention == AttentionKind::Standard {
+            let lambda = if matches!(cfg.attention, AttentionKind::Standard | AttentionKind::V2) {
                 None
             } else {
                 let vec = |n: &str| get(&format!("{a}.{n}"), &[d]);
@@ -654,6 +715,12 @@ impl Model {
                     subln,
                 })
             };
+            let lambda_proj = if cfg.attention == AttentionKind::V2 {
+                let name = format!("{a}.lambda_proj.weight");
+                Some(Linear::new(matrix(&name, &[h, dm])?, None))
+            } else {
+                None
+            };
             let out_scale = if cfg.sublayer_norm == SubLayerNorm::ScaledPlain {
                 1.0 - lambda_init(l)
             } else {
@@ -674,13 +741,14 @@ impl Model {
             blocks.push(Block {
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[dm])?,
                 attn: Attention {
-                    q_proj: linear(&format!("{a}.q_proj"), qk_factor * h * d, dm)?,
-                    k_proj: linear(&format!("{a}.k_proj"), qk_factor * kv * d, dm)?,
+                    q_proj: linear(&format!("{a}.q_proj"), q_factor * h * d, dm)?,
+                    k_proj: linear(&format!("{a}.k_proj"), k_factor * kv * d, dm)?,
                     v_proj: linear(&format!("{a}.v_proj"), kv * d, dm)?,
                     o_proj: linear(&format!("{a}.o_proj"), dm, h * d)?,
                     q_norm: qk_norm("q_norm")?,
                     k_norm: qk_norm("k_norm")?,
                     lambda,
+                    lambda_proj,
                     out_scale,
                 },
                 post_attention_layernorm: get(
@@ -858,8 +926,11 @@ impl Model {
             }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let (y, p) = self.block(l, &x, cos, sin, layer_mask, layer_cache, want)?;
-            if let (Some(p), Some((_, store))) = (p, probs.as_mut()) {
-                store.layers.insert(l, p);
+            if let (Some((a1, a2, gate)), Some((_, store))) = (p, probs.as_mut()) {
+                store.layers.insert(l, (a1, a2));
+                if let Some(gate) = gate {
+                    store.gates.insert(l, gate);
+                }
             }
             x = y;
         }
@@ -878,7 +949,7 @@ impl Model {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         want: bool,
-    ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
+    ) -> Result<(Tensor, Option<Captured>)> {
         let block = &self.blocks[l];
         let h = self.norm(x, &block.input_layernorm)?;
         let (a, p) = self.attention(&block.attn, &h, cos, sin, mask, cache, want)?;
@@ -925,6 +996,9 @@ impl Model {
         }
         out.extend(a.q_norm.iter());
         out.extend(a.k_norm.iter());
+        if let Some(Weight::Dense(w)) = a.lambda_proj.as_ref().map(|l| &l.weight) {
+            out.push(w);
+        }
         if let Some(lam) = &a.lambda {
             out.extend([&lam.q1, &lam.k1, &lam.q2, &lam.k2]);
             out.extend(lam.subln.iter());
@@ -1026,6 +1100,7 @@ impl Model {
             a.o_proj = lin(&a.o_proj);
             a.q_norm = opt(&a.q_norm);
             a.k_norm = opt(&a.k_norm);
+            a.lambda_proj = a.lambda_proj.as_ref().map(lin);
             if let Some(l) = &mut a.lambda {
                 l.q1 = l.q1.detach();
                 l.k1 = l.k1.detach();
@@ -1063,9 +1138,21 @@ impl Model {
         self.forward_full(ids, &pos, Some(&mask), None, None)
     }
 
-    /// The layers' lambda parameters (None for standard attention).
+    /// The layers' lambda parameters (None for standard attention and V2).
     pub fn lambdas(&self) -> Vec<Option<&Lambda>> {
         self.blocks.iter().map(|b| b.attn.lambda.as_ref()).collect()
+    }
+
+    /// The layers' V2 `lambda_proj` weights `[H, hidden]` (None for other attention, and for
+    /// weights kept in their stored dtype).
+    pub fn lambda_projs(&self) -> Vec<Option<&Tensor>> {
+        self.blocks
+            .iter()
+            .map(|b| match b.attn.lambda_proj.as_ref().map(|l| &l.weight) {
+                Some(Weight::Dense(w)) => Some(w),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Softmax attention probabilities `[b, nq, s, t]` of `q` `[b, nq, s, d]` over `k`
@@ -1125,13 +1212,13 @@ impl Model {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         want_probs: bool,
-    ) -> Result<(Tensor, Option<(Tensor, Option<Tensor>)>)> {
+    ) -> Result<(Tensor, Option<Captured>)> {
         let c = &self.config;
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
-        let qk_heads = if c.attention == AttentionKind::DoubleHeads {
-            2
-        } else {
-            1
+        let (q_heads, k_heads) = match c.attention {
+            AttentionKind::DoubleHeads => (2 * h, 2 * kv),
+            AttentionKind::V2 => (2 * h, kv),
+            _ => (h, kv),
         };
         let q = self.head_norm(at.q_proj.forward(x)?, at.q_norm.as_ref())?;
         let q = if (c.query_factor - 1.0).abs() > 1e-12 {
@@ -1141,9 +1228,9 @@ impl Model {
         };
         let k = self.head_norm(at.k_proj.forward(x)?, at.k_norm.as_ref())?;
         let v = layout::split_heads(&at.v_proj.forward(x)?, kv)?;
-        // Double heads: features [q1 | q2] become heads [0, H) and [H, 2H).
-        let q = layout::rope_heads(&q, cos, sin, qk_heads * h)?;
-        let k = layout::rope_heads(&k, cos, sin, qk_heads * kv)?;
+        // Double heads: features [q1 | q2] become heads [0, H) and [H, 2H); V2: heads 2i, 2i+1.
+        let q = layout::rope_heads(&q, cos, sin, q_heads)?;
+        let k = layout::rope_heads(&k, cos, sin, k_heads)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let kv_pair = match slot.take() {
@@ -1157,6 +1244,33 @@ impl Model {
         };
         let fused = !want_probs && attend::applies(&[&q, &k, &v]);
         let trainable = !fused && !want_probs && cpu::all_cpu_f32(&[&q, &k, &v]);
+        if let (AttentionKind::V2, Some(lambda_proj)) = (c.attention, &at.lambda_proj) {
+            // One softmax attention over the 2H query heads (GQA groups of 2H/Hkv heads).
+            let (both, probs) = if fused {
+                (
+                    attend::attend(&q, &k, &v, mask, AttentionKind::V2, 0.0)?,
+                    None,
+                )
+            } else if trainable {
+                (attend::sdpa(&q, &k, &v, mask, 2 * h, 2 * h / kv)?, None)
+            } else {
+                let p = self.probs(&q, &k, mask)?;
+                let o = self.apply(&p, &v)?;
+                (o, want_probs.then_some(p))
+            };
+            let gate = sigmoid(&lambda_proj.forward(x)?)?; // [b, s, H]
+            let (pos, neg) = pairs(&both)?; // [b, H, s, d] each
+            let lam = gate.transpose(1, 2)?.unsqueeze(3)?.affine(self.mix, 0.0)?;
+            let o = (pos - neg.broadcast_mul(&lam)?)?;
+            let captured = match probs {
+                Some(p) => {
+                    let (a1, a2) = pairs(&p)?;
+                    Some((a1, Some(a2), Some(gate.detach())))
+                }
+                None => None,
+            };
+            return Ok((at.o_proj.forward(&layout::merge_heads(&o)?)?, captured));
+        }
         let (out, probs) = match (&at.lambda, c.attention) {
             (None, _) | (_, AttentionKind::Standard) if fused => (
                 attend::attend(&q, &k, &v, mask, AttentionKind::Standard, 0.0)?,
@@ -1190,7 +1304,7 @@ impl Model {
             (None, _) | (_, AttentionKind::Standard) => {
                 let p = self.probs(&q, &k, mask)?;
                 let o = self.apply(&p, &v)?;
-                (o, want_probs.then(|| (p, None)))
+                (o, want_probs.then(|| (p, None, None)))
             }
             (Some(lam), kind) => {
                 let (nq, nk) = match kind {
@@ -1211,7 +1325,7 @@ impl Model {
                 };
                 (
                     self.sublayer_norm(at, lam, o)?,
-                    want_probs.then(|| (a1, Some(a2))),
+                    want_probs.then(|| (a1, Some(a2), None)),
                 )
             }
         };
