@@ -845,3 +845,82 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let (r, _) = run(&s.config("gc", "max_steps: 2\ngradient_checkpointing: true\n"));
     assert_eq!(r.global_step, 2);
 }
+
+/// V2 (`--variant v2 --preserving-mirror`): the first loss is the source's, one optimizer step
+/// changes every `lambda_proj` row and every new (odd) query head row, the gate is monitored,
+/// the warm-up key is ignored with a warning, and `evaluate` reads the trained model back.
+#[test]
+fn v2_preserving_trains_every_new_row_and_monitors_the_gate() {
+    let s = setup("llama_gqa");
+    let src = diffattn::convert::Source::from_dir(&s.model).unwrap();
+    let opts = diffattn::convert::ConvertOptions {
+        layout: diffattn::convert::Layout::V2,
+        init: diffattn::convert::Init::PreservingMirror,
+        sublayer_norm: false,
+        seed: 1,
+        dtype: diffattn::axolotl::DtypeChoice::Keep,
+        max_shard_bytes: u64::MAX,
+        overwrite: false,
+    };
+    let conv = s.root.join("v2");
+    let plan = diffattn::convert::plan(&src, &opts).unwrap();
+    diffattn::convert::execute(&src, &plan, &conv, None, &|_| {}).unwrap();
+    let extra = "diff_attn_log_every: 1\nlogging_steps: 1\ndiff_attn_warmup_steps: 4\n";
+    let (_, events) = run(&s.completion_config(&conv, "v2out", extra));
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Warning(m) if m.contains("diff_attn_warmup_steps is ignored") && m.contains("o_proj is doubled"))),
+        "{events:?}"
+    );
+    // The same first loss as the source under the same run.
+    let (_, _) = run(&s.completion_config(&s.model, "srcout", "logging_steps: 1\n"));
+    let first = |dir: &str| {
+        jsonl(&s.root.join(dir))
+            .iter()
+            .find_map(|r| r.get("loss").and_then(Value::as_f64))
+            .unwrap()
+    };
+    let (a, b) = (first("v2out"), first("srcout"));
+    assert!((a - b).abs() <= 1e-4 * b, "first loss {a} vs source {b}");
+    let out = s.root.join("v2out");
+    let rec = jsonl(&out);
+    let m = rec
+        .iter()
+        .find(|r| r.get("aggregate/lambda_gate_mean").is_some())
+        .expect("gate metrics logged");
+    // lambda_proj = 0 at the start: every gate is exactly 1/2.
+    assert_eq!(m["aggregate/lambda_gate_mean"], 0.5);
+    assert!(m.get("layer_0/lambda_gate_std").is_some() && m.get("layer_0/attn2_mean").is_some());
+    assert!(m.get("aggregate/diff_attn_mix").is_none());
+    let before: std::collections::HashMap<_, _> = weights(&conv).into_iter().collect();
+    let after: std::collections::HashMap<_, _> = weights(&out).into_iter().collect();
+    let (h, dm) = (4usize, 32usize);
+    let cfg = read_json(&conv.join("config.json"));
+    assert_eq!(cfg["num_attention_heads"], h);
+    assert_eq!(cfg["hidden_size"], dm);
+    let d = cfg["head_dim"].as_u64().map(|x| x as usize).unwrap_or(dm / h);
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    for l in 0..layers {
+        let lp = format!("model.layers.{l}.self_attn.lambda_proj.weight");
+        for (r, (x, y)) in before[&lp]
+            .chunks(dm)
+            .zip(after[&lp].chunks(dm))
+            .enumerate()
+        {
+            assert!(x != y, "layer {l}: lambda_proj row {r} unchanged");
+        }
+        let q = format!("model.layers.{l}.self_attn.q_proj.weight");
+        for i in 0..h {
+            for row in 0..d {
+                let at = ((2 * i + 1) * d + row) * dm;
+                assert!(
+                    before[&q][at..at + dm] != after[&q][at..at + dm],
+                    "layer {l}: new query head {} row {row} unchanged",
+                    2 * i + 1
+                );
+            }
+        }
+    }
+    // Read back by evaluate.
+    let (_, e) = train::evaluate(&s.completion_config(&out, "unused", "val_set_size: 2\n"), Some(&out)).unwrap();
+    assert!(e.loss.is_finite());
+}

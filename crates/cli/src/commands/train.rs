@@ -29,7 +29,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         output_dir: a.output_dir.clone(),
     };
     let pb = std::cell::RefCell::new(None::<ProgressBar>);
-    let last_lambda = std::cell::Cell::new(None::<(usize, f64)>);
+    let last_lambda = std::cell::Cell::new(None::<(usize, &str, f64)>);
     let on_event = |e: Event| match e {
         Event::Info(m) => match pb.borrow().as_ref() {
             Some(p) => p.println(m),
@@ -60,13 +60,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 p.set_position((step - 1) as u64);
                 p
             });
-            if let Some(l) = mean_lambda {
-                last_lambda.set(Some((step, l)));
+            if let Some((key, l)) = mean_lambda {
+                last_lambda.set(Some((step, key, l)));
             }
             let lam = last_lambda
                 .get()
-                .map(|(at, l)| {
-                    format!(" lambda_full {l:.4} (aggregate/lambda_full_mean: mean over all layers, times the warm-up mix; measured at step {at}, every diff_attn_log_every steps)")
+                .map(|(at, key, l)| {
+                    if key.ends_with("lambda_gate_mean") {
+                        format!(" lambda gate {l:.4} ({key}: sigmoid(lambda_proj(x)) over tokens and heads, mean over the monitored layers, times the warm-up mix; measured at step {at}, every diff_attn_log_every steps)")
+                    } else {
+                        format!(" lambda_full {l:.4} ({key}: mean over all layers, times the warm-up mix; measured at step {at}, every diff_attn_log_every steps)")
+                    }
                 })
                 .unwrap_or_default();
             let msg = format!("loss {loss:.4} lr {learning_rate:.3e}{lam}");

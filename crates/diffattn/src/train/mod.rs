@@ -90,8 +90,10 @@ pub enum Event {
         total: usize,
         loss: f64,
         learning_rate: f64,
-        /// Mean over layers of `mix · lambda_full`, on monitoring steps.
-        mean_lambda: Option<f64>,
+        /// On monitoring steps, the metric summarising the negative branch and its value:
+        /// `aggregate/lambda_full_mean` (V1: mean over layers of `mix · lambda_full`) or
+        /// `aggregate/lambda_gate_mean` (V2: mean over monitored layers of `mix · gate`).
+        mean_lambda: Option<(&'static str, f64)>,
         /// A logging step (`logging_steps`).
         logged: bool,
     },

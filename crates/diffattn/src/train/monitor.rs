@@ -2,6 +2,11 @@
 //! vectors, `lambda1`, `lambda2`, `lambda_init`, `lambda_full` (without mix) and mean / std of
 //! both attention maps; over all layers the mean and sample std (n − 1) of the norms,
 //! `lambda1`, `lambda2` and `lambda_full` (with mix); `aggregate/diff_attn_mix` with warm-up.
+//! V2 layers have no lambda vectors: per monitored layer the norm of `lambda_proj` and the mean
+//! / std of the gate `sigmoid(lambda_proj(x))` over every token and head of the step's first
+//! micro-batch (`lambda_gate_*`, without mix), the two attention maps of the pairs (heads 2i,
+//! 2i+1); over all layers the mean and std of the `lambda_proj` norms and the mean over the
+//! monitored layers of mix times the gate mean (`aggregate/lambda_gate_mean`).
 //!
 //! Attention statistics are always taken over the attention *probabilities* (after softmax
 //! and masking, every element of `[batch, heads, seq, keys]`, masked zeros included, as
@@ -92,12 +97,13 @@ fn prob_stats(p: &Tensor) -> Result<(f64, f64)> {
 /// step's first micro-batch), `warmup` whether `diff_attn_warmup_steps` is set.
 pub fn metrics(
     lambdas: &[Option<&Lambda>],
+    lambda_projs: &[Option<&Tensor>],
     monitored: &[usize],
     probs: &AttentionProbs,
     mix: f64,
     warmup: bool,
 ) -> Result<BTreeMap<String, f64>> {
-    let mut out = BTreeMap::new();
+    let mut out = v2_metrics(lambda_projs, monitored, probs, mix, warmup)?;
     let values: Vec<Option<LambdaValues>> = lambdas
         .iter()
         .map(|l| l.map(LambdaValues::of).transpose())
@@ -151,6 +157,59 @@ pub fn metrics(
         if warmup {
             out.insert("aggregate/diff_attn_mix".into(), mix);
         }
+    }
+    Ok(out)
+}
+
+/// The V2 part of [`metrics`] (empty for a model without V2 layers).
+fn v2_metrics(
+    lambda_projs: &[Option<&Tensor>],
+    monitored: &[usize],
+    probs: &AttentionProbs,
+    mix: f64,
+    warmup: bool,
+) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    let norms: Vec<Option<f64>> = lambda_projs
+        .iter()
+        .map(|w| w.map(|w| norm(&w.detach())).transpose())
+        .collect::<Result<_>>()?;
+    if norms.iter().all(Option::is_none) {
+        return Ok(out);
+    }
+    let mut gate_means = Vec::new();
+    for &l in monitored {
+        let Some(n) = norms.get(l).copied().flatten() else {
+            continue;
+        };
+        let p = format!("layer_{l}/");
+        out.insert(format!("{p}lambda_proj_norm"), n);
+        if let Some(g) = probs.gates.get(&l) {
+            let (m, s) = prob_stats(g)?;
+            out.insert(format!("{p}lambda_gate_mean"), m);
+            out.insert(format!("{p}lambda_gate_std"), s);
+            gate_means.push(m * mix);
+        }
+        if let Some((a1, Some(a2))) = probs.layers.get(&l) {
+            for (k, a) in [("attn1", a1), ("attn2", a2)] {
+                let (m, s) = prob_stats(a)?;
+                out.insert(format!("{p}{k}_mean"), m);
+                out.insert(format!("{p}{k}_std"), s);
+            }
+        }
+    }
+    let all: Vec<f64> = norms.iter().flatten().copied().collect();
+    let (m, s) = mean_std(&all);
+    out.insert("aggregate/lambda_proj_norm_mean".into(), m);
+    out.insert("aggregate/lambda_proj_norm_std".into(), s);
+    if !gate_means.is_empty() {
+        out.insert(
+            "aggregate/lambda_gate_mean".into(),
+            gate_means.iter().sum::<f64>() / gate_means.len() as f64,
+        );
+    }
+    if warmup {
+        out.insert("aggregate/diff_attn_mix".into(), mix);
     }
     Ok(out)
 }

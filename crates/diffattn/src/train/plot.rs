@@ -19,7 +19,7 @@ static REGISTER: Once = Once::new();
 pub type Series = BTreeMap<String, Vec<(f64, f64)>>;
 
 /// Reads `metrics.jsonl` into the series plotted: `loss`, `eval_loss`, `learning_rate`,
-/// `layer_N/lambda_full`, `diff_attn_mix`.
+/// `layer_N/lambda_full` (V1) or `layer_N/lambda_gate_mean` (V2), `diff_attn_mix`.
 pub fn read_series(path: &Path) -> Result<Series> {
     let text = std::fs::read_to_string(path).at(path)?;
     let mut out: Series = BTreeMap::new();
@@ -46,7 +46,8 @@ pub fn read_series(path: &Path) -> Result<Series> {
             let keep = matches!(
                 k.as_str(),
                 "loss" | "eval_loss" | "learning_rate" | "diff_attn_mix"
-            ) || (k.starts_with("layer_") && k.ends_with("/lambda_full"));
+            ) || (k.starts_with("layer_")
+                && (k.ends_with("/lambda_full") || k.ends_with("/lambda_gate_mean")));
             if let (true, Some(x)) = (keep, x.as_f64()) {
                 out.entry(k.clone()).or_default().push((step, x));
             }
@@ -224,17 +225,22 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             .into_iter()
             .collect();
         panel(&areas[1], "learning rate", &lr).map_err(fail)?;
+        let v2 = !series.keys().any(|k| k.ends_with("/lambda_full"))
+            && series.keys().any(|k| k.ends_with("/lambda_gate_mean"));
+        let (suffix, title) = if v2 {
+            (
+                "/lambda_gate_mean",
+                "V2 gate sigmoid(lambda_proj(x)), mean (monitored layers, without mix)",
+            )
+        } else {
+            ("/lambda_full", "lambda_full (monitored layers, without mix)")
+        };
         let lambdas: Vec<(&str, &Vec<(f64, f64)>)> = series
             .iter()
-            .filter(|(k, _)| k.ends_with("/lambda_full"))
+            .filter(|(k, _)| k.ends_with(suffix))
             .map(|(k, s)| (k.as_str(), s))
             .collect();
-        panel(
-            &areas[2],
-            "lambda_full (monitored layers, without mix)",
-            &lambdas,
-        )
-        .map_err(fail)?;
+        panel(&areas[2], title, &lambdas).map_err(fail)?;
         let mix: Vec<_> = get("diff_attn_mix")
             .map(|s| ("mix", s))
             .into_iter()

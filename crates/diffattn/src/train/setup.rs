@@ -188,10 +188,14 @@ pub(super) fn report_setup(
         ));
     }
     if is_preserving(tm) && cfg.diff_attn_warmup_steps.is_some() && is_diff {
-        on_event(Event::Warning(
-            "diff_attn_warmup_steps is ignored (mix = 1 throughout): this model was converted with --preserving-mirror, whose o_proj carries 1/(1 - lambda), so it computes the source model only at mix = 1; a warm-up from mix = 0 would start from a rescaled attention output (a much higher loss)"
-                .into(),
-        ));
+        let fold = if tm.model.config.attention == crate::model::AttentionKind::V2 {
+            "--variant v2 --preserving-mirror, whose o_proj is doubled (lambda = 1/2)"
+        } else {
+            "--preserving-mirror, whose o_proj carries 1/(1 - lambda)"
+        };
+        on_event(Event::Warning(format!(
+            "diff_attn_warmup_steps is ignored (mix = 1 throughout): this model was converted with {fold}, so it computes the source model only at mix = 1; a warm-up from mix = 0 would start from a rescaled attention output (a much higher loss)"
+        )));
     }
     if cfg.eval_steps.is_some() && prepared.val.is_empty() {
         on_event(Event::Warning(

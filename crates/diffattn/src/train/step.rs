@@ -232,8 +232,8 @@ impl<'a> Trainer<'a> {
 
     /// On monitoring steps: logs the lambda and attention metrics (docs/spec.md §5-6) under the step
     /// the forward belongs to, warns about each layer whose `lambda_full` leaves [0, 1.5], and
-    /// returns the mean `lambda_full`.
-    pub fn monitor(&mut self, s: &mut StepOutput) -> Result<Option<f64>> {
+    /// returns the summary metric of the negative branch (see `Event::Step`).
+    pub fn monitor(&mut self, s: &mut StepOutput) -> Result<Option<(&'static str, f64)>> {
         let Some(probs) = s.probs.take() else {
             return Ok(None);
         };
@@ -241,12 +241,15 @@ impl<'a> Trainer<'a> {
         let lambdas = self.tm.model.lambdas();
         let mut m = monitor::metrics(
             &lambdas,
+            &self.tm.model.lambda_projs(),
             &self.monitored,
             &probs,
             s.info.mix,
             self.warmup.is_some(),
         )?;
-        let mean_lambda = m.get("aggregate/lambda_full_mean").copied();
+        let mean_lambda = ["aggregate/lambda_full_mean", "aggregate/lambda_gate_mean"]
+            .into_iter()
+            .find_map(|k| m.get(k).map(|v| (k, *v)));
         for (l, v) in monitor::lambda_out_of_range(&lambdas)? {
             if self.out_of_range.insert(l) {
                 (self.on_event)(Event::Warning(format!(
@@ -299,7 +302,7 @@ impl<'a> Trainer<'a> {
 
     /// Reports the step, and on logging steps (`logging_steps`, and the last) logs the mean
     /// loss since the last record.
-    pub fn maybe_log(&mut self, s: &StepInfo, mean_lambda: Option<f64>) -> Result<()> {
+    pub fn maybe_log(&mut self, s: &StepInfo, mean_lambda: Option<(&'static str, f64)>) -> Result<()> {
         let step = s.step();
         let total = self.plan.total;
         let logged = step % self.plan.log_every == 0 || step == total;
