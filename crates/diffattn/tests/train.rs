@@ -897,7 +897,10 @@ fn v2_preserving_trains_every_new_row_and_monitors_the_gate() {
     let cfg = read_json(&conv.join("config.json"));
     assert_eq!(cfg["num_attention_heads"], h);
     assert_eq!(cfg["hidden_size"], dm);
-    let d = cfg["head_dim"].as_u64().map(|x| x as usize).unwrap_or(dm / h);
+    let d = cfg["head_dim"]
+        .as_u64()
+        .map(|x| x as usize)
+        .unwrap_or(dm / h);
     let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
     for l in 0..layers {
         let lp = format!("model.layers.{l}.self_attn.lambda_proj.weight");
@@ -921,6 +924,64 @@ fn v2_preserving_trains_every_new_row_and_monitors_the_gate() {
         }
     }
     // Read back by evaluate.
-    let (_, e) = train::evaluate(&s.completion_config(&out, "unused", "val_set_size: 2\n"), Some(&out)).unwrap();
+    let (_, e) = train::evaluate(
+        &s.completion_config(&out, "unused", "val_set_size: 2\n"),
+        Some(&out),
+    )
+    .unwrap();
     assert!(e.loss.is_finite());
+}
+
+/// `test_datasets` is the validation set as it is: evaluation reads exactly its samples (the
+/// same loss as `evaluate` on a config whose datasets are that file), and it cannot be
+/// combined with `val_set_size`.
+#[test]
+fn test_datasets_is_the_validation_set() {
+    let s = setup("llama_gqa");
+    let held = s.root.join("held.jsonl");
+    std::fs::write(
+        &held,
+        "{\"text\": \"the held out text is not in training\"}\n{\"text\": \"nor is this one\"}\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "test_datasets:\n  - path: {}\n    type: completion\neval_steps: 1\n",
+        held.display()
+    );
+    let (r, _) = run(&s.completion_config(&s.model, "td", &extra));
+    let out = s.root.join("td");
+    // The final model evaluated on the held-out file alone.
+    let only = format!(
+        "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nval_set_size: 2\n",
+        out.display(),
+        s.root.join("unused").display(),
+        held.display()
+    );
+    let p = s.root.join("only.yml");
+    std::fs::write(&p, only).unwrap();
+    let (_, e) =
+        train::evaluate(&TrainConfig::from_file_for_evaluation(&p).unwrap(), None).unwrap();
+    assert_eq!(e.samples, 2);
+    assert!(
+        (e.loss - r.metrics["eval_loss"]).abs() <= 1e-5 * e.loss,
+        "{} vs {}",
+        e.loss,
+        r.metrics["eval_loss"]
+    );
+    let both = s.root.join("both.yml");
+    std::fs::write(
+        &both,
+        format!(
+            "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\n{extra}val_set_size: 0.1\n",
+            s.model.display(),
+            s.root.join("b").display(),
+            held.display()
+        ),
+    )
+    .unwrap();
+    let err = TrainConfig::from_file(&both).err().unwrap().to_string();
+    assert!(
+        err.contains("val_set_size") && err.contains("test_datasets"),
+        "{err}"
+    );
 }

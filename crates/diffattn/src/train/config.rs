@@ -98,6 +98,8 @@ pub enum Resume {
 pub struct TrainConfig {
     pub axolotl: AxolotlConfig,
     pub datasets: Vec<DatasetSpec>,
+    /// `test_datasets`: the validation set, read as it is (no split of `datasets`).
+    pub test_datasets: Vec<DatasetSpec>,
     pub val_set_size: Option<ValSetSize>,
     pub sequence_len: usize,
     pub micro_batch_size: usize,
@@ -236,91 +238,13 @@ impl TrainConfig {
             path: path.clone(),
             key: "datasets".into(),
         })?;
-        let list = datasets_v
-            .as_sequence()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                r.invalid(
-                    "datasets",
-                    datasets_v,
-                    "expected a non-empty list of {path, type}",
-                )
-            })?;
-        let mut datasets = Vec::new();
-        for (i, d) in list.iter().enumerate() {
-            let key = |k: &str| format!("datasets[{i}].{k}");
-            let m = d.as_mapping().ok_or_else(|| {
-                r.invalid(
-                    &format!("datasets[{i}]"),
-                    d,
-                    "expected a mapping with `path` and `type`",
-                )
-            })?;
-            let dp = match m.get("path") {
-                Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-                Some(v) => {
-                    return Err(r.invalid(&key("path"), v, "expected a file or directory path"))
-                }
-                None => {
-                    return Err(Error::MissingKey {
-                        path: path.clone(),
-                        key: key("path"),
-                    })
-                }
-            };
-            for k in ["data_files", "name", "shards", "preprocess_shards"] {
-                if let Some(v) = m.get(k) {
-                    if active(v) {
-                        return Err(r.invalid(&key(k), v, "not supported: `path` must be a local .json/.jsonl file or a directory of them"));
-                    }
-                }
-            }
-            if let Some(v) = m.get("ds_type") {
-                if !matches!(v.as_str(), Some("json") | None)
-                    || !matches!(v, Value::String(_) | Value::Null)
-                {
-                    return Err(r.invalid(&key("ds_type"), v, "only json datasets are supported"));
-                }
-            }
-            if let Some(v) = m.get("split") {
-                if active(v) && v.as_str() != Some("train") {
-                    return Err(r.invalid(
-                        &key("split"),
-                        v,
-                        "only the `train` split of a local file exists",
-                    ));
-                }
-            }
-            let kind = match m.get("type") {
-                Some(Value::String(t)) if t == "alpaca" => DatasetType::Alpaca,
-                Some(Value::String(t)) if t == "completion" => DatasetType::Completion {
-                    field: match m.get("field") {
-                        None | Some(Value::Null) => "text".into(),
-                        Some(Value::String(f)) if !f.is_empty() => f.clone(),
-                        Some(v) => {
-                            return Err(r.invalid(&key("field"), v, "expected a field name"))
-                        }
-                    },
-                },
-                Some(v) => {
-                    return Err(r.invalid(
-                        &key("type"),
-                        v,
-                        "supported dataset types: alpaca, completion",
-                    ))
-                }
-                None => {
-                    return Err(Error::MissingKey {
-                        path: path.clone(),
-                        key: key("type"),
-                    })
-                }
-            };
-            datasets.push(DatasetSpec {
-                path: dataset_path(&dp, &path),
-                kind,
-            });
-        }
+        let datasets = parse_datasets(&r, "datasets", datasets_v, &path)?;
+        // axolotl's `test_datasets`: a held-out set of its own (the same entry format), in place
+        // of a `val_set_size` split of `datasets`.
+        let test_datasets = match r.get("test_datasets") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => parse_datasets(&r, "test_datasets", v, &path)?,
+        };
         let val_set_size = match r.get("val_set_size") {
             None => None,
             Some(v) => match r.number("val_set_size")? {
@@ -336,6 +260,13 @@ impl TrainConfig {
                 }
             },
         };
+        if let (Some(_), false) = (&val_set_size, test_datasets.is_empty()) {
+            return Err(r.invalid(
+                "val_set_size",
+                r.get("val_set_size").expect("read above"),
+                "test_datasets is the validation set already: set val_set_size to 0 or remove it",
+            ));
+        }
         let micro_batch_size = r.count("micro_batch_size", 1)?.unwrap_or(1);
         let gradient_accumulation_steps = match (
             r.count("gradient_accumulation_steps", 1)?,
@@ -505,6 +436,7 @@ impl TrainConfig {
         };
         Ok(Self {
             datasets,
+            test_datasets,
             val_set_size,
             sequence_len,
             micro_batch_size,
@@ -571,4 +503,96 @@ impl TrainConfig {
         self.logging_steps
             .unwrap_or_else(|| ((0.005 * total as f64) as usize).clamp(1, 10))
     }
+}
+
+/// The entries of a `datasets` or `test_datasets` list (`list_key`), each checked by key.
+fn parse_datasets(
+    r: &Reader,
+    list_key: &str,
+    datasets_v: &Value,
+    path: &Path,
+) -> Result<Vec<DatasetSpec>> {
+    let path = path.to_path_buf();
+    let list = datasets_v
+        .as_sequence()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            r.invalid(
+                list_key,
+                datasets_v,
+                "expected a non-empty list of {path, type}",
+            )
+        })?;
+    let mut datasets = Vec::new();
+    for (i, d) in list.iter().enumerate() {
+        let key = |k: &str| format!("{list_key}[{i}].{k}");
+        let m = d.as_mapping().ok_or_else(|| {
+            r.invalid(
+                &format!("{list_key}[{i}]"),
+                d,
+                "expected a mapping with `path` and `type`",
+            )
+        })?;
+        let dp = match m.get("path") {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(v) => return Err(r.invalid(&key("path"), v, "expected a file or directory path")),
+            None => {
+                return Err(Error::MissingKey {
+                    path: path.clone(),
+                    key: key("path"),
+                })
+            }
+        };
+        for k in ["data_files", "name", "shards", "preprocess_shards"] {
+            if let Some(v) = m.get(k) {
+                if active(v) {
+                    return Err(r.invalid(&key(k), v, "not supported: `path` must be a local .json/.jsonl file or a directory of them"));
+                }
+            }
+        }
+        if let Some(v) = m.get("ds_type") {
+            if !matches!(v.as_str(), Some("json") | None)
+                || !matches!(v, Value::String(_) | Value::Null)
+            {
+                return Err(r.invalid(&key("ds_type"), v, "only json datasets are supported"));
+            }
+        }
+        if let Some(v) = m.get("split") {
+            if active(v) && v.as_str() != Some("train") {
+                return Err(r.invalid(
+                    &key("split"),
+                    v,
+                    "only the `train` split of a local file exists",
+                ));
+            }
+        }
+        let kind = match m.get("type") {
+            Some(Value::String(t)) if t == "alpaca" => DatasetType::Alpaca,
+            Some(Value::String(t)) if t == "completion" => DatasetType::Completion {
+                field: match m.get("field") {
+                    None | Some(Value::Null) => "text".into(),
+                    Some(Value::String(f)) if !f.is_empty() => f.clone(),
+                    Some(v) => return Err(r.invalid(&key("field"), v, "expected a field name")),
+                },
+            },
+            Some(v) => {
+                return Err(r.invalid(
+                    &key("type"),
+                    v,
+                    "supported dataset types: alpaca, completion",
+                ))
+            }
+            None => {
+                return Err(Error::MissingKey {
+                    path: path.clone(),
+                    key: key("type"),
+                })
+            }
+        };
+        datasets.push(DatasetSpec {
+            path: dataset_path(&dp, &path),
+            kind,
+        });
+    }
+    Ok(datasets)
 }

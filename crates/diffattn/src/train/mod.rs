@@ -488,11 +488,43 @@ pub fn prepare_data(
             ),
         });
     }
-    let n_val = cfg
-        .val_set_size
-        .map(|v| v.count(samples.len()))
-        .unwrap_or(0);
-    let (train, val) = data::split(samples, n_val, cfg.seed);
+    let (train, val) = if cfg.test_datasets.is_empty() {
+        let n_val = cfg
+            .val_set_size
+            .map(|v| v.count(samples.len()))
+            .unwrap_or(0);
+        data::split(samples, n_val, cfg.seed)
+    } else {
+        let (val, vstats) = data::tokenize(
+            &cfg.test_datasets,
+            &codec,
+            eos,
+            cfg.sequence_len,
+            cfg.train_on_inputs,
+        )?;
+        if val.is_empty() {
+            return Err(Error::Dataset {
+                path: cfg.test_datasets[0].path.clone(),
+                msg: format!(
+                    "test_datasets: no usable sample: {} records, {} longer than sequence_len {}, {} without a target",
+                    vstats.records, vstats.dropped_too_long, cfg.sequence_len, vstats.dropped_no_labels
+                ),
+            });
+        }
+        if let Some(id) = val
+            .iter()
+            .flat_map(|s| s.input_ids.iter())
+            .find(|&&i| i as usize >= vocab)
+        {
+            return Err(Error::InvalidValue {
+                path: model_cfg.path.clone(),
+                key: "vocab_size".into(),
+                value: vocab.to_string(),
+                reason: format!("the tokenizer produces id {id} in test_datasets: tokenizer and model do not match"),
+            });
+        }
+        (samples, val)
+    };
     Ok(PreparedData {
         train,
         val,
@@ -674,12 +706,12 @@ pub fn evaluate(cfg: &TrainConfig, model_dir: Option<&Path>) -> Result<(PathBuf,
             &cfg.axolotl.path,
         )?,
     };
-    if cfg.val_set_size.is_none() {
+    if cfg.val_set_size.is_none() && cfg.test_datasets.is_empty() {
         return Err(Error::InvalidValue {
             path: cfg.axolotl.path.clone(),
             key: "val_set_size".into(),
             value: "0".into(),
-            reason: "evaluate needs a validation split: set val_set_size (a fraction or a count)"
+            reason: "evaluate needs a validation set: set val_set_size (a fraction or a count) or test_datasets"
                 .into(),
         });
     }

@@ -233,7 +233,10 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
                 "V2 gate sigmoid(lambda_proj(x)), mean (monitored layers, without mix)",
             )
         } else {
-            ("/lambda_full", "lambda_full (monitored layers, without mix)")
+            (
+                "/lambda_full",
+                "lambda_full (monitored layers, without mix)",
+            )
         };
         let lambdas: Vec<(&str, &Vec<(f64, f64)>)> = series
             .iter()

@@ -302,7 +302,11 @@ impl<'a> Trainer<'a> {
 
     /// Reports the step, and on logging steps (`logging_steps`, and the last) logs the mean
     /// loss since the last record.
-    pub fn maybe_log(&mut self, s: &StepInfo, mean_lambda: Option<(&'static str, f64)>) -> Result<()> {
+    pub fn maybe_log(
+        &mut self,
+        s: &StepInfo,
+        mean_lambda: Option<(&'static str, f64)>,
+    ) -> Result<()> {
         let step = s.step();
         let total = self.plan.total;
         let logged = step % self.plan.log_every == 0 || step == total;
