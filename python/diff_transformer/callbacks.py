@@ -15,6 +15,13 @@
   wandb) and `state.log_history` get them. Monitored layers: k = min(n, L) layers spread evenly,
   `round(i * (L - 1) / (k - 1))` with round-half-to-even (L = 30, k = 3: 0, 14, 29).
 
+  Differential Transformer V2 layers (`diff_attn_variant: "v2"`) have no lambda vectors: per
+  monitored layer `lambda_proj_norm`, `lambda_gate_mean`, `lambda_gate_std` (the gate
+  sigmoid(lambda_proj(x)) over every token and head, without mix) and the attention statistics of
+  the pairs (heads 2i, 2i+1); over all layers `aggregate/lambda_proj_norm_mean|_std` and
+  `aggregate/lambda_gate_mean` (mean over monitored layers of mix times the gate mean), as the
+  Rust trainer names them.
+
 Usage with a plain `Trainer`: `diff_transformer.callbacks.attach(trainer, warmup_steps=100)`.
 """
 
@@ -45,7 +52,8 @@ def mix_at(step, warmup_steps):
 
 def differential_layers(model):
     """The differential attention modules of `model` (ours, however wrapped), in layer order."""
-    return [m for m in model.modules() if hasattr(m, "lambda_full") and hasattr(m, "capture_stats")]
+    return [m for m in model.modules()
+            if hasattr(m, "capture_stats") and (hasattr(m, "lambda_full") or hasattr(m, "lambda_proj"))]
 
 
 def _sample_std(xs):
@@ -79,11 +87,13 @@ class DiffAttnCallback(TrainerCallback):
             )
         self.config = self.layers[0].config
         if self.warmup_steps and getattr(self.config, "preserving_mirror", False):
+            fold = ("--variant v2 --preserving-mirror, whose o_proj is doubled (lambda = 1/2)"
+                    if getattr(self.config, "diff_attn_variant", None) == "v2"
+                    else "--preserving-mirror, whose o_proj carries 1/(1 - lambda)")
             logger.warning(
                 "diff_attn_warmup_steps is ignored (mix = 1 throughout): this model was converted "
-                "with --preserving-mirror, whose o_proj carries 1/(1 - lambda), so it computes the "
-                "source model only at mix = 1; a warm-up from mix = 0 would start from a rescaled "
-                "attention output"
+                f"with {fold}, so it computes the source model only at mix = 1; a warm-up from "
+                "mix = 0 would start from a rescaled attention output"
             )
             self.warmup_steps = None
         self.monitored = monitored_layers(len(self.layers), self.num_monitor_layers)
@@ -121,6 +131,8 @@ class DiffAttnCallback(TrainerCallback):
 
     def metrics(self, mix):
         """The metrics of docs/spec.md §6 from the layers' current lambdas and captured stats."""
+        if hasattr(self.layers[0], "lambda_proj"):
+            return self._v2_metrics(mix)
         out = {}
         values = []
         # Computed from the parameters, not through methods of the layer: the layer may be the
@@ -151,6 +163,28 @@ class DiffAttnCallback(TrainerCallback):
             xs = [v[name] * (mix if name == "lambda_full" else 1.0) for v in values]
             out[f"aggregate/{name}_mean"] = statistics.fmean(xs)
             out[f"aggregate/{name}_std"] = _sample_std(xs)
+        if self.warmup_steps:
+            out["aggregate/diff_attn_mix"] = mix
+        return out
+
+    def _v2_metrics(self, mix):
+        out = {}
+        norms = [float(layer.lambda_proj.weight.detach().float().norm()) for layer in self.layers]
+        gate_means = []
+        for l in self.monitored:
+            out[f"layer_{l}/lambda_proj_norm"] = norms[l]
+            captured = self.layers[l].captured
+            if captured is not None:
+                (m1, s1), (m2, s2), (mg, sg) = captured
+                out.update({f"layer_{l}/attn1_mean": m1, f"layer_{l}/attn1_std": s1,
+                            f"layer_{l}/attn2_mean": m2, f"layer_{l}/attn2_std": s2,
+                            f"layer_{l}/lambda_gate_mean": mg, f"layer_{l}/lambda_gate_std": sg})
+                gate_means.append(mg * mix)
+                self.layers[l].captured = None
+        out["aggregate/lambda_proj_norm_mean"] = statistics.fmean(norms)
+        out["aggregate/lambda_proj_norm_std"] = _sample_std(norms)
+        if gate_means:
+            out["aggregate/lambda_gate_mean"] = statistics.fmean(gate_means)
         if self.warmup_steps:
             out["aggregate/diff_attn_mix"] = mix
         return out

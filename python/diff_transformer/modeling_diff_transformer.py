@@ -19,6 +19,13 @@ Double heads: Q1 = heads [0, H), Q2 = heads [H, 2H) of q_proj's 2H heads, values
 Split heads: Q1 = heads [0, H/2), Q2 = [H/2, H), value head j = [v_j ; v_{j + H/2}] (width 2d).
 `mix` is `config.diff_attn_mix` (the warm-up factor a checkpoint was saved with; 1 when absent).
 
+Differential Transformer V2 (`diff_attn_variant: "v2"`; unilm `multihead_flashdiffv2.py`):
+
+    q = q_proj(x): 2H heads, pair (2i, 2i+1) in the GQA group of output head i; k, v: Hkv heads
+    A = softmax(Q K^T * scale + M) V over all 2H heads (f32)
+    lam = mix * sigmoid(lambda_proj(x))              # [b, s, H], per token and head
+    O_i = A_2i - lam_i * A_2i+1;  out = o_proj(concat heads)   # no sub-layer norm, no lambda_init
+
 Works with transformers 4.48+ and 5.x (`past_key_values` or `cache` for the KV cache). This
 file is copied into every checkpoint as remote code (`auto_map`) and imports only torch,
 transformers and its configuration file.
@@ -221,6 +228,72 @@ class DifferentialAttention(nn.Module):
         return self.o_proj(o)
 
 
+class DifferentialAttentionV2(nn.Module):
+    """One Differential Transformer V2 attention layer (module docstring): `q_proj` [2H*d, D],
+    `k_proj`/`v_proj` [Hkv*d, D] and the KV cache as the source's, `lambda_proj` [H, D]."""
+
+    def __init__(self, config, layer_idx, window, theta, scaling):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        D = config.hidden_size
+        H, Hkv, d = config.num_attention_heads, config.resolved_num_key_value_heads, config.resolved_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
+        self.q_proj = nn.Linear(D, 2 * H * d, bias=config.has_bias("q_proj"))
+        self.k_proj = nn.Linear(D, Hkv * d, bias=config.has_bias("k_proj"))
+        self.v_proj = nn.Linear(D, Hkv * d, bias=config.has_bias("v_proj"))
+        self.o_proj = nn.Linear(H * d, D, bias=config.has_bias("o_proj"))
+        self.lambda_proj = nn.Linear(D, H, bias=False)
+        eps = config.resolved_rms_norm_eps
+        if config.family_spec()["qk_norm"]:
+            one_plus = config.family_spec()["norm"] == "one_plus_weight"
+            self.q_norm = RMSNorm(d, eps, one_plus)
+            self.k_norm = RMSNorm(d, eps, one_plus)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scaling = config.query_scale()
+        self.sliding_window = window
+        self.register_buffer("inv_freq", rope_inv_freq(d, theta, scaling), persistent=False)
+        # Set by the monitoring callback: (mean, std) of A1 (heads 2i), A2 (heads 2i+1) and of
+        # the gate sigmoid(lambda_proj(x)) of the next forward.
+        self.capture_stats = False
+        self.captured = None
+
+    rope = DifferentialAttention.rope
+
+    def forward(self, x, positions, masks, cache):
+        b, s, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(b, s, 2 * H, d).transpose(1, 2)  # [b, 2H, s, d]
+        k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, Hkv, s, d]
+        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, Hkv, s, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rope(positions, q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        bias = masks.get(self.sliding_window, k.shape[2])
+        group = 2 * H // self.num_kv_heads
+        scores = torch.matmul(q, repeat_kv(k, group).transpose(-1, -2)).float() * self.scaling
+        p = torch.softmax(scores + bias, dim=-1)  # [b, 2H, s, kv]
+        a = torch.matmul(p, repeat_kv(v, group).float()).view(b, H, 2, s, d)
+        gate = torch.sigmoid(self.lambda_proj(x).float())  # [b, s, H]
+        if self.capture_stats:
+            self.captured = tuple(
+                (float(t.detach().mean()), float(t.detach().std()))
+                for t in (p[:, 0::2], p[:, 1::2], gate)
+            )
+            self.capture_stats = False
+        mix = getattr(self.config, "diff_attn_mix", None)
+        mix = 1.0 if mix is None else float(mix)
+        lam = (mix * gate).transpose(1, 2).unsqueeze(-1)  # [b, H, s, 1]
+        o = a[:, :, 0] - lam * a[:, :, 1]
+        o = o.to(x.dtype).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(o)
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -249,7 +322,9 @@ class DecoderLayer(nn.Module):
         fam = config.family_spec()
         eps = config.resolved_rms_norm_eps
         one_plus = fam["norm"] == "one_plus_weight"
-        self.self_attn = DifferentialAttention(config, layer_idx, *attention)
+        v2 = getattr(config, "diff_attn_variant", None) == "v2"
+        attention_class = DifferentialAttentionV2 if v2 else DifferentialAttention
+        self.self_attn = attention_class(config, layer_idx, *attention)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, one_plus)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, one_plus)
@@ -285,7 +360,7 @@ class DifferentialPreTrainedModel(PreTrainedModel):
             module.weight.data.normal_(0.0, std)
         elif isinstance(module, RMSNorm):
             module.weight.data.fill_(0.0 if module.one_plus else 1.0)
-        elif isinstance(module, DifferentialAttention):
+        elif isinstance(module, (DifferentialAttention, DifferentialAttentionV2)):
             # The lambda vectors and lambda_init are always in the checkpoint (never re-drawn);
             # the RoPE table is not stored.
             module.inv_freq.copy_(rope_inv_freq(module.head_dim, *self._layer_rope(module.layer_idx)))
@@ -326,8 +401,12 @@ class DifferentialModel(DifferentialPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        if getattr(config, "diff_attn_variant", None) not in (None, "v1"):
-            raise ValueError(f"diff_attn_variant {config.diff_attn_variant!r} is not supported by this version")
+        variant = getattr(config, "diff_attn_variant", None)
+        if variant not in (None, "v1", "v2"):
+            raise ValueError(f"diff_attn_variant {variant!r}: expected \"v1\" or \"v2\"")
+        if variant == "v2" and (config.split_heads or config.sublayer_norm):
+            raise ValueError('diff_attn_variant "v2" has no split heads and no sub-layer norm '
+                             f"(config: split_heads {config.split_heads}, sublayer_norm {config.sublayer_norm})")
         fam = config.family_spec()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(

@@ -19,16 +19,18 @@ from conftest import F32, PROMPT, ROOT, convert, fixture_copy, runtime_logits
 DEFAULT, SPLIT, NO_SUBLN = [], ["--split-heads"], ["--zero-init", "--no-sublayer-norm"]
 PRESERVING = ["--preserving-mirror", "--no-sublayer-norm"]
 MIRROR = ["--mirror-weights"]
+V2, V2_MIRROR, V2_PRESERVING = ["--variant", "v2"], ["--variant", "v2", "--mirror-weights"], \
+    ["--variant", "v2", "--preserving-mirror"]
 CASES = [
-    ("tiny", "llama_gqa", [DEFAULT, SPLIT, NO_SUBLN, PRESERVING]),
-    ("tiny", "llama_head_dim_llama3", [DEFAULT, MIRROR]),
+    ("tiny", "llama_gqa", [DEFAULT, SPLIT, NO_SUBLN, PRESERVING, V2, V2_PRESERVING]),
+    ("tiny", "llama_head_dim_llama3", [DEFAULT, MIRROR, V2_MIRROR]),
     ("tiny", "llama_linear_rope", [DEFAULT]),
-    ("tiny", "llama_mqa_tied_bias", [DEFAULT, PRESERVING]),
-    ("families", "mistral_window", [DEFAULT, SPLIT, PRESERVING]),
+    ("tiny", "llama_mqa_tied_bias", [DEFAULT, PRESERVING, V2]),
+    ("families", "mistral_window", [DEFAULT, SPLIT, PRESERVING, V2]),
     ("families", "qwen2_full", [DEFAULT, SPLIT]),
-    ("families", "qwen2_window", [DEFAULT, PRESERVING]),
-    ("families", "qwen3_qk_norm", [DEFAULT, SPLIT, PRESERVING]),
-    ("families", "gemma3_sliding", [DEFAULT, NO_SUBLN, PRESERVING]),
+    ("families", "qwen2_window", [DEFAULT, PRESERVING, V2, V2_PRESERVING]),
+    ("families", "qwen3_qk_norm", [DEFAULT, SPLIT, PRESERVING, V2]),
+    ("families", "gemma3_sliding", [DEFAULT, NO_SUBLN, PRESERVING, V2, V2_PRESERVING]),
 ]
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 PARAMS = [(k, n, f) for k, n, fl in CASES for f in fl]
@@ -60,7 +62,7 @@ def test_forward_matches_the_runtime(tmp, kind, name, flags):
     theirs, _ = python_logits(src, ids)
     src_err = float(np.abs(theirs - src_rt).max())
     assert src_err <= 1e-4, f"{name}: source max |transformers - runtime| = {src_err}"
-    if flags == PRESERVING:
+    if flags in (PRESERVING, V2_PRESERVING):
         assert float(np.abs(ours - theirs).max()) <= 1e-4
 
 
@@ -130,3 +132,35 @@ def test_diff_attn_mix_is_read_and_saved(tmp):
     assert again.config.diff_attn_mix == 0.25
     with torch.no_grad():
         assert torch.equal(again(ids).logits, quarter)
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the V2 fixtures' configs are transformers 5 files")
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "tests", "fixtures", "v2"))))
+def test_v2_matches_its_pytorch_reference(tmp, name):
+    """Our V2 modeling on tools/make_v2_fixtures.py's checkpoints: the logits of the reference
+    written there (V2 attention inside transformers' model of the family), <= 1e-4."""
+    import json
+
+    import diff_transformer
+
+    diff_transformer.register()
+    d = os.path.join(ROOT, "tests", "fixtures", "v2", name)
+    expected = json.load(open(os.path.join(d, "expected.json")))
+    ours, model = python_logits(d, expected["input_ids"])
+    assert type(model.model.layers[0].self_attn).__name__ == "DifferentialAttentionV2"
+    err = float(np.abs(ours - np.array(expected["logits"])).max())
+    assert err <= 1e-4, f"{name}: max |python - reference| = {err}"
+
+
+def test_v2_cached_generation_equals_full_recompute(tmp):
+    src = fixture_copy("families", "gemma3_sliding", os.path.join(tmp, "src"))
+    conv = convert(src, os.path.join(tmp, "conv"), *V2)
+    m = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32).eval()
+    ids = torch.tensor([[3 + (i * 7) % 60 for i in range(12)]])
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
+        seq = ids
+        for _ in range(10):
+            nxt = m(seq).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    assert out.tolist() == seq.tolist()

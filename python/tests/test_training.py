@@ -149,3 +149,30 @@ def test_axolotl_plugin_callbacks_and_preserving_rule(tmp, caplog):
     (first,) = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert abs(first - source_loss) < 1e-3, (first, source_loss)  # the source's loss at step 0
     assert not any("aggregate/diff_attn_mix" in h for h in trainer.state.log_history)
+
+
+def test_trainer_on_v2_preserving_monitors_the_gate_and_trains_every_new_row(tmp):
+    src = fixture_copy("tiny", "llama_gqa", os.path.join(tmp, "src"))
+    conv = convert(src, os.path.join(tmp, "conv"), "--variant", "v2", "--preserving-mirror")
+    before = AutoModelForCausalLM.from_pretrained(conv, trust_remote_code=True, **F32)
+    out = os.path.join(tmp, "trained")
+    history, p = run_training(tmp, conv, out, 2)
+    # The warm-up of train_tiny.py is ignored for the preserving V2 start.
+    assert "o_proj is doubled" in p.stderr, p.stderr[-2000:]
+    logged = [h for h in history if "aggregate/lambda_gate_mean" in h]
+    assert len(logged) == 2, history
+    assert logged[0]["aggregate/lambda_gate_mean"] == 0.5  # lambda_proj = 0 at the start
+    assert logged[0]["layer_0/lambda_gate_std"] == 0.0
+    for key in ("layer_1/attn2_mean", "layer_0/lambda_proj_norm", "aggregate/lambda_proj_norm_std"):
+        assert key in logged[0], sorted(logged[0])
+    assert not any("aggregate/diff_attn_mix" in h for h in history)
+    py_loss, after = python_eval_loss(out)
+    rust_loss = our_eval_loss(tmp, out)
+    assert abs(py_loss - rust_loss) <= 1e-4 * max(1.0, abs(py_loss)), (py_loss, rust_loss)
+    H, d = before.config.num_attention_heads, before.config.resolved_head_dim
+    for l0, l1 in zip(before.model.layers, after.model.layers):
+        a0, a1 = l0.self_attn, l1.self_attn
+        assert (a0.lambda_proj.weight - a1.lambda_proj.weight).abs().amax(dim=1).min() > 0
+        q0 = a0.q_proj.weight.view(H, 2, d, -1)[:, 1]
+        q1 = a1.q_proj.weight.view(H, 2, d, -1)[:, 1]
+        assert (q0 - q1).abs().amax(dim=-1).min() > 0  # every row of every new query head

@@ -119,6 +119,9 @@ pub struct TrainConfig {
     /// Keep at most this many `checkpoint-N` directories (the oldest are deleted).
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<usize>,
+    /// `eval_on_start` (transformers' TrainingArguments): evaluate before the first step of a
+    /// run that is not resumed, logged at step 0.
+    pub eval_on_start: bool,
     pub output_dir: PathBuf,
     pub resume_from_checkpoint: Option<Resume>,
     pub seed: u64,
@@ -454,6 +457,7 @@ impl TrainConfig {
             save_steps: r.count("save_steps", 1)?,
             save_total_limit: r.count("save_total_limit", 1)?,
             eval_steps: r.count("eval_steps", 1)?,
+            eval_on_start: r.boolean("eval_on_start")?.unwrap_or(false),
             output_dir,
             resume_from_checkpoint,
             seed: axolotl.seed.unwrap_or(42),

@@ -302,6 +302,8 @@ pub struct Batch {
     pub seq: usize,
     /// Positions with a target.
     pub n_targets: usize,
+    /// Input tokens, padding excluded.
+    pub n_tokens: usize,
 }
 
 /// Pads `samples` to their longest length and shifts the labels.
@@ -323,6 +325,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32) -> Batch {
         batch: samples.len(),
         seq,
         n_targets,
+        n_tokens: samples.iter().map(|s| s.input_ids.len()).sum(),
     }
 }
 

@@ -48,6 +48,11 @@ impl Trainer<'_> {
             "train_steps_per_second".into(),
             t.steps_run as f64 / train_runtime.max(1e-9),
         );
+        // Training throughput alone: the time of the steps, not of evaluations or saving.
+        metrics.insert(
+            "train_tokens_per_second".into(),
+            t.tokens_run as f64 / t.step_seconds.max(1e-9),
+        );
         metrics.insert("epoch".into(), t.epoch);
         let mut last_eval = None;
         if !prepared.val.is_empty() {

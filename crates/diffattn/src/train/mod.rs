@@ -607,6 +607,7 @@ pub fn train(
         on_event,
     )?;
     let mut trainer = Trainer::new(cfg, &run, &data, &plan, on_event, tm, opt, start)?;
+    trainer.eval_on_start()?;
     for g in start..plan.total {
         crate::interrupt::check()?;
         let mut out = trainer.forward_backward(g)?;

@@ -153,8 +153,8 @@ fn panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Renders `run_dir/metrics.jsonl` as a 1200×800 PNG at `out`.
-pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
+/// The metrics file of a run directory, which must exist.
+fn metrics_of(run_dir: &Path) -> Result<std::path::PathBuf> {
     let metrics = run_dir.join(super::METRICS_FILE);
     if !metrics.is_file() {
         return Err(Error::Io {
@@ -165,6 +165,88 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             ),
         });
     }
+    Ok(metrics)
+}
+
+/// Renders `run_dir/metrics.jsonl` as a 1200×800 PNG at `out`.
+pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
+    let series = read_series(&metrics_of(run_dir)?)?;
+    draw_png(out, (1200, 800), |root, fail| {
+        let areas = root.split_evenly((2, 2));
+        let get = |k: &str| series.get(k);
+        let mut loss = Vec::new();
+        if let Some(s) = get("loss") {
+            loss.push(("train loss", s));
+        }
+        if let Some(s) = get("eval_loss") {
+            loss.push(("eval loss", s));
+        }
+        panel(&areas[0], "loss", &loss).map_err(&fail)?;
+        let lr: Vec<_> = get("learning_rate")
+            .map(|s| ("learning rate", s))
+            .into_iter()
+            .collect();
+        panel(&areas[1], "learning rate", &lr).map_err(&fail)?;
+        let v2 = !series.keys().any(|k| k.ends_with("/lambda_full"))
+            && series.keys().any(|k| k.ends_with("/lambda_gate_mean"));
+        let (suffix, title) = if v2 {
+            (
+                "/lambda_gate_mean",
+                "V2 gate sigmoid(lambda_proj(x)), mean (monitored layers, without mix)",
+            )
+        } else {
+            (
+                "/lambda_full",
+                "lambda_full (monitored layers, without mix)",
+            )
+        };
+        let lambdas: Vec<(&str, &Vec<(f64, f64)>)> = series
+            .iter()
+            .filter(|(k, _)| k.ends_with(suffix))
+            .map(|(k, s)| (k.as_str(), s))
+            .collect();
+        panel(&areas[2], title, &lambdas).map_err(&fail)?;
+        let mix: Vec<_> = get("diff_attn_mix")
+            .map(|s| ("mix", s))
+            .into_iter()
+            .collect();
+        panel(&areas[3], "negative-branch warm-up mix", &mix).map_err(&fail)?;
+        Ok(())
+    })
+}
+
+/// One PNG comparing runs (`(label, run_dir)`): the eval loss of each (with `eval_on_start`,
+/// from step 0) and its train loss, one line per run.
+pub fn plot_runs(runs: &[(String, std::path::PathBuf)], out: &Path) -> Result<()> {
+    let mut all = Vec::new();
+    for (label, dir) in runs {
+        all.push((label.as_str(), read_series(&metrics_of(dir)?)?));
+    }
+    draw_png(out, (1400, 600), |root, fail| {
+        let areas = root.split_evenly((1, 2));
+        for (area, key, title) in [
+            (&areas[0], "eval_loss", "held-out eval loss"),
+            (&areas[1], "loss", "train loss"),
+        ] {
+            let lines: Vec<(&str, &Vec<(f64, f64)>)> = all
+                .iter()
+                .filter_map(|(l, s)| s.get(key).map(|v| (*l, v)))
+                .collect();
+            panel(area, title, &lines).map_err(&fail)?;
+        }
+        Ok(())
+    })
+}
+
+type Root<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// Draws a `size` PNG at `out` through a staged file renamed into place; refuses an `out`
+/// that is not a `.png`, or that exists and is not a PNG.
+fn draw_png(
+    out: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&Root, &dyn Fn(String) -> Error) -> Result<()>,
+) -> Result<()> {
     if out
         .extension()
         .and_then(|e| e.to_str())
@@ -185,7 +267,6 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
             )));
         }
     }
-    let series = read_series(&metrics)?;
     REGISTER.call_once(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
             .unwrap_or_else(|_| panic!("the bundled font is valid"));
@@ -208,47 +289,9 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<()> {
         }
     }
     let drawn = (|| -> Result<()> {
-        let root = BitMapBackend::new(&tmp, (1200, 800)).into_drawing_area();
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-        let areas = root.split_evenly((2, 2));
-        let get = |k: &str| series.get(k);
-        let mut loss = Vec::new();
-        if let Some(s) = get("loss") {
-            loss.push(("train loss", s));
-        }
-        if let Some(s) = get("eval_loss") {
-            loss.push(("eval loss", s));
-        }
-        panel(&areas[0], "loss", &loss).map_err(fail)?;
-        let lr: Vec<_> = get("learning_rate")
-            .map(|s| ("learning rate", s))
-            .into_iter()
-            .collect();
-        panel(&areas[1], "learning rate", &lr).map_err(fail)?;
-        let v2 = !series.keys().any(|k| k.ends_with("/lambda_full"))
-            && series.keys().any(|k| k.ends_with("/lambda_gate_mean"));
-        let (suffix, title) = if v2 {
-            (
-                "/lambda_gate_mean",
-                "V2 gate sigmoid(lambda_proj(x)), mean (monitored layers, without mix)",
-            )
-        } else {
-            (
-                "/lambda_full",
-                "lambda_full (monitored layers, without mix)",
-            )
-        };
-        let lambdas: Vec<(&str, &Vec<(f64, f64)>)> = series
-            .iter()
-            .filter(|(k, _)| k.ends_with(suffix))
-            .map(|(k, s)| (k.as_str(), s))
-            .collect();
-        panel(&areas[2], title, &lambdas).map_err(fail)?;
-        let mix: Vec<_> = get("diff_attn_mix")
-            .map(|s| ("mix", s))
-            .into_iter()
-            .collect();
-        panel(&areas[3], "negative-branch warm-up mix", &mix).map_err(fail)?;
+        draw(&root, &fail)?;
         root.present().map_err(|e| fail(e.to_string()))?;
         Ok(())
     })();

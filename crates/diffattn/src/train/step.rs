@@ -55,6 +55,10 @@ pub(super) struct Totals {
     /// Steps and samples run by this process.
     pub steps_run: usize,
     pub samples_run: usize,
+    /// Input tokens (padding excluded) run through training steps by this process, and the
+    /// seconds those steps took (forward, backward, update; evaluation and saving excluded).
+    pub tokens_run: usize,
+    pub step_seconds: f64,
     /// Sum of the losses of every step of the run, resumed or not.
     pub loss_total: f64,
     /// The (fractional) epoch reached.
@@ -185,6 +189,7 @@ impl<'a> Trainer<'a> {
                 Some(acc) => acc.extend(gs)?,
             }
             self.totals.samples_run += b.batch;
+            self.totals.tokens_run += b.n_tokens;
         }
         let mut grads = grads.expect("a step has at least one micro-batch");
         let var_tensors: Vec<&Tensor> = self.tm.vars.iter().map(|(_, v)| v.as_tensor()).collect();
@@ -297,6 +302,7 @@ impl<'a> Trainer<'a> {
         t.steps_since_log += 1;
         t.loss_total += s.loss;
         t.steps_run += 1;
+        t.step_seconds += s.started.elapsed().as_secs_f64();
         Ok(s)
     }
 
@@ -348,6 +354,20 @@ impl<'a> Trainer<'a> {
         if step % e != 0 || step == self.plan.total || prepared.val.is_empty() {
             return Ok(());
         }
+        self.eval_at(step)
+    }
+
+    /// `eval_on_start`: the evaluation of the starting model, logged at step 0.
+    pub fn eval_on_start(&mut self) -> Result<()> {
+        if !self.cfg.eval_on_start || self.start != 0 || self.data.prepared.val.is_empty() {
+            return Ok(());
+        }
+        self.eval_at(0)
+    }
+
+    /// Evaluates the validation set at `step` (with that step's mix) and logs it.
+    fn eval_at(&mut self, step: usize) -> Result<()> {
+        let prepared = &self.data.prepared;
         self.tm.model.mix = schedule::mix(step, self.warmup);
         let r = evaluate_samples(
             &self.tm.model,
