@@ -158,6 +158,46 @@ fn gemma3_zero_init_conversion_is_preserved() {
     println!("{stdout}");
 }
 
+/// `convert --variant v2 --preserving-mirror` of Gemma 3 keeps the source's logits (<= 1e-4)
+/// and generations, with the source's KV cache.
+#[test]
+fn gemma3_v2_preserving_conversion_is_preserved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(imported) = import_gemma3() else {
+        return;
+    };
+    let out = tmp.path().join("v2");
+    let yml = write_yml(
+        &tmp.path().join("c.yml"),
+        format!(
+            "base_model: {}\noutput_dir: {}\n",
+            imported.hf.display(),
+            out.display()
+        ),
+    );
+    let plan = run(bin().args(["convert", &yml, "--variant", "v2", "--preserving-mirror"]));
+    let kv = plan
+        .lines()
+        .find(|l| l.starts_with("KV-cache bytes per token:"))
+        .unwrap_or_else(|| panic!("{plan}"));
+    let (before, after) = kv["KV-cache bytes per token:".len()..]
+        .split_once("->")
+        .unwrap();
+    assert_eq!(before.trim(), after.trim(), "{kv}");
+    let stdout = run(bin()
+        .args([
+            "compare",
+            imported.hf.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--json",
+        ])
+        .arg("--expect-preserved"));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let max = report[0]["max_abs_logit_diff"].as_f64().unwrap();
+    println!("Gemma 3 V2 --preserving-mirror vs source: max |delta logit| {max:.2e}");
+    assert!(max <= 1e-4);
+}
+
 /// A default conversion trained for 4 steps on the repository's small datasets, then reloaded
 /// by `evaluate`: the same eval loss.
 #[test]

@@ -243,6 +243,29 @@ fn smollm2_import_and_convert() {
         }
     }
 
+    // V2 preserving: the source's logits (<= 1e-4) and generations, the KV cache of the source.
+    let (v2, stdout) = convert(&["--variant", "v2", "--preserving-mirror", "--debug"], "v2");
+    assert!(
+        stdout.contains("a match is expected") && stdout.contains("it holds"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KV-cache bytes per token: 46080 -> 46080"),
+        "{stdout}"
+    );
+    let res =
+        compare_expect_preserved(hf, &v2, &["--json", "--prompt", "The capital of France is"]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    let max = report[0]["max_abs_logit_diff"].as_f64().unwrap();
+    println!("V2 --preserving-mirror vs source: max |delta logit| {max:.2e}");
+    assert!(max <= 1e-4);
+    std::fs::remove_dir_all(&v2).unwrap();
+
     // Split heads are impossible with 9 heads and 3 KV heads.
     let yml = tmp.path().join("split.yml");
     std::fs::write(

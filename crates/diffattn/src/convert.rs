@@ -1115,10 +1115,36 @@ pub fn layer_statistics(dir: &Path) -> Result<Vec<String>> {
         .get("split_heads")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let v2 = cfg
+        .raw
+        .get(crate::config::VARIANT_KEY)
+        .and_then(Value::as_str)
+        == Some("v2");
+    let head_rows = cfg.dims()?.head_dim * cfg.typed.hidden_size;
     let mut lines = Vec::new();
     for layer in 0..cfg.typed.num_hidden_layers {
         let p = attn_prefix(layer);
         let mut parts = vec![format!("layer {layer:>3}")];
+        if v2 {
+            // q_proj: head 2i (the source's head i), head 2i+1 (its new partner), alternating.
+            let w = ck.to_f32(&format!("{p}q_proj.weight"))?;
+            let (mut pos, mut neg) = (Vec::new(), Vec::new());
+            for (i, head) in w.chunks(head_rows).enumerate() {
+                if i % 2 == 0 {
+                    pos.extend_from_slice(head)
+                } else {
+                    neg.extend_from_slice(head)
+                }
+            }
+            let (_, s1, _) = stats(&pos);
+            let (_, s2, m2) = stats(&neg);
+            let (_, sl, ml) = stats(&ck.to_f32(&format!("{p}lambda_proj.weight"))?);
+            parts.push(format!(
+                "q_proj heads 2i/2i+1 std {s1:.4}/{s2:.4} new max {m2:.4}  lambda_proj std {sl:.4} max {ml:.4}"
+            ));
+            lines.push(parts.join("  "));
+            continue;
+        }
         for proj in ["q_proj", "k_proj"] {
             let w = ck.to_f32(&format!("{p}{proj}.weight"))?;
             let (a, b) = w.split_at(w.len() / 2);
