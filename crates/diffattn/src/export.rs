@@ -145,6 +145,12 @@ pub fn export(
     if from == to {
         return Err(refuse(&src, format!("already in the {to:?} format")));
     }
+    if cfg.diff_attn_variant()? == config::Variant::V2 {
+        return Err(refuse(
+            &src,
+            "a Differential Transformer V2 checkpoint (diff_attn_variant \"v2\") cannot be exported: diffllama's attention is V1 (two softmax maps per head, one lambda per layer), which cannot express V2's per-token gate".into(),
+        ));
+    }
     let dims = cfg.dims()?;
     let (h, hkv, d, dm) = (
         dims.num_attention_heads,

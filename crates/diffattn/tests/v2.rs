@@ -276,3 +276,38 @@ fn v2_configs_are_checked_by_key() {
         assert!(e.contains(key) && e.contains(needle), "{key}: {e}");
     }
 }
+
+/// `export --to diffllama` and `convert --format diffllama` refuse V2, naming why; nothing is
+/// written.
+#[test]
+fn v2_cannot_be_written_as_diffllama() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("b");
+    let e = diffattn::export::export(
+        &v2("llama_gqa"),
+        &dst,
+        diffattn::export::Format::DiffLlama,
+        false,
+        &|_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("V2") && e.contains("diffllama"), "{e}");
+    assert!(!dst.exists());
+    let src = Source::from_dir(&source("llama_gqa")).unwrap();
+    let plan = convert::plan(&src, &options(Init::Random, DtypeChoice::Keep)).unwrap();
+    let e = diffattn::pipeline::convert_to(
+        &src,
+        &plan,
+        &dst,
+        None,
+        diffattn::export::Format::DiffLlama,
+        &|_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("--variant v2"), "{e}");
+    assert!(!dst.exists());
+}
