@@ -1847,3 +1847,32 @@ fn safetensors_errors_name_the_tensor() {
         "{err}"
     );
 }
+
+/// A tensor name listed twice in a safetensors header is reported as such, naming it (the
+/// library blamed the next tensor's offsets).
+#[test]
+fn safetensors_duplicate_tensor_name_is_named() {
+    let c = Case::with_model(&TinyLlama::default());
+    let path = st_file(&c);
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    // The entry of model.norm.weight written a second time at the end of the object.
+    let h: serde_json::Value = serde_json::from_str(&header).unwrap();
+    let entry = h["model.norm.weight"].to_string();
+    let text = format!(
+        "{},\"model.norm.weight\":{entry}}}",
+        header.trim_end().strip_suffix('}').unwrap()
+    );
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    c.fails(
+        &["convert", &c.config()],
+        &[
+            "model.safetensors",
+            "tensor `model.norm.weight` is listed twice",
+        ],
+    );
+}

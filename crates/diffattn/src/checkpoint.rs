@@ -80,8 +80,45 @@ fn map_checked(path: &Path) -> Result<(Mmap, u64)> {
         Ok(v) => v,
         Err(e) => return Err(err(format!("header is not valid JSON: {e}"))),
     };
+    // A JSON object keeps the last of two equal keys: the earlier entry would vanish, and the
+    // library then blames the tensor whose offsets no longer follow.
+    if let Some(name) = duplicate_key(header) {
+        return Err(err(format!(
+            "tensor `{name}` is listed twice in the header"
+        )));
+    }
     check_header_entries(&parsed, len - 8 - header_len as usize).map_err(err)?;
     Ok((mmap, header_len))
+}
+
+/// The first top-level key of a JSON object that occurs twice (None when none does, or when
+/// `json` is not an object).
+fn duplicate_key(json: &[u8]) -> Option<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(k.clone()) {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde::Deserializer::deserialize_map(&mut de, Keys)
+        .ok()
+        .flatten()
 }
 
 /// Checks a safetensors file (as [`Checkpoint::open`] checks each shard) before another reader
