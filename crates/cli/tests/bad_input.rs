@@ -1876,3 +1876,27 @@ fn safetensors_duplicate_tensor_name_is_named() {
         ],
     );
 }
+
+/// A GGUF token list that its merges do not fit (a merge producing a token the list lacks) is
+/// reported naming the file and the metadata keys (the tokenizers library said only "Token Ġa
+/// out of vocabulary").
+#[test]
+fn gguf_broken_token_list_names_the_file_and_keys() {
+    let c = gguf_case("llama");
+    let mut bytes = std::fs::read(c.path("m.gguf")).unwrap();
+    // The token "Ġa" (a GGUF string: u64 length 3, then its bytes) becomes "Ġz".
+    let mut pat = 3u64.to_le_bytes().to_vec();
+    pat.extend("Ġa".as_bytes());
+    let at = bytes
+        .windows(pat.len())
+        .position(|w| w == pat.as_slice())
+        .expect("the token list holds Ġa");
+    bytes[at + pat.len() - 1] = b'z';
+    std::fs::write(c.path("m.gguf"), &bytes).unwrap();
+    let out = c.path("out").display().to_string();
+    let err = c.fails(
+        &["import-gguf", &c.path("m.gguf").display().to_string(), &out],
+        &["m.gguf", "tokenizer.ggml.tokens", "does not build"],
+    );
+    assert!(!c.path("out").exists(), "{err}");
+}

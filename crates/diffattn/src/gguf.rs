@@ -1107,7 +1107,17 @@ pub fn import_gguf(
             format!("no tensor for `{missing}` (metadata and tensors disagree)"),
         ));
     }
-    let tokenizer = build_tokenizer(&g)?;
+    // The tokenizers library names neither the file nor the metadata ("Token Ġ out of
+    // vocabulary"): both are added here.
+    let tokenizer = build_tokenizer(&g).map_err(|e| match e {
+        Error::Tokenizer(msg) => gguf_err(
+            gguf_path,
+            format!(
+                "the tokenizer of its metadata (tokenizer.ggml.tokens, tokenizer.ggml.merges, tokenizer.ggml.token_type) does not build: {msg}"
+            ),
+        ),
+        other => other,
+    })?;
     let staged = StagedDir::create(out_dir, overwrite, &[gguf_path])?;
     let producer = GgufProducer {
         g: &g,
