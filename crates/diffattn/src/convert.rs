@@ -939,6 +939,8 @@ pub fn converted_config(src: &ModelConfig, plan: &Plan) -> Value {
     if plan.options.layout == Layout::V2 {
         raw.insert(crate::config::VARIANT_KEY.into(), json!("v2"));
     }
+    // The seed of the random draws: with the flags above, what reproduces this checkpoint.
+    raw.insert("conversion_seed".into(), json!(plan.options.seed));
     raw.insert("sublayer_norm".into(), json!(plan.options.sublayer_norm));
     raw.insert("zero_init".into(), json!(plan.options.init == Init::Zero));
     if plan.options.init == Init::PreservingMirror {

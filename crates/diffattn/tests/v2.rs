@@ -155,6 +155,7 @@ fn v2_preserving_conversion_keeps_the_source_logits() {
                     .unwrap();
             assert_eq!(cfg["diff_attn_variant"], "v2", "{case}");
             assert_eq!(cfg["preserving_mirror"], true, "{case}");
+            assert_eq!(cfg["conversion_seed"], 7, "{case}");
             if dtype == DtypeChoice::Keep {
                 let d = dist(&logits(&out, &ids), &reference);
                 eprintln!("{case}: preserving V2 vs transformers' source {d:.2e}");
