@@ -925,7 +925,7 @@ fn evaluate_without_validation_split() {
     let c = train_case("");
     c.fails(
         &["evaluate", &c.config()],
-        &["`val_set_size`", "validation split"],
+        &["`val_set_size`", "validation set", "test_datasets"],
     );
 }
 
