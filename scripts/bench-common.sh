@@ -18,6 +18,9 @@ trap 'rm -rf "$work"' EXIT
 "$bin" import-gguf "$gguf" "$work/src" >/dev/null
 printf 'base_model: %s\noutput_dir: %s\n' "$work/src" "$work/diff" >"$work/c.yml"
 "$bin" convert "$work/c.yml" >/dev/null
+# The V2 conversion (`$work/diff-v2`): the KV cache of the source, twice its query heads.
+printf 'base_model: %s\noutput_dir: %s\n' "$work/src" "$work/diff-v2" >"$work/c2.yml"
+"$bin" convert "$work/c2.yml" --variant v2 >/dev/null
 python3 - "$work/long.jsonl" <<'PY'
 import json, sys
 paras = [json.loads(l)["text"] for l in open("data/notes-completion.jsonl")]
