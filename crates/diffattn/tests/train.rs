@@ -923,6 +923,16 @@ fn v2_preserving_trains_every_new_row_and_monitors_the_gate() {
             }
         }
     }
+    // The plot shows the gate of the monitored layers.
+    let series = train::plot::read_series(&out.join(train::METRICS_FILE)).unwrap();
+    assert!(
+        series.contains_key("layer_0/lambda_gate_mean"),
+        "{:?}",
+        series.keys()
+    );
+    let png = s.root.join("v2.png");
+    train::plot::plot(&out, &png).unwrap();
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
     // Read back by evaluate.
     let (_, e) = train::evaluate(
         &s.completion_config(&out, "unused", "val_set_size: 2\n"),
@@ -948,8 +958,13 @@ fn test_datasets_is_the_validation_set() {
         "test_datasets:\n  - path: {}\n    type: completion\neval_steps: 1\n",
         held.display()
     );
-    let (r, _) = run(&s.completion_config(&s.model, "td", &extra));
+    let (r, _) =
+        run(&s.completion_config(&s.model, "td", &format!("{extra}eval_on_start: true\n")));
     let out = s.root.join("td");
+    let step0 = jsonl(&out)
+        .into_iter()
+        .find(|r| r["step"] == 0)
+        .expect("eval_on_start logs step 0");
     // The final model evaluated on the held-out file alone.
     let only = format!(
         "base_model: {}\noutput_dir: {}\ndatasets:\n  - path: {}\n    type: completion\nsequence_len: 32\nval_set_size: 2\n",
@@ -962,6 +977,23 @@ fn test_datasets_is_the_validation_set() {
     let (_, e) =
         train::evaluate(&TrainConfig::from_file_for_evaluation(&p).unwrap(), None).unwrap();
     assert_eq!(e.samples, 2);
+    // The step-0 record is the evaluation of the model trained from.
+    let before = p.with_file_name("before.yml");
+    std::fs::write(
+        &before,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace(&out.display().to_string(), &s.model.display().to_string()),
+    )
+    .unwrap();
+    let (_, e0) = train::evaluate(
+        &TrainConfig::from_file_for_evaluation(&before).unwrap(),
+        None,
+    )
+    .unwrap();
+    let l0 = step0["eval_loss"].as_f64().unwrap();
+    assert!((e0.loss - l0).abs() <= 1e-5 * l0, "{} vs {l0}", e0.loss);
+    assert!((e0.loss - e.loss).abs() > 1e-4, "training changed nothing");
     assert!(
         (e.loss - r.metrics["eval_loss"]).abs() <= 1e-5 * e.loss,
         "{} vs {}",
