@@ -415,6 +415,25 @@ impl Checkpoint {
         Ok(crate::dtype::to_f32(self.bytes(name)?, info.dtype))
     }
 
+    /// Refuses a file of this checkpoint that is now shorter than when it was mapped (another
+    /// program truncated or rewrote it): reading its tensors would fault or copy garbage, and
+    /// the kernel reports a copy from the lost pages as a failed write of the *output*.
+    pub fn check_unchanged(&self) -> Result<()> {
+        for shard in &self.shards {
+            let now = std::fs::metadata(&shard.path).at(&shard.path)?.len();
+            let was = shard.mmap.len() as u64;
+            if now < was {
+                return Err(Error::Safetensors {
+                    path: shard.path.clone(),
+                    msg: format!(
+                        "truncated while being read: {was} bytes when opened, {now} now (was the file modified during the run?)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The file holding a tensor.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.tensors

@@ -763,6 +763,8 @@ impl Producer<'_> {
 
 impl TensorProducer for Producer<'_> {
     fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>> {
+        // One stat per shard and tensor: a source truncated under us is named as such.
+        self.ck.check_unchanged()?;
         let bytes = self.produce_unchecked(t)?;
         self.check_finite(t, &bytes)?;
         Ok(bytes)
@@ -770,6 +772,10 @@ impl TensorProducer for Producer<'_> {
 
     fn done(&self, t: &PlannedTensor) {
         self.release(t)
+    }
+
+    fn inputs_changed(&self) -> Option<Error> {
+        self.ck.check_unchanged().err()
     }
 }
 

@@ -517,6 +517,11 @@ pub trait TensorProducer {
     fn produce(&self, t: &PlannedTensor) -> Result<Cow<'_, [u8]>>;
     /// Called once `t` has been written: release what was held for it.
     fn done(&self, _t: &PlannedTensor) {}
+    /// After a failed write: the error to report instead when an input changed under the
+    /// producer (a source file truncated during the run), which the write error would hide.
+    fn inputs_changed(&self) -> Option<Error> {
+        None
+    }
 }
 
 struct WriteState {
@@ -656,10 +661,12 @@ pub fn write_safetensors(
         });
         let path = dir.join(&file);
         safetensors::serialize_to_file(views, Some(metadata.clone()), &path).map_err(|e| {
-            Error::Safetensors {
-                path: path.clone(),
-                msg: format!("cannot write: {e}"),
-            }
+            producer
+                .inputs_changed()
+                .unwrap_or_else(|| Error::Safetensors {
+                    path: path.clone(),
+                    msg: format!("cannot write: {e}"),
+                })
         })?;
         // The writer's temporary file is created 0600; give the checkpoint the usual 0644.
         #[cfg(unix)]

@@ -448,3 +448,38 @@ fn flag_combinations_are_refused() {
         "{e}"
     );
 }
+
+/// A source truncated after it was opened (another program rewriting it during the run) is
+/// reported as the source's fault, naming its file, and nothing is written (the copy from the
+/// lost pages used to surface as a failed write of the output).
+#[test]
+fn a_source_truncated_during_the_conversion_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src_dir = tmp.path().join("src");
+    std::fs::create_dir(&src_dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny/llama_gqa");
+    for e in std::fs::read_dir(fixture).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), src_dir.join(e.file_name())).unwrap();
+    }
+    let src = Source::from_dir(&src_dir).unwrap();
+    let plan = convert::plan(&src, &options(Layout::DoubleHeads, Init::Random, true)).unwrap();
+    let st = src_dir.join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&st)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = tmp.path().join("out");
+    let e = convert::execute(&src, &plan, &out, None, &|_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("src/model.safetensors") && e.contains("truncated while being read"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
