@@ -137,6 +137,48 @@ class Masks:
         return self.built[key]
 
 
+def _init_common(layer, config, window, theta, scaling):
+    """What both attention variants hold besides their projections: the family's q/k norms,
+    query scale, the layer's window and RoPE table, and the monitoring hooks."""
+    d, eps = layer.head_dim, config.resolved_rms_norm_eps
+    if config.family_spec()["qk_norm"]:
+        one_plus = config.family_spec()["norm"] == "one_plus_weight"
+        layer.q_norm = RMSNorm(d, eps, one_plus)
+        layer.k_norm = RMSNorm(d, eps, one_plus)
+    else:
+        layer.q_norm = layer.k_norm = None
+    layer.scaling = config.query_scale()
+    layer.sliding_window = window
+    layer.register_buffer("inv_freq", rope_inv_freq(d, theta, scaling), persistent=False)
+    layer.capture_stats = False
+    layer.captured = None
+
+
+def _rope(layer, positions, dtype):
+    """cos, sin [b, 1, s, d] for positions [b, s] (computed in f32, as transformers)."""
+    freqs = positions[:, :, None].float() * layer.inv_freq.float()[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def _project(layer, x, positions, masks, cache):
+    """q, k, v as heads [b, n, s, d] after the q/k norms and RoPE, k and v extended by the KV
+    cache, and the layer's additive mask over the keys."""
+    b, s, _ = x.shape
+    d = layer.head_dim
+    q = layer.q_proj(x).view(b, s, -1, d).transpose(1, 2)
+    k = layer.k_proj(x).view(b, s, -1, d).transpose(1, 2)
+    v = layer.v_proj(x).view(b, s, -1, d).transpose(1, 2)
+    if layer.q_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    cos, sin = _rope(layer, positions, q.dtype)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    if cache is not None:
+        k, v = cache.update(k, v, layer.layer_idx)
+    return q, k, v, masks.get(layer.sliding_window, k.shape[2])
+
+
 class DifferentialAttention(nn.Module):
     """One differential attention layer (module docstring); tensors of docs/formats.md §1/§3."""
 
@@ -162,18 +204,8 @@ class DifferentialAttention(nn.Module):
         self.register_buffer("lambda_init", torch.zeros(()), persistent=True)
         eps = config.resolved_rms_norm_eps
         self.subln = RMSNorm(2 * d if self.split else d, eps) if config.sublayer_norm else None
-        if config.family_spec()["qk_norm"]:
-            one_plus = config.family_spec()["norm"] == "one_plus_weight"
-            self.q_norm = RMSNorm(d, eps, one_plus)
-            self.k_norm = RMSNorm(d, eps, one_plus)
-        else:
-            self.q_norm = self.k_norm = None
-        self.scaling = config.query_scale()
-        self.sliding_window = window
-        self.register_buffer("inv_freq", rope_inv_freq(d, theta, scaling), persistent=False)
         # Set by the monitoring callback: (mean, std) of A1 and A2 of the next forward.
-        self.capture_stats = False
-        self.captured = None
+        _init_common(self, config, window, theta, scaling)
 
     def lambda_full(self):
         """exp(<lq1, lk1>) - exp(<lq2, lk2>) + lambda_init, a 0-dim f32 tensor (without mix)."""
@@ -181,26 +213,10 @@ class DifferentialAttention(nn.Module):
         l2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
         return l1 - l2 + self.lambda_init.float()
 
-    def rope(self, positions, dtype):
-        """cos, sin [b, 1, s, d] for positions [b, s] (computed in f32, as transformers)."""
-        freqs = positions[:, :, None].float() * self.inv_freq.float()[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
-
     def forward(self, x, positions, masks, cache):
         b, s, _ = x.shape
-        d = self.head_dim
-        q = self.q_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, 2H or H, s, d]
-        k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, 2Hkv or Hkv, s, d]
-        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, Hkv, s, d]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rope(positions, q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        bias = masks.get(self.sliding_window, k.shape[2])
+        # q [b, 2H or H, s, d], k [b, 2Hkv or Hkv, kv, d], v [b, Hkv, kv, d]
+        q, k, v, bias = _project(self, x, positions, masks, cache)
         q1, q2 = q.chunk(2, dim=1)
         k1, k2 = k.chunk(2, dim=1)
         group = q1.shape[1] // k1.shape[1]
@@ -244,37 +260,15 @@ class DifferentialAttentionV2(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * d, bias=config.has_bias("v_proj"))
         self.o_proj = nn.Linear(H * d, D, bias=config.has_bias("o_proj"))
         self.lambda_proj = nn.Linear(D, H, bias=False)
-        eps = config.resolved_rms_norm_eps
-        if config.family_spec()["qk_norm"]:
-            one_plus = config.family_spec()["norm"] == "one_plus_weight"
-            self.q_norm = RMSNorm(d, eps, one_plus)
-            self.k_norm = RMSNorm(d, eps, one_plus)
-        else:
-            self.q_norm = self.k_norm = None
-        self.scaling = config.query_scale()
-        self.sliding_window = window
-        self.register_buffer("inv_freq", rope_inv_freq(d, theta, scaling), persistent=False)
         # Set by the monitoring callback: (mean, std) of A1 (heads 2i), A2 (heads 2i+1) and of
         # the gate sigmoid(lambda_proj(x)) of the next forward.
-        self.capture_stats = False
-        self.captured = None
-
-    rope = DifferentialAttention.rope
+        _init_common(self, config, window, theta, scaling)
 
     def forward(self, x, positions, masks, cache):
         b, s, _ = x.shape
         H, d = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(b, s, 2 * H, d).transpose(1, 2)  # [b, 2H, s, d]
-        k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, Hkv, s, d]
-        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)  # [b, Hkv, s, d]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rope(positions, q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        bias = masks.get(self.sliding_window, k.shape[2])
+        # q [b, 2H, s, d], k and v [b, Hkv, kv, d]
+        q, k, v, bias = _project(self, x, positions, masks, cache)
         group = 2 * H // self.num_kv_heads
         scores = torch.matmul(q, repeat_kv(k, group).transpose(-1, -2)).float() * self.scaling
         p = torch.softmax(scores + bias, dim=-1)  # [b, 2H, s, kv]

@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use common::{
-    cached_logits, expected_logits, ids_tensor, left_padded_batch_logits, logits, logits_in,
-    logits_of,
+    cached_logits, expected_logits, left_padded_batch_logits, logits, logits_in, logits_of,
 };
 use diffattn::axolotl::DtypeChoice;
 use diffattn::convert::{self, ConvertOptions, Init, Layout, Source};
@@ -328,38 +327,9 @@ fn every_trainable_tensor_of_each_converted_family_gets_a_gradient() {
             let out = tmp.path().join("out");
             let src = family(case);
             convert_to(&src, &out, &options(layout, Init::Random, true));
-            let (m, vars) = Model::load_trainable(&out, &Device::Cpu).unwrap();
-            let ids = ids(&src);
-            let s = ids.len();
-            let logits = m.forward(&ids_tensor(&ids)).unwrap();
-            let inputs = logits.narrow(1, 0, s - 1).unwrap().squeeze(0).unwrap();
-            let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
-            let loss = candle_nn::ops::log_softmax(&inputs, D::Minus1)
-                .unwrap()
-                .gather(&targets.unsqueeze(1).unwrap(), 1)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .neg()
-                .unwrap();
-            let grads = loss.backward().unwrap();
-            assert!(vars.iter().any(|(n, _)| n.ends_with("lambda_q2")), "{case}");
-            for (name, var) in &vars {
-                let g = grads
-                    .get(var)
-                    .unwrap_or_else(|| panic!("{case} {layout:?}: no gradient for {name}"));
-                let norm = g
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(
-                    norm > 0.0 && norm.is_finite(),
-                    "{case} {layout:?}: gradient of {name} is {norm}"
-                );
-            }
+            let what = format!("{case} {layout:?}");
+            let names = common::assert_every_tensor_gets_a_gradient(&out, &ids(&src), &what);
+            assert!(names.iter().any(|n| n.ends_with("lambda_q2")), "{case}");
         }
     }
 }

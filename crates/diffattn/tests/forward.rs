@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, D};
-use common::{ids_tensor, logits_of, max_abs_diff};
+use candle_core::{DType, Device, Tensor};
+use common::{logits_of, max_abs_diff};
 use diffattn::model::Model;
 
 fn fixtures() -> Vec<PathBuf> {
@@ -118,35 +118,8 @@ fn every_trainable_tensor_of_a_format_a_model_gets_a_gradient() {
     ] {
         let dir = root.join(case);
         let e = expected(&dir);
-        let (m, vars) = Model::load_trainable(&dir, &Device::Cpu).unwrap();
-        let ids = ids_tensor(&e.ids);
-        let logits = m.forward(&ids).unwrap();
-        let s = e.ids.len();
-        let inputs = logits.narrow(1, 0, s - 1).unwrap().squeeze(0).unwrap();
-        let targets = Tensor::new(&e.ids[1..], &Device::Cpu).unwrap();
-        let logp = candle_nn::ops::log_softmax(&inputs, D::Minus1).unwrap();
-        let loss = logp
-            .gather(&targets.unsqueeze(1).unwrap(), 1)
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .neg()
-            .unwrap();
-        let grads = loss.backward().unwrap();
-        assert!(vars.iter().any(|(n, _)| n.ends_with("lambda_q2")));
-        for (name, var) in &vars {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0, "{case}: zero gradient for {name}");
-        }
+        let names = common::assert_every_tensor_gets_a_gradient(&dir, &e.ids, case);
+        assert!(names.iter().any(|n| n.ends_with("lambda_q2")));
     }
 }
 

@@ -136,3 +136,41 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
         .fold(0.0, f32::max)
 }
+
+/// Loads `dir` with every tensor trainable, takes the next-token loss of `ids` (mean over the
+/// s − 1 targets) and asserts that every variable gets a finite, non-zero gradient (`what`
+/// names the case in failures); returns the variables' names.
+pub fn assert_every_tensor_gets_a_gradient(dir: &Path, ids: &[u32], what: &str) -> Vec<String> {
+    use candle_core::D;
+    let (m, vars) = Model::load_trainable(dir, &Device::Cpu).unwrap();
+    let s = ids.len();
+    let logits = m.forward(&ids_tensor(ids)).unwrap();
+    let inputs = logits.narrow(1, 0, s - 1).unwrap().squeeze(0).unwrap();
+    let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+    let loss = candle_nn::ops::log_softmax(&inputs, D::Minus1)
+        .unwrap()
+        .gather(&targets.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{what}: gradient of {name} is {norm}"
+        );
+    }
+    vars.into_iter().map(|(n, _)| n).collect()
+}
