@@ -1900,3 +1900,25 @@ fn gguf_broken_token_list_names_the_file_and_keys() {
     );
     assert!(!c.path("out").exists(), "{err}");
 }
+
+/// An output path that is not valid UTF-8 is refused before anything is written: the
+/// axolotl_config.yml written into it would name another path (U+FFFD for its bytes).
+#[cfg(unix)]
+#[test]
+fn a_non_utf8_output_dir_is_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let c = Case::with_model(&TinyLlama::default());
+    let name = std::ffi::OsStr::from_bytes(b"out-\xff");
+    let out = c.path("x").with_file_name(name);
+    let res = Command::new(env!("CARGO_BIN_EXE_diff-transformer"))
+        .arg("convert")
+        .arg(c.config())
+        .arg("--output-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{stderr}");
+    assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+    assert!(!out.exists());
+}

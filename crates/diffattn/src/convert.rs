@@ -1041,6 +1041,15 @@ pub fn execute(
     let mut inputs: Vec<&Path> = vec![&src.model_dir, &src.config_dir, &src.tokenizer_dir];
     if let Some(a) = axolotl {
         inputs.push(&a.path);
+        // axolotl_config.yml names the output (YAML is UTF-8): a path that is not UTF-8 would
+        // be written as another path (U+FFFD in place of its bytes).
+        let absolute = std::path::absolute(output_dir).at(output_dir)?;
+        if absolute.to_str().is_none() {
+            return Err(Error::InvalidOptions(format!(
+                "output directory {}: its path is not valid UTF-8, so the axolotl_config.yml written into it could not name it (YAML is UTF-8); choose a UTF-8 path",
+                output_dir.display()
+            )));
+        }
     }
     let staged = StagedDir::create(output_dir, plan.options.overwrite, &inputs)?;
     let producer = Producer {
