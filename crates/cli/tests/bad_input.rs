@@ -1922,3 +1922,23 @@ fn a_non_utf8_output_dir_is_refused() {
     assert!(stderr.contains("not valid UTF-8"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// `--variant v2 --format diffllama` names the real reason (it used to blame a
+/// `--no-sublayer-norm` the user never gave); nothing is written.
+#[test]
+fn v2_with_format_diffllama_names_the_reason() {
+    let c = Case::with_model(&TinyLlama::default());
+    let stderr = c.fails(
+        &[
+            "convert",
+            &c.config(),
+            "--variant",
+            "v2",
+            "--format",
+            "diffllama",
+        ],
+        &["--variant v2", "cannot express V2"],
+    );
+    assert!(!stderr.contains("--no-sublayer-norm"), "{stderr}");
+    assert!(!c.path("out").exists());
+}

@@ -45,7 +45,7 @@ pub struct ConvertArgs {
     /// lambda = sigmoid(lambda_proj(x)) per token and head, no sub-layer norm). With v2:
     /// default (new heads and lambda_proj random), --mirror-weights, or --preserving-mirror
     /// (outputs preserved exactly: mirrored heads, lambda_proj = 0, o_proj x 2).
-    #[arg(long, value_enum, default_value = "v1")]
+    #[arg(long, value_enum, default_value = "v1", ignore_case = true)]
     variant: VariantArg,
     /// Seed of the random initialisation (default: the config's `seed`, else 42).
     #[arg(long)]
@@ -136,6 +136,11 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         );
     }
     let format = Format::from(args.format);
+    if format == Format::DiffLlama && v2 {
+        anyhow::bail!(
+            "--format diffllama with --variant v2: the diffllama format cannot express V2 (its attention is V1: two softmax maps per head, one lambda per layer; V2 has a per-token gate and no sub-layer norm); without --format it is written as a differential checkpoint with diff_attn_variant: \"v2\""
+        );
+    }
     if format == Format::DiffLlama && !options.sublayer_norm {
         anyhow::bail!(
             "--format diffllama with --no-sublayer-norm: a model without a sub-layer norm cannot be expressed in the diffllama format (its RMS norm has no off switch)"
