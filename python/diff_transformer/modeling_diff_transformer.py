@@ -137,6 +137,12 @@ class Masks:
         return self.built[key]
 
 
+def _mix(config):
+    """The warm-up factor in force: `config.diff_attn_mix`, 1 when absent."""
+    mix = getattr(config, "diff_attn_mix", None)
+    return 1.0 if mix is None else float(mix)
+
+
 def _init_common(layer, config, window, theta, scaling):
     """What both attention variants hold besides their projections: the family's q/k norms,
     query scale, the layer's window and RoPE table, and the monitoring hooks."""
@@ -234,8 +240,7 @@ class DifferentialAttention(nn.Module):
                 (float(a.detach().mean()), float(a.detach().std())) for a in (a1, a2)
             )
             self.capture_stats = False
-        mix = getattr(self.config, "diff_attn_mix", None)
-        mix = 1.0 if mix is None else float(mix)
+        mix = _mix(self.config)
         vf = v.float()
         o = torch.matmul(a1, vf) - (mix * self.lambda_full()) * torch.matmul(a2, vf)
         if self.subln is not None:
@@ -280,8 +285,7 @@ class DifferentialAttentionV2(nn.Module):
                 for t in (p[:, 0::2], p[:, 1::2], gate)
             )
             self.capture_stats = False
-        mix = getattr(self.config, "diff_attn_mix", None)
-        mix = 1.0 if mix is None else float(mix)
+        mix = _mix(self.config)
         lam = (mix * gate).transpose(1, 2).unsqueeze(-1)  # [b, H, s, 1]
         o = a[:, :, 0] - lam * a[:, :, 1]
         o = o.to(x.dtype).transpose(1, 2).reshape(b, s, -1)

@@ -453,41 +453,44 @@ pub fn prepare_data(
         .first()
         .copied()
         .unwrap_or(eos);
-    let (samples, stats) = data::tokenize(
-        &cfg.datasets,
-        &codec,
-        eos,
-        cfg.sequence_len,
-        cfg.train_on_inputs,
-    )?;
-    if samples.is_empty() {
-        return Err(Error::Dataset {
-            path: cfg.datasets[0].path.clone(),
-            msg: format!(
-                "no usable sample: {} records, {} longer than sequence_len {}, {} without a target",
-                stats.records, stats.dropped_too_long, cfg.sequence_len, stats.dropped_no_labels
-            ),
-        });
-    }
     let vocab = model_cfg.typed.vocab_size;
-    let max_id = samples
-        .iter()
-        .flat_map(|s| s.input_ids.iter())
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(pad_id);
-    if max_id as usize >= vocab {
-        return Err(Error::InvalidValue {
-            path: model_cfg.path.clone(),
-            key: "vocab_size".into(),
-            value: vocab.to_string(),
-            reason: format!(
-                "the tokenizer of {} produces id {max_id} (or pad_token_id / eos is that large): tokenizer and model do not match",
-                tokenizer_dir.display()
-            ),
-        });
-    }
+    // `datasets` or `test_datasets` (`key`), tokenised: refused when nothing is usable or an
+    // id (pad and eos included) is beyond the model's vocabulary.
+    let load = |specs: &[data::DatasetSpec],
+                key: &str|
+     -> Result<(Vec<Sample>, data::DatasetStats)> {
+        let (samples, stats) =
+            data::tokenize(specs, &codec, eos, cfg.sequence_len, cfg.train_on_inputs)?;
+        if samples.is_empty() {
+            return Err(Error::Dataset {
+                path: specs[0].path.clone(),
+                msg: format!(
+                    "{key}: no usable sample: {} records, {} longer than sequence_len {}, {} without a target",
+                    stats.records, stats.dropped_too_long, cfg.sequence_len, stats.dropped_no_labels
+                ),
+            });
+        }
+        let max_id = samples
+            .iter()
+            .flat_map(|s| s.input_ids.iter())
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(pad_id);
+        if max_id as usize >= vocab {
+            return Err(Error::InvalidValue {
+                path: model_cfg.path.clone(),
+                key: "vocab_size".into(),
+                value: vocab.to_string(),
+                reason: format!(
+                    "the tokenizer of {} produces id {max_id} in {key} (or pad_token_id / eos is that large): tokenizer and model do not match",
+                    tokenizer_dir.display()
+                ),
+            });
+        }
+        Ok((samples, stats))
+    };
+    let (samples, stats) = load(&cfg.datasets, "datasets")?;
     let (train, val) = if cfg.test_datasets.is_empty() {
         let n_val = cfg
             .val_set_size
@@ -495,35 +498,7 @@ pub fn prepare_data(
             .unwrap_or(0);
         data::split(samples, n_val, cfg.seed)
     } else {
-        let (val, vstats) = data::tokenize(
-            &cfg.test_datasets,
-            &codec,
-            eos,
-            cfg.sequence_len,
-            cfg.train_on_inputs,
-        )?;
-        if val.is_empty() {
-            return Err(Error::Dataset {
-                path: cfg.test_datasets[0].path.clone(),
-                msg: format!(
-                    "test_datasets: no usable sample: {} records, {} longer than sequence_len {}, {} without a target",
-                    vstats.records, vstats.dropped_too_long, cfg.sequence_len, vstats.dropped_no_labels
-                ),
-            });
-        }
-        if let Some(id) = val
-            .iter()
-            .flat_map(|s| s.input_ids.iter())
-            .find(|&&i| i as usize >= vocab)
-        {
-            return Err(Error::InvalidValue {
-                path: model_cfg.path.clone(),
-                key: "vocab_size".into(),
-                value: vocab.to_string(),
-                reason: format!("the tokenizer produces id {id} in test_datasets: tokenizer and model do not match"),
-            });
-        }
-        (samples, val)
+        (samples, load(&cfg.test_datasets, "test_datasets")?.0)
     };
     Ok(PreparedData {
         train,

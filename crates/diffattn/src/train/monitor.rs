@@ -92,6 +92,24 @@ fn prob_stats(p: &Tensor) -> Result<(f64, f64)> {
     Ok((mean, var.sqrt()))
 }
 
+/// `{prefix}attn1_mean|_std` (and `attn2_*` when captured) of layer `l`'s probabilities.
+fn attention_stats(
+    out: &mut BTreeMap<String, f64>,
+    prefix: &str,
+    probs: &AttentionProbs,
+    l: usize,
+) -> Result<()> {
+    let Some((a1, a2)) = probs.layers.get(&l) else {
+        return Ok(());
+    };
+    for (k, a) in std::iter::once(("attn1", a1)).chain(a2.iter().map(|a| ("attn2", a))) {
+        let (m, s) = prob_stats(a)?;
+        out.insert(format!("{prefix}{k}_mean"), m);
+        out.insert(format!("{prefix}{k}_std"), s);
+    }
+    Ok(())
+}
+
 /// The metrics of docs/spec.md §5-6 for one logging step. `lambdas` holds every layer's parameters,
 /// `monitored` the detailed layers, `probs` their attention probabilities (captured in the
 /// step's first micro-batch), `warmup` whether `diff_attn_warmup_steps` is set.
@@ -125,16 +143,7 @@ pub fn metrics(
         ] {
             out.insert(format!("{p}{k}"), x);
         }
-        if let Some((a1, a2)) = probs.layers.get(&l) {
-            let (m1, s1) = prob_stats(a1)?;
-            out.insert(format!("{p}attn1_mean"), m1);
-            out.insert(format!("{p}attn1_std"), s1);
-            if let Some(a2) = a2 {
-                let (m2, s2) = prob_stats(a2)?;
-                out.insert(format!("{p}attn2_mean"), m2);
-                out.insert(format!("{p}attn2_std"), s2);
-            }
-        }
+        attention_stats(&mut out, &p, probs, l)?;
     }
     let all: Vec<LambdaValues> = values.iter().flatten().copied().collect();
     if !all.is_empty() {
@@ -190,13 +199,7 @@ fn v2_metrics(
             out.insert(format!("{p}lambda_gate_std"), s);
             gate_means.push(m * mix);
         }
-        if let Some((a1, Some(a2))) = probs.layers.get(&l) {
-            for (k, a) in [("attn1", a1), ("attn2", a2)] {
-                let (m, s) = prob_stats(a)?;
-                out.insert(format!("{p}{k}_mean"), m);
-                out.insert(format!("{p}{k}_std"), s);
-            }
-        }
+        attention_stats(&mut out, &p, probs, l)?;
     }
     let all: Vec<f64> = norms.iter().flatten().copied().collect();
     let (m, s) = mean_std(&all);
